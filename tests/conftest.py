@@ -1,0 +1,50 @@
+"""Shared helpers: timm twins of vitzoo models with identical weights."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import timm
+import torch
+
+import vitzoo
+
+# Every test runs offline against whatever hub cache a test sets up, never the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+
+# The models of the core issue; each is compared with timm's model of the same name.
+CORE_MODELS = [
+    "vit_tiny_patch16_224", "vit_tiny_patch16_384", "vit_small_patch16_224", "vit_small_patch32_224",
+    "vit_small_patch8_224", "vit_base_patch16_224", "vit_base_patch32_224", "vit_base_patch8_224",
+    "vit_base_patch16_384", "vit_large_patch16_224", "vit_large_patch32_384", "vit_huge_patch14_224",
+    "deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224",
+    "deit_tiny_distilled_patch16_224", "deit_base_distilled_patch16_384", "deit3_small_patch16_224",
+    "vit_small_patch14_dinov2", "vit_small_patch14_reg4_dinov2", "vit_base_patch16_siglip_224",
+    "vit_base_patch16_clip_224", "vit_medium_patch16_gap_256", "vit_betwixt_patch16_reg4_gap_256",
+]
+
+
+def parity_depth(name: str) -> int | None:
+    """Depth for numeric comparisons: full depth up to ViT-B, 2 blocks for ViT-L/H so the suite
+    stays fast on two CPU cores (their structure is still checked at full size)."""
+    return None if vitzoo.model_spec(name).embed_dim <= 768 else 2
+
+
+def timm_twin(name: str, **overrides) -> tuple[torch.nn.Module, vitzoo.VisionTransformer]:
+    """timm's model (random init, eval mode) and the vitzoo model carrying the same weights."""
+    torch.manual_seed(0)
+    reference = timm.create_model(name, pretrained=False, **overrides).eval()
+    model = vitzoo.create_model(name, **overrides).eval()
+    model.load_state_dict(reference.state_dict(), strict=True)
+    return reference, model
+
+
+@pytest.fixture
+def images():
+    def make(model: vitzoo.VisionTransformer, batch: int = 2) -> torch.Tensor:
+        torch.manual_seed(1)
+        return torch.randn(batch, *model.pretrained_cfg["input_size"])
+
+    return make

@@ -1,0 +1,45 @@
+"""Swappable building blocks, one string-keyed table per slot.
+
+The slot names are the spec fields that choose from them: ``patch_embed``, ``pos_embed``, ``attn``,
+``mlp``, ``norm``, ``block`` and ``pool``. Each table's module documents its constructor contract.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from vitzoo.blocks.attention import ATTENTIONS
+from vitzoo.blocks.encoder import ENCODER_BLOCKS
+from vitzoo.blocks.mlp import MLPS
+from vitzoo.blocks.norm import NORMS
+from vitzoo.blocks.patch import PATCH_EMBEDS
+from vitzoo.blocks.pooling import POOLS
+from vitzoo.blocks.position import POSITIONS
+from vitzoo.blocks.table import BlockTable
+from vitzoo.errors import did_you_mean
+
+SLOTS: dict[str, BlockTable] = {
+    table.slot: table
+    for table in (PATCH_EMBEDS, POSITIONS, ATTENTIONS, MLPS, NORMS, ENCODER_BLOCKS, POOLS)
+}
+
+
+def slot_table(slot: str) -> BlockTable:
+    """The table of one slot, by its spec field name."""
+    try:
+        return SLOTS[slot]
+    except KeyError:
+        raise ValueError(f"unknown block slot {slot!r}; {did_you_mean(slot, SLOTS)}") from None
+
+
+def register_block(slot: str, name: str, *, overwrite: bool = False) -> Callable:
+    """Class decorator: make a block usable by ``name`` in ``slot`` everywhere a spec names blocks.
+
+    >>> @register_block("mlp", "my_mlp")
+    ... class MyMlp(nn.Module):
+    ...     def __init__(self, dim, hidden_dim, bias, drop): ...
+    """
+    return slot_table(slot).register(name, overwrite=overwrite)
+
+
+__all__ = ["SLOTS", "BlockTable", "register_block", "slot_table"]

@@ -1,0 +1,95 @@
+"""Pooling (readout) slot: turns the token sequence into one vector per image.
+
+Contract: ``factory(dim, num_heads, mlp_ratio, norm, mlp, num_prefix) -> nn.Module`` mapping
+``(b, n, dim) -> (b, dim)``; ``norm`` and ``mlp`` are the model's norm and MLP factories and
+``num_prefix`` counts the class/distillation/register tokens at the front of the sequence.
+The model stores the pooling module as ``attn_pool``, timm's name for its only pooling block with
+weights; the parameter-free readouts leave no keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, reduce, repeat
+from torch import nn
+
+from vitzoo.blocks.norm import NormFactory
+from vitzoo.blocks.table import BlockTable
+
+
+class _Readout(nn.Module):
+    def __init__(
+        self, dim: int, num_heads: int, mlp_ratio: float, norm: NormFactory, mlp: Callable, num_prefix: int,
+    ) -> None:
+        super().__init__()
+        self.num_prefix = num_prefix
+
+
+class ClassTokenPool(_Readout):
+    """The class token's final state (ViT, BERT)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, 0]
+
+
+class AvgPool(_Readout):
+    """Mean of the patch tokens, prefix tokens excluded (global average pooling, "GAP")."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return reduce(x[:, self.num_prefix:], "b n d -> b d", "mean")
+
+
+class MaxPool(_Readout):
+    """Channel-wise max over the patch tokens, prefix tokens excluded."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return reduce(x[:, self.num_prefix:], "b n d -> b d", "max")
+
+
+class NoPool(_Readout):
+    """Keep every token: ``(b, n, dim)`` goes to the head unpooled (dense prediction)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class AttentionPool(nn.Module):
+    """Multi-head attention pooling with one learned query, then a residual MLP ("MAP").
+
+    From "Scaling Vision Transformers" (Zhai et al. 2022), used by SigLIP; timm's
+    ``AttentionPoolLatent`` parameter layout (``latent``, ``q``, ``kv``, ``proj``, ``norm``, ``mlp``).
+    """
+
+    def __init__(
+        self, dim: int, num_heads: int, mlp_ratio: float, norm: NormFactory, mlp: Callable, num_prefix: int,
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_prefix = num_prefix
+        self.latent = nn.Parameter(nn.init.trunc_normal_(torch.empty(1, 1, dim), std=dim**-0.5))
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm = norm(dim)
+        self.mlp = mlp(dim, int(dim * mlp_ratio), True, 0.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[:, self.num_prefix:]
+        q = rearrange(self.q(repeat(self.latent, "1 l d -> b l d", b=x.shape[0])), "b l (h e) -> b h l e", h=self.num_heads)
+        k, v = rearrange(self.kv(x), "b n (kv h e) -> kv b h n e", kv=2, h=self.num_heads)
+        pooled = self.proj(rearrange(F.scaled_dot_product_attention(q, k, v), "b h l e -> b l (h e)"))
+        pooled = pooled + self.mlp(self.norm(pooled))
+        return pooled[:, 0]
+
+
+POOLS: BlockTable = BlockTable(
+    "pool", "factory(dim, num_heads, mlp_ratio, norm, mlp, num_prefix) -> module (b, n, dim) -> (b, dim)"
+)
+POOLS.register("token", ClassTokenPool)
+POOLS.register("avg", AvgPool)
+POOLS.register("max", MaxPool)
+POOLS.register("map", AttentionPool)
+POOLS.register("none", NoPool)

@@ -1,0 +1,117 @@
+"""Position-embedding slot.
+
+Contract: ``factory(grid_size: tuple[int, int], dim: int, num_prefix: int) -> nn.Module`` with
+
+- ``init_table() -> nn.Parameter | None``: the learnable table the model stores as ``pos_embed``
+  (timm's layout ``(1, num_prefix + h * w, dim)``), or None for a fixed or absent embedding;
+- ``forward(table, grid) -> Tensor | None``: the embedding ``(1, num_prefix + h * w, dim)`` for a
+  patch grid ``(h, w)``, or None when there is nothing to add.
+
+``num_prefix`` counts the prefix tokens (class, distillation, registers) that get a position of
+their own; it is 0 when the table covers patch tokens only (DeiT-3, DINOv2 with registers).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from torch import nn
+
+from vitzoo.blocks.table import BlockTable
+
+Grid = tuple[int, int]
+
+
+def resample_table(
+    table: torch.Tensor, old_grid: Grid, new_grid: Grid, num_prefix: int,
+    mode: str = "bicubic", antialias: bool = True,
+) -> torch.Tensor:
+    """Resize the grid part of a ``(1, num_prefix + h * w, dim)`` table; prefix rows stay as they are.
+
+    Interpolates in float32 with antialiasing, as timm's ``resample_abs_pos_embed`` does, so
+    resampled tables agree with timm's.
+    """
+    if tuple(old_grid) == tuple(new_grid):
+        return table
+    prefix, grid = table[:, :num_prefix], table[:, num_prefix:]
+    image = rearrange(grid, "1 (h w) d -> 1 d h w", h=old_grid[0], w=old_grid[1]).float()
+    image = F.interpolate(image, size=tuple(new_grid), mode=mode, antialias=antialias, align_corners=False)
+    grid = rearrange(image, "1 d h w -> 1 (h w) d").to(table.dtype)
+    return torch.cat([prefix, grid], dim=1)
+
+
+class LearnedPosition(nn.Module):
+    """Learned absolute position table (ViT), resampled bicubically for other grids."""
+
+    def __init__(self, grid_size: Grid, dim: int, num_prefix: int) -> None:
+        super().__init__()
+        self.grid_size = tuple(grid_size)
+        self.dim = dim
+        self.num_prefix = num_prefix
+
+    def init_table(self) -> nn.Parameter:
+        table = torch.empty(1, self.num_prefix + self.grid_size[0] * self.grid_size[1], self.dim)
+        return nn.Parameter(nn.init.trunc_normal_(table, std=0.02))
+
+    def forward(self, table: torch.Tensor | None, grid: Grid) -> torch.Tensor:
+        return resample_table(table, self.grid_size, grid, self.num_prefix)
+
+
+class SinCos2dPosition(nn.Module):
+    """Fixed 2-D sine-cosine embedding (MAE, He et al. 2022; "Better plain ViT baselines", Beyer et
+    al. 2022): a quarter of the channels each for sin/cos of the row and of the column. Prefix
+    tokens get zeros. Nothing is learned or saved, so any grid works without resampling."""
+
+    def __init__(self, grid_size: Grid, dim: int, num_prefix: int, temperature: float = 10000.0) -> None:
+        super().__init__()
+        if dim % 4:
+            raise ValueError(f"pos_embed='sincos2d' needs embed_dim divisible by 4, got {dim}")
+        self.grid_size = tuple(grid_size)
+        self.dim = dim
+        self.num_prefix = num_prefix
+        self.temperature = temperature
+        self.register_buffer("default", self._build(self.grid_size, None), persistent=False)
+
+    def _build(self, grid: Grid, device: torch.device | None) -> torch.Tensor:
+        h, w = grid
+        omega = self.temperature ** -torch.linspace(0, 1, self.dim // 4, device=device)
+        rows = torch.einsum("h,f->hf", torch.arange(h, dtype=torch.float32, device=device), omega)
+        cols = torch.einsum("w,f->wf", torch.arange(w, dtype=torch.float32, device=device), omega)
+        emb = torch.cat([
+            repeat(rows.sin(), "h f -> h w f", w=w),
+            repeat(rows.cos(), "h f -> h w f", w=w),
+            repeat(cols.sin(), "w f -> h w f", h=h),
+            repeat(cols.cos(), "w f -> h w f", h=h),
+        ], dim=-1)
+        prefix = torch.zeros(self.num_prefix, self.dim, device=device)
+        return rearrange(torch.cat([prefix, rearrange(emb, "h w d -> (h w) d")]), "n d -> 1 n d")
+
+    def init_table(self) -> None:
+        return None
+
+    def forward(self, table: torch.Tensor | None, grid: Grid) -> torch.Tensor:
+        if tuple(grid) == self.grid_size:
+            return self.default
+        return self._build(grid, self.default.device)
+
+
+class NoPosition(nn.Module):
+    """No position information; attention alone must infer the layout (an ablation baseline)."""
+
+    def __init__(self, grid_size: Grid, dim: int, num_prefix: int) -> None:
+        super().__init__()
+
+    def init_table(self) -> None:
+        return None
+
+    def forward(self, table: torch.Tensor | None, grid: Grid) -> None:
+        return None
+
+
+POSITIONS: BlockTable = BlockTable(
+    "pos_embed", "factory(grid_size, dim, num_prefix) -> module with init_table() and forward(table, grid)"
+)
+POSITIONS.register("learned", LearnedPosition)
+POSITIONS.register("sincos2d", SinCos2dPosition)
+POSITIONS.register("none", NoPosition)

@@ -1,0 +1,30 @@
+"""Prefix tokens: class token (ViT), distillation token (DeiT) and register tokens (Darcet et al.
+2024, "Vision Transformers Need Registers"). They are parameters of the model itself, named as in
+timm (``cls_token``, ``dist_token``, ``reg_token``), and always sit in that order at the front."""
+
+from __future__ import annotations
+
+import torch
+from einops import repeat
+from torch import nn
+
+PREFIX_TOKENS = ("cls_token", "dist_token", "reg_token")
+
+
+def make_prefix_tokens(
+    dim: int, class_token: bool, dist_token: bool, reg_tokens: int
+) -> dict[str, nn.Parameter | None]:
+    """One parameter per kind of prefix token, or None where the model has none of that kind."""
+    counts = {"cls_token": int(class_token), "dist_token": int(dist_token), "reg_token": reg_tokens}
+    std = {"cls_token": 1e-6, "dist_token": 0.02, "reg_token": 1e-6}
+    return {
+        name: nn.Parameter(nn.init.normal_(torch.empty(1, n, dim), std=std[name])) if n else None
+        for name, n in counts.items()
+    }
+
+
+def prepend_tokens(x: torch.Tensor, tokens: list[torch.Tensor]) -> torch.Tensor:
+    """Put the prefix tokens (each ``(1, k, d)``) in front of the patch tokens ``(b, n, d)``."""
+    if not tokens:
+        return x
+    return torch.cat([repeat(t, "1 k d -> b k d", b=x.shape[0]) for t in tokens] + [x], dim=1)

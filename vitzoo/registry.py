@@ -1,0 +1,167 @@
+"""The zoo as data: reads ``registry/*.toml`` into named specs and builds models by name.
+
+A registry file holds a ``[family]`` table (paper, spec and pretrained defaults shared by its
+models) and one ``[models.NAME]`` table per model. A model entry is spec fields plus three
+reserved keys: ``variant`` (``"S/16"``: a size from the ``[sizes]`` table and a patch size),
+``pretrained`` (where its weights come from, their preprocessing and reported accuracy) and
+``notes``. See README "Adding a model".
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import tomllib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vitzoo.errors import did_you_mean
+from vitzoo.spec import ViTSpec
+from vitzoo.vit import VisionTransformer
+from vitzoo.weights import load_pretrained
+
+logger = logging.getLogger("vitzoo")
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+# Wheels carry the registry inside the package; a source checkout keeps it at the top level.
+REGISTRY_DIR = next(
+    (d for d in (_PACKAGE_DIR / "registry", _PACKAGE_DIR.parent / "registry") if d.is_dir()),
+    _PACKAGE_DIR.parent / "registry",
+)
+RESERVED_KEYS = ("variant", "pretrained", "notes")
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One named model: its spec, where its weights come from, and the file that declared it."""
+
+    name: str
+    spec: ViTSpec
+    pretrained_cfg: dict[str, Any] = field(default_factory=dict)
+    family: str = "user"
+    paper: str = ""
+    notes: str = ""
+    source: str = "register_model()"
+
+    @property
+    def has_weights(self) -> bool:
+        return "hf_hub_id" in self.pretrained_cfg or "file" in self.pretrained_cfg
+
+
+_entries: dict[str, ModelEntry] = {}
+_loaded = False
+
+
+def _parse_variant(variant: str, sizes: dict[str, dict[str, Any]], where: str) -> dict[str, Any]:
+    size, _, patch = variant.partition("/")
+    if size not in sizes or not patch.isdigit():
+        raise ValueError(
+            f"{where}: variant {variant!r} should be SIZE/PATCH with SIZE one of {sorted(sizes)}"
+        )
+    return {**sizes[size], "patch_size": int(patch)}
+
+
+def _entries_from_file(path: Path, sizes: dict[str, dict[str, Any]]) -> list[ModelEntry]:
+    data = tomllib.loads(path.read_text())
+    family = data.get("family", {})
+    out = []
+    for name, raw in data.get("models", {}).items():
+        where = f"{path.name} [models.{name}]"
+        fields = {**family.get("spec", {}), **{k: v for k, v in raw.items() if k not in RESERVED_KEYS}}
+        if "variant" in raw:
+            fields = {**_parse_variant(raw["variant"], sizes, where), **fields}
+        try:
+            spec = ViTSpec.from_dict(fields)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
+        out.append(ModelEntry(
+            name=name, spec=spec, pretrained_cfg={**family.get("pretrained", {}), **raw.get("pretrained", {})},
+            family=family.get("name", path.stem), paper=family.get("paper", ""), notes=raw.get("notes", ""),
+            source=str(path.name),
+        ))
+    return out
+
+
+def _registry() -> dict[str, ModelEntry]:
+    """All entries, reading the TOML files on first use; names registered in code take precedence."""
+    global _loaded
+    if not _loaded:
+        files = sorted(REGISTRY_DIR.glob("*.toml"))
+        if not files:
+            raise FileNotFoundError(f"no registry files found in {REGISTRY_DIR}; reinstall vitzoo")
+        sizes: dict[str, dict[str, Any]] = {}
+        for path in files:
+            sizes.update(tomllib.loads(path.read_text()).get("sizes", {}))
+        loaded: dict[str, ModelEntry] = {}
+        for path in files:
+            for entry in _entries_from_file(path, sizes):
+                if entry.name in loaded:
+                    raise ValueError(f"model {entry.name!r} is declared in both {loaded[entry.name].source} and {path.name}")
+                loaded[entry.name] = entry
+        _entries.update({k: v for k, v in loaded.items() if k not in _entries})
+        _loaded = True
+    return _entries
+
+
+def register_model(
+    name: str, spec: ViTSpec | dict[str, Any], pretrained_cfg: dict[str, Any] | None = None,
+    *, notes: str = "", overwrite: bool = False,
+) -> ModelEntry:
+    """Add a model under ``name`` so ``create_model(name)`` builds it."""
+    entries = _registry()
+    if name in entries and not overwrite:
+        raise ValueError(f"model {name!r} already exists ({entries[name].source}); pass overwrite=True")
+    spec = spec if isinstance(spec, ViTSpec) else ViTSpec.from_dict(spec)
+    entries[name] = ModelEntry(name=name, spec=spec, pretrained_cfg=dict(pretrained_cfg or {}), notes=notes)
+    return entries[name]
+
+
+def list_models(pattern: str | Iterable[str] = "*", pretrained: bool = False) -> list[str]:
+    """Sorted model names matching a shell-style pattern (or any of several patterns)."""
+    patterns = [pattern] if isinstance(pattern, str) else list(pattern)
+    return sorted(
+        name for name, entry in _registry().items()
+        if any(fnmatch.fnmatchcase(name, p) for p in patterns) and (entry.has_weights or not pretrained)
+    )
+
+
+def model_entry(name: str) -> ModelEntry:
+    """The registry entry of ``name``; an unknown name raises with the closest names."""
+    entries = _registry()
+    if name not in entries:
+        raise ValueError(f"unknown model {name!r}; {did_you_mean(name, entries)}")
+    return entries[name]
+
+
+def model_spec(name: str, **overrides: Any) -> ViTSpec:
+    """The spec of ``name`` with ``overrides`` applied (any ViTSpec field)."""
+    spec = model_entry(name).spec
+    return spec.replace(**overrides) if overrides else spec
+
+
+def create_model(
+    name: str, pretrained: bool | str = False, *, num_classes: int | None = None,
+    img_size: int | tuple[int, int] | None = None, **overrides: Any,
+) -> VisionTransformer:
+    """Build a model by registry name, like ``timm.create_model``.
+
+    ``num_classes``, ``img_size`` and any other :class:`ViTSpec` field override the entry
+    (``mlp="swiglu"``, ``depth=6``, ``dynamic_img_size=True``...). ``pretrained`` is False, True
+    (the entry's default weights from the Hugging Face hub, or its cache when offline), or a path
+    to a weights file or a directory written by ``save_pretrained``; weights are adapted to the
+    requested spec and the adaptations are reported.
+    """
+    entry = model_entry(name)
+    changes = dict(overrides)
+    if num_classes is not None:
+        changes["num_classes"] = num_classes
+    if img_size is not None:
+        changes["img_size"] = img_size
+    spec = entry.spec.replace(**changes) if changes else entry.spec
+    model = VisionTransformer(spec, pretrained_cfg={"architecture": name, **entry.pretrained_cfg})
+    if pretrained:
+        for line in load_pretrained(model, pretrained).adapted:
+            logger.info("%s: %s", name, line)
+    return model

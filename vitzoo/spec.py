@@ -1,0 +1,156 @@
+"""The one description of a Vision Transformer: every architectural choice is a field here."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from vitzoo.blocks import SLOTS
+from vitzoo.errors import did_you_mean
+
+LayerChoice = str | tuple[str, ...]
+
+PER_LAYER_SLOTS = ("attn", "mlp", "block")
+
+
+@dataclass(frozen=True)
+class ViTSpec:
+    """Everything that makes two Vision Transformers different.
+
+    Slot fields name entries of the block tables in :mod:`vitzoo.blocks`; ``attn``, ``mlp`` and
+    ``block`` also take one name per layer. Specs are plain data: they round-trip through
+    :meth:`to_dict` / :meth:`from_dict` (and so TOML), and checkpoints carry them.
+    """
+
+    # input and output
+    img_size: tuple[int, int] = (224, 224)  # (H, W) the position table is laid out for
+    patch_size: int = 16  # square patch side in pixels
+    in_chans: int = 3  # image channels
+    num_classes: int = 1000  # classifier outputs; 0 means no head (pooled features out)
+    # width and depth
+    embed_dim: int = 768  # token width
+    depth: int = 12  # number of encoder blocks
+    num_heads: int = 12  # attention heads per block
+    mlp_ratio: float = 4.0  # MLP hidden width / embed_dim
+    # block choices, by name in the slot tables
+    patch_embed: str = "linear"  # image -> patch tokens
+    pos_embed: str = "learned"  # learned | sincos2d | none
+    attn: LayerChoice = "mhsa"  # token mixer, one name or one per layer
+    mlp: LayerChoice = "gelu"  # channel mixer, one name or one per layer
+    norm: str = "layernorm"  # every norm in the model
+    block: LayerChoice = "prenorm"  # residual wiring, one name or one per layer
+    pool: str = "token"  # readout: token | avg | max | map | none
+    # prefix tokens
+    class_token: bool = True  # learned [CLS] token in front
+    dist_token: bool = False  # DeiT distillation token after [CLS], read by a second head
+    reg_tokens: int = 0  # register tokens after the class/distillation tokens
+    no_embed_class: bool = False  # position table covers patch tokens only, not prefix tokens
+    # details
+    norm_eps: float = 1e-6  # epsilon of every norm (timm 1e-6; CLIP 1e-5)
+    qkv_bias: bool = True  # bias on the fused qkv projection
+    qk_norm: bool = False  # normalize q and k per head (ViT-22B)
+    patch_bias: bool = True  # bias on the patch projection (CLIP has none)
+    layer_scale: float | None = None  # LayerScale init value; None disables LayerScale
+    pre_norm: bool = False  # norm after embedding, before the blocks (CLIP's ln_pre)
+    final_norm: bool = True  # norm after the blocks (or after pooling, see fc_norm)
+    fc_norm: bool | None = None  # put the final norm after pooling; None: only for avg/max pooling
+    dynamic_img_size: bool = False  # accept any image size divisible by patch_size
+    # regularisation
+    drop_rate: float = 0.0  # dropout before the classifier
+    pos_drop_rate: float = 0.0  # dropout after adding position embeddings
+    attn_drop_rate: float = 0.0  # dropout on attention weights
+    proj_drop_rate: float = 0.0  # dropout after attention and MLP projections
+    drop_path_rate: float = 0.0  # stochastic depth, rising linearly to this rate at the last block
+
+    def __post_init__(self) -> None:
+        if isinstance(self.img_size, int):
+            object.__setattr__(self, "img_size", (self.img_size, self.img_size))
+        object.__setattr__(self, "img_size", tuple(int(s) for s in self.img_size))
+        for slot in PER_LAYER_SLOTS:
+            value = getattr(self, slot)
+            if isinstance(value, list):
+                object.__setattr__(self, slot, tuple(value))
+        self._validate()
+
+    def _validate(self) -> None:
+        def fail(name: str, problem: str) -> None:
+            raise ValueError(f"ViTSpec.{name}: {problem}")
+
+        for name in ("patch_size", "in_chans", "embed_dim", "depth", "num_heads"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                fail(name, f"must be a positive integer, got {getattr(self, name)!r}")
+        if len(self.img_size) != 2 or min(self.img_size) < 1:
+            fail("img_size", f"must be a positive int or (H, W), got {self.img_size!r}")
+        if self.num_classes < 0 or self.reg_tokens < 0:
+            fail("num_classes" if self.num_classes < 0 else "reg_tokens", "must be >= 0")
+        if self.embed_dim % self.num_heads:
+            fail("embed_dim", f"{self.embed_dim} is not divisible by num_heads={self.num_heads}; "
+                 f"pick embed_dim a multiple of num_heads (head_dim = embed_dim / num_heads)")
+        if any(s % self.patch_size for s in self.img_size):
+            fail("img_size", f"{self.img_size} is not divisible by patch_size={self.patch_size}; "
+                 f"use a multiple of {self.patch_size} for each side")
+        if self.mlp_ratio <= 0:
+            fail("mlp_ratio", f"must be > 0, got {self.mlp_ratio}")
+        for slot, table in SLOTS.items():
+            for name in self.layer_choices(slot) if slot in PER_LAYER_SLOTS else (getattr(self, slot),):
+                if name not in table:
+                    fail(slot, f"unknown block {name!r}; {did_you_mean(name, table)}")
+        for slot in PER_LAYER_SLOTS:
+            value = getattr(self, slot)
+            if isinstance(value, tuple) and len(value) != self.depth:
+                fail(slot, f"has {len(value)} per-layer names but depth={self.depth}; give one name or {self.depth}")
+        if self.pool == "token" and not self.class_token:
+            fail("pool", "'token' reads the class token, but class_token=False; use pool='avg' or 'map'")
+        if self.dist_token and (not self.class_token or self.pool != "token"):
+            fail("dist_token", "needs class_token=True and pool='token' (DeiT reads both tokens)")
+        for name in ("drop_rate", "pos_drop_rate", "attn_drop_rate", "proj_drop_rate", "drop_path_rate"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                fail(name, f"must be in [0, 1), got {getattr(self, name)}")
+        if self.layer_scale is not None and self.layer_scale <= 0:
+            fail("layer_scale", f"must be > 0 or None, got {self.layer_scale}")
+
+    # derived quantities -------------------------------------------------------------------------
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """Patch grid (h, w) at ``img_size``."""
+        return self.img_size[0] // self.patch_size, self.img_size[1] // self.patch_size
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Class + distillation + register tokens in front of the patch tokens."""
+        return int(self.class_token) + int(self.dist_token) + self.reg_tokens
+
+    @property
+    def use_fc_norm(self) -> bool:
+        """Whether the final norm sits after pooling (``fc_norm``) instead of before (``norm``)."""
+        return self.pool in ("avg", "max") if self.fc_norm is None else self.fc_norm
+
+    def layer_choices(self, slot: str) -> tuple[str, ...]:
+        """The block name of ``slot`` for every layer."""
+        value = getattr(self, slot)
+        return value if isinstance(value, tuple) else (value,) * self.depth
+
+    # data round trip ----------------------------------------------------------------------------
+    def replace(self, **changes: Any) -> ViTSpec:
+        """A copy with ``changes`` applied and validated; unknown field names get the closest ones."""
+        names = {f.name for f in dataclasses.fields(self)}
+        for key in changes:
+            if key not in names:
+                raise ValueError(f"ViTSpec has no field {key!r}; {did_you_mean(key, names)}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, TOML/JSON-friendly dict (tuples as lists, None-valued fields left out)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ViTSpec:
+        """Inverse of :meth:`to_dict`; unknown keys raise with the closest field names."""
+        return cls().replace(**data)

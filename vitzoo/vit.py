@@ -1,0 +1,280 @@
+"""The one model class: a Vision Transformer assembled from a :class:`~vitzoo.spec.ViTSpec`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+from typing import Any
+
+import torch
+from einops import rearrange
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from vitzoo.blocks.attention import ATTENTIONS
+from vitzoo.blocks.encoder import ENCODER_BLOCKS
+from vitzoo.blocks.mlp import MLPS
+from vitzoo.blocks.norm import NORMS, NormFactory
+from vitzoo.blocks.patch import PATCH_EMBEDS
+from vitzoo.blocks.pooling import POOLS
+from vitzoo.blocks.position import POSITIONS
+from vitzoo.blocks.tokens import PREFIX_TOKENS, make_prefix_tokens, prepend_tokens
+from vitzoo.spec import ViTSpec
+
+IMAGENET_INCEPTION = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+
+
+class VisionTransformer(nn.Module):
+    """Vision Transformer (Dosovitskiy et al. 2021) built from named blocks.
+
+    The state_dict uses timm's names and shapes, so timm checkpoints load with ``strict=True``.
+    The API mirrors timm's: ``forward_features``, ``forward_head``, ``forward_intermediates``,
+    ``reset_classifier``, ``set_grad_checkpointing``, ``no_weight_decay``, ``pretrained_cfg``.
+    """
+
+    def __init__(self, spec: ViTSpec, pretrained_cfg: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.spec = spec
+        dim = spec.embed_dim
+        norm = self._norm_factory()
+        self.patch_embed = PATCH_EMBEDS.get(spec.patch_embed)(spec.patch_size, spec.in_chans, dim, spec.patch_bias)
+        for name, param in make_prefix_tokens(dim, spec.class_token, spec.dist_token, spec.reg_tokens).items():
+            setattr(self, name, param)
+        positioned_prefix = 0 if spec.no_embed_class else spec.num_prefix_tokens
+        self.position = POSITIONS.get(spec.pos_embed)(spec.grid_size, dim, positioned_prefix)
+        self.pos_embed = self.position.init_table()
+        self.pos_drop = nn.Dropout(spec.pos_drop_rate)
+        self.norm_pre = norm(dim) if spec.pre_norm else nn.Identity()
+        drop_path = [spec.drop_path_rate * i / max(spec.depth - 1, 1) for i in range(spec.depth)]
+        self.blocks = nn.Sequential(*(self._make_block(i, norm, drop_path[i]) for i in range(spec.depth)))
+        self.norm = norm(dim) if spec.final_norm and not spec.use_fc_norm else nn.Identity()
+        self.attn_pool = self._make_pool()
+        self.fc_norm = norm(dim) if spec.final_norm and spec.use_fc_norm else nn.Identity()
+        self.head_drop = nn.Dropout(spec.drop_rate)
+        self._make_heads()
+        self.grad_checkpointing = False
+        self.distilled_training = False
+        self.pretrained_cfg = {
+            **IMAGENET_INCEPTION, "crop_pct": 0.9, "interpolation": "bicubic", **(pretrained_cfg or {}),
+            "input_size": (spec.in_chans, *spec.img_size), "num_classes": spec.num_classes,
+        }
+        self._init_linear(self)
+
+    # construction -------------------------------------------------------------------------------
+    def _norm_factory(self) -> NormFactory:
+        return partial(NORMS.get(self.spec.norm), eps=self.spec.norm_eps)
+
+    def _make_block(self, i: int, norm: NormFactory, drop_path: float) -> nn.Module:
+        spec, dim = self.spec, self.spec.embed_dim
+        attn = ATTENTIONS.get(spec.layer_choices("attn")[i])(
+            dim, spec.num_heads, spec.qkv_bias, norm if spec.qk_norm else None, spec.attn_drop_rate, spec.proj_drop_rate
+        )
+        mlp = MLPS.get(spec.layer_choices("mlp")[i])(dim, int(dim * spec.mlp_ratio), True, spec.proj_drop_rate)
+        return ENCODER_BLOCKS.get(spec.layer_choices("block")[i])(dim, attn, mlp, norm, spec.layer_scale, drop_path)
+
+    def _make_pool(self) -> nn.Module:
+        spec = self.spec
+        mlp = MLPS.get(spec.layer_choices("mlp")[-1])
+        return POOLS.get(spec.pool)(
+            spec.embed_dim, spec.num_heads, spec.mlp_ratio, self._norm_factory(), mlp, spec.num_prefix_tokens
+        )
+
+    def _make_heads(self) -> None:
+        """``head`` (and DeiT's ``head_dist``): a linear classifier, or Identity when num_classes=0."""
+        dim, num_classes = self.spec.embed_dim, self.spec.num_classes
+        self.head = nn.Linear(dim, num_classes) if num_classes else nn.Identity()
+        if self.spec.dist_token:
+            self.head_dist = nn.Linear(dim, num_classes) if num_classes else nn.Identity()
+        else:
+            self.head_dist = None
+
+    @staticmethod
+    def _init_linear(module: nn.Module) -> None:
+        """timm's default init for linear layers: truncated normal (std 0.02), zero bias."""
+        for m in module.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    # timm-compatible attributes -----------------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        return self.spec.num_classes
+
+    @property
+    def embed_dim(self) -> int:
+        return self.spec.embed_dim
+
+    num_features = embed_dim
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return self.spec.num_prefix_tokens
+
+    @property
+    def dynamic_img_size(self) -> bool:
+        return self.spec.dynamic_img_size
+
+    @property
+    def global_pool(self) -> str:
+        return self.spec.pool
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters that weight decay should skip: the position table and prefix tokens."""
+        return {name for name in ("pos_embed", *PREFIX_TOKENS) if getattr(self, name, None) is not None}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass instead of storing them."""
+        self.grad_checkpointing = enable
+
+    def set_distilled_training(self, enable: bool = True) -> None:
+        """DeiT: in training, return (class logits, distillation logits) instead of their mean."""
+        self.distilled_training = enable
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, pool: str | None = None) -> None:
+        """New head for ``num_classes`` (0 removes it); optionally a new pooling by name."""
+        ref = next(self.parameters())
+        changes: dict[str, Any] = {"num_classes": num_classes}
+        if pool is not None and pool != self.spec.pool:
+            changes.update(pool=pool, fc_norm=self.spec.use_fc_norm)  # the final norm stays where it is
+        self.spec = self.spec.replace(**changes)
+        if "pool" in changes:
+            self.attn_pool = self._make_pool()
+            self._init_linear(self.attn_pool)
+        self._make_heads()
+        for module in (self.head, self.head_dist, self.attn_pool):
+            if module is not None:
+                self._init_linear(module)
+                module.to(device=ref.device, dtype=ref.dtype).train(self.training)
+        self.pretrained_cfg["num_classes"] = num_classes
+
+    # forward ------------------------------------------------------------------------------------
+    def _grid(self, x: torch.Tensor) -> tuple[int, int]:
+        """Patch grid for a batch of images, with an actionable error for a wrong shape."""
+        spec = self.spec
+        if x.ndim != 4 or x.shape[1] != spec.in_chans:
+            raise ValueError(
+                f"expected images of shape (B, {spec.in_chans}, H, W), got {tuple(x.shape)}"
+            )
+        height, width = x.shape[-2:]
+        p = spec.patch_size
+        if spec.dynamic_img_size:
+            if height % p or width % p:
+                raise ValueError(
+                    f"image size {height}x{width} is not a multiple of patch_size={p}; "
+                    f"resize or pad each side to a multiple of {p}"
+                )
+        elif (height, width) != spec.img_size:
+            raise ValueError(
+                f"this model expects {spec.img_size[0]}x{spec.img_size[1]} images, got {height}x{width}; "
+                f"resize the input, build the model with img_size=({height}, {width}), "
+                f"or pass dynamic_img_size=True to accept any multiple of {p}"
+            )
+        return height // p, width // p
+
+    def _embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Images -> token sequence (prefix tokens first) with positions added; also the grid."""
+        grid = self._grid(images)
+        x = rearrange(self.patch_embed(images), "b h w d -> b (h w) d")
+        pos = self.position(self.pos_embed, grid)
+        tokens = [t for t in (self.cls_token, self.dist_token, self.reg_token) if t is not None]
+        if pos is None:
+            x = prepend_tokens(x, tokens)
+        elif self.spec.no_embed_class:
+            x = prepend_tokens(x + pos, tokens)
+        else:
+            x = prepend_tokens(x, tokens) + pos
+        return self.norm_pre(self.pos_drop(x)), grid
+
+    def _run_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, x, use_reentrant=False)
+        return block(x)
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Images ``(b, c, H, W)`` -> normalized tokens ``(b, prefix + h*w, dim)``."""
+        x, _ = self._embed(images)
+        for block in self.blocks:
+            x = self._run_block(block, x)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Tokens -> pooled features (``pre_logits=True``) or class logits."""
+        if self.head_dist is not None:  # DeiT: the class and distillation tokens each have a head
+            cls, dist = self.head_drop(x[:, 0]), self.head_drop(x[:, 1])
+            if pre_logits:
+                return (cls + dist) / 2
+            cls, dist = self.head(cls), self.head_dist(dist)
+            if self.distilled_training and self.training:
+                return cls, dist
+            return (cls + dist) / 2
+        x = self.head_drop(self.fc_norm(self.attn_pool(x)))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(images))
+
+    def forward_intermediates(
+        self,
+        images: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list | tuple[torch.Tensor, list]:
+        """Final features and the hidden states of chosen blocks (timm's signature and semantics).
+
+        ``indices``: the last n blocks if an int, those blocks if a sequence (negative counts from
+        the end), all if None. Intermediates drop the prefix tokens (``return_prefix_tokens`` pairs
+        them back) and come as ``(b, dim, h, w)`` for ``output_fmt="NCHW"`` or ``(b, h*w, dim)``
+        for ``"NLC"``.
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take = block_indices(len(self.blocks), indices)
+        x, (h, _) = self._embed(images)
+        blocks = self.blocks[: max(take) + 1] if stop_early else self.blocks
+        states = []
+        for i, block in enumerate(blocks):
+            x = self._run_block(block, x)
+            if i in take:
+                states.append(self.norm(x) if norm else x)
+        n_prefix = self.num_prefix_tokens
+        prefix = [s[:, :n_prefix] for s in states]
+        states = [s[:, n_prefix:] for s in states]
+        if output_fmt == "NCHW":
+            states = [rearrange(s, "b (h w) d -> b d h w", h=h) for s in states]
+        if return_prefix_tokens and n_prefix:
+            states = list(zip(states, prefix))
+        return states if intermediates_only else (self.norm(x), states)
+
+    def get_intermediate_layers(
+        self, images: torch.Tensor, n: int | Sequence[int] = 1, reshape: bool = False,
+        return_prefix_tokens: bool = False, norm: bool = False,
+    ) -> list:
+        """DINO-style interface to :meth:`forward_intermediates` (intermediates only)."""
+        return self.forward_intermediates(
+            images, n, return_prefix_tokens=return_prefix_tokens, norm=norm,
+            output_fmt="NCHW" if reshape else "NLC", intermediates_only=True,
+        )
+
+
+def block_indices(depth: int, indices: int | Sequence[int] | None) -> list[int]:
+    """Resolve timm-style block indices: None = all, int n = last n, sequence = those (negatives ok)."""
+    if indices is None:
+        return list(range(depth))
+    if isinstance(indices, int):
+        if not 0 < indices <= depth:
+            raise ValueError(f"asked for the last {indices} blocks of a {depth}-block model")
+        return list(range(depth - indices, depth))
+    resolved = [i + depth if i < 0 else i for i in indices]
+    bad = [i for i, r in zip(indices, resolved) if not 0 <= r < depth]
+    if bad:
+        raise ValueError(f"block indices {bad} out of range for a {depth}-block model")
+    return resolved

@@ -1,0 +1,68 @@
+"""Reading and writing weight files safely: safetensors, or ``torch.load(weights_only=True)``."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+StateDict = dict[str, torch.Tensor]
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+class WeightsError(ValueError):
+    """A weights file that cannot be used: unreadable, unsafe, or for another architecture."""
+
+
+def read_state_dict(path: str | os.PathLike) -> StateDict:
+    """Tensors of a ``.safetensors`` file or a pickled checkpoint, never running code from the file.
+
+    Pickles are read with ``weights_only=True``; a checkpoint that wraps its weights in
+    ``{"state_dict": ...}`` or ``{"model": ...}`` is unwrapped.
+    """
+    path = Path(path)
+    if path.is_dir():
+        found = [path / name for name in WEIGHT_FILES if (path / name).is_file()]
+        if not found:
+            raise WeightsError(f"{path} holds none of {', '.join(WEIGHT_FILES)}")
+        path = found[0]
+    if not path.is_file():
+        raise WeightsError(f"weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError) as err:
+            raise WeightsError(f"{path} is not a readable safetensors file ({err}); re-download or re-export it") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError or EOFError depending on the damage
+        raise WeightsError(
+            f"{path} could not be loaded safely ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+            "it is truncated, corrupted, or contains code: vitzoo only reads plain tensors"
+        ) from None
+    for key in ("state_dict", "model", "module"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError(f"{path} does not hold a state_dict (a mapping of names to tensors)")
+    return obj
+
+
+def write_state_dict(state_dict: StateDict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
+    """Write safetensors atomically: to a temporary file in the same folder, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
