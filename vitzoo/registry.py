@@ -98,7 +98,9 @@ def _registry() -> dict[str, ModelEntry]:
         for path in files:
             for entry in _entries_from_file(path, sizes):
                 if entry.name in loaded:
-                    raise ValueError(f"model {entry.name!r} is declared in both {loaded[entry.name].source} and {path.name}")
+                    raise ValueError(
+                        f"model {entry.name!r} is declared in both {loaded[entry.name].source} and {path.name}"
+                    )
                 loaded[entry.name] = entry
         _entries.update({k: v for k, v in loaded.items() if k not in _entries})
         _loaded = True

@@ -251,7 +251,7 @@ class VisionTransformer(nn.Module):
         if output_fmt == "NCHW":
             states = [rearrange(s, "b (h w) d -> b d h w", h=h) for s in states]
         if return_prefix_tokens and n_prefix:
-            states = list(zip(states, prefix))
+            states = list(zip(states, prefix, strict=True))
         return states if intermediates_only else (self.norm(x), states)
 
     def get_intermediate_layers(
@@ -274,7 +274,7 @@ def block_indices(depth: int, indices: int | Sequence[int] | None) -> list[int]:
             raise ValueError(f"asked for the last {indices} blocks of a {depth}-block model")
         return list(range(depth - indices, depth))
     resolved = [i + depth if i < 0 else i for i in indices]
-    bad = [i for i, r in zip(indices, resolved) if not 0 <= r < depth]
+    bad = [i for i, r in zip(indices, resolved, strict=True) if not 0 <= r < depth]
     if bad:
         raise ValueError(f"block indices {bad} out of range for a {depth}-block model")
     return resolved

@@ -78,7 +78,8 @@ class AttentionPool(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x[:, self.num_prefix:]
-        q = rearrange(self.q(repeat(self.latent, "1 l d -> b l d", b=x.shape[0])), "b l (h e) -> b h l e", h=self.num_heads)
+        latent = repeat(self.latent, "1 l d -> b l d", b=x.shape[0])
+        q = rearrange(self.q(latent), "b l (h e) -> b h l e", h=self.num_heads)
         k, v = rearrange(self.kv(x), "b n (kv h e) -> kv b h n e", kv=2, h=self.num_heads)
         pooled = self.proj(rearrange(F.scaled_dot_product_attention(q, k, v), "b h l e -> b l (h e)"))
         pooled = pooled + self.mlp(self.norm(pooled))

@@ -37,6 +37,11 @@ class BlockTable(Generic[T]):
 
         return add if factory is None else add(factory)
 
+    def unregister(self, name: str) -> T:
+        """Remove ``name`` and return its factory (e.g. to re-register it in a notebook)."""
+        self.get(name)
+        return self._entries.pop(name)
+
     def get(self, name: str) -> T:
         """Return the factory registered as ``name``."""
         try:

@@ -36,7 +36,9 @@ def read_state_dict(path: str | os.PathLike) -> StateDict:
         try:
             return load_file(path)
         except (SafetensorError, OSError) as err:
-            raise WeightsError(f"{path} is not a readable safetensors file ({err}); re-download or re-export it") from None
+            raise WeightsError(
+                f"{path} is not a readable safetensors file ({err}); re-download or re-export it"
+            ) from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises UnpicklingError, RuntimeError or EOFError depending on the damage

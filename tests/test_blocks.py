@@ -1,0 +1,132 @@
+"""Every entry of every slot table runs forward and backward; block-level properties."""
+
+from __future__ import annotations
+
+import pytest
+import timm.layers
+import torch
+from torch import nn
+
+import vitzoo
+from vitzoo.blocks import SLOTS, register_block, slot_table
+from vitzoo.blocks.position import LearnedPosition, resample_table
+from vitzoo.spec import ViTSpec
+
+SMALL = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, num_classes=5)
+
+
+def _spec_for(slot: str, name: str) -> ViTSpec:
+    changes = {slot: name}
+    if slot == "pool" and name == "none":
+        changes["num_classes"] = 0
+    if slot == "pool" and name != "token":
+        changes["class_token"] = False
+    return ViTSpec(**SMALL).replace(**changes)
+
+
+@pytest.mark.parametrize("slot,name", [(slot, name) for slot, table in SLOTS.items() for name in table])
+def test_every_table_entry_trains(slot, name):
+    torch.manual_seed(0)
+    model = vitzoo.VisionTransformer(_spec_for(slot, name))
+    x = torch.randn(3, 3, 32, 32)
+    out = model(x)
+    expected = (3, 16, 32) if (slot, name) == ("pool", "none") else (3, 5)
+    assert out.shape == expected and torch.isfinite(out).all()
+    out.square().mean().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+
+
+def test_patch_embed_entries_agree():
+    torch.manual_seed(0)
+    linear = slot_table("patch_embed").get("linear")(8, 3, 16, True)
+    conv = slot_table("patch_embed").get("conv")(8, 3, 16, True)
+    conv.load_state_dict(linear.state_dict())
+    x = torch.randn(2, 3, 32, 48)
+    assert linear(x).shape == (2, 4, 6, 16)
+    torch.testing.assert_close(linear(x), conv(x), atol=1e-5, rtol=1e-5)
+
+
+def test_per_layer_choices_build_those_blocks():
+    spec = ViTSpec(**SMALL).replace(
+        depth=4, mlp=("gelu", "gelu", "swiglu", "swiglu"), block=["prenorm", "parallel", "prenorm", "postnorm"]
+    )
+    model = vitzoo.VisionTransformer(spec)
+    kinds = [(type(b).__name__, type(b.mlp).__name__) for b in model.blocks]
+    assert kinds == [
+        ("PreNormBlock", "Mlp"), ("ParallelBlock", "Mlp"), ("PreNormBlock", "GatedMlp"), ("PostNormBlock", "GatedMlp")
+    ]
+    model(torch.randn(1, 3, 32, 32)).sum().backward()
+
+
+def test_resampling_to_the_same_grid_is_identity():
+    table = torch.randn(1, 1 + 14 * 14, 8)
+    assert torch.equal(resample_table(table, (14, 14), (14, 14), 1), table)
+
+
+@pytest.mark.parametrize("new_grid,num_prefix", [((24, 24), 1), ((18, 18), 1), ((12, 20), 0), ((20, 9), 5)])
+def test_resampling_matches_timm(new_grid, num_prefix):
+    table = torch.randn(1, num_prefix + 14 * 14, 16)
+    ours = resample_table(table, (14, 14), new_grid, num_prefix)
+    theirs = timm.layers.resample_abs_pos_embed(table, new_grid, (14, 14), num_prefix_tokens=num_prefix)
+    assert ours.shape == (1, num_prefix + new_grid[0] * new_grid[1], 16)
+    assert (ours - theirs).abs().max() <= 1e-5
+
+
+def test_learned_position_resamples_in_forward():
+    pos = LearnedPosition((4, 4), 8, num_prefix=1)
+    table = pos.init_table()
+    assert table.shape == (1, 17, 8)
+    assert pos(table, (4, 4)) is table
+    assert pos(table, (6, 2)).shape == (1, 13, 8)
+
+
+def test_sincos_is_fixed_and_follows_the_grid():
+    model = vitzoo.VisionTransformer(ViTSpec(**SMALL, pos_embed="sincos2d", dynamic_img_size=True))
+    assert "pos_embed" not in model.state_dict()
+    emb = model.position(None, (4, 4))
+    assert emb.shape == (1, 17, 32) and torch.all(emb[:, 0] == 0)
+    assert model(torch.randn(1, 3, 48, 32)).shape == (1, 5)
+
+
+def test_drop_path_and_dropout_only_act_in_training():
+    model = vitzoo.VisionTransformer(ViTSpec(**SMALL, drop_path_rate=0.5, proj_drop_rate=0.3, layer_scale=0.1))
+    x = torch.randn(4, 3, 32, 32)
+    model.eval()
+    torch.testing.assert_close(model(x), model(x))
+    model.train()
+    torch.manual_seed(0)
+    a = model(x)
+    torch.manual_seed(1)
+    assert not torch.allclose(a, model(x))
+
+
+def test_unknown_block_lists_valid_names():
+    with pytest.raises(ValueError, match="unknown mlp block 'swigl'; closest: swiglu"):
+        slot_table("mlp").get("swigl")
+    with pytest.raises(ValueError, match="unknown block slot"):
+        slot_table("mlpp")
+
+
+def test_registered_block_is_usable_by_name():
+    @register_block("mlp", "squared_relu_test")
+    class SquaredReluMlp(nn.Module):
+        """fc1 -> relu^2 -> fc2 (Primer)."""
+
+        def __init__(self, dim, hidden_dim, bias, drop):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(dim, hidden_dim, bias=bias), nn.Linear(hidden_dim, dim, bias=bias)
+
+        def forward(self, x):
+            return self.fc2(self.fc1(x).relu().square())
+
+    try:
+        model = vitzoo.create_model("vit_tiny_patch16_224", mlp="squared_relu_test", depth=1)
+        assert isinstance(model.blocks[0].mlp, SquaredReluMlp)
+        assert model(torch.randn(1, 3, 224, 224)).shape == (1, 1000)
+        with pytest.raises(ValueError, match="already registered"):
+            register_block("mlp", "squared_relu_test")(SquaredReluMlp)
+        assert slot_table("mlp").describe()["squared_relu_test"] == "fc1 -> relu^2 -> fc2 (Primer)."
+    finally:
+        slot_table("mlp").unregister("squared_relu_test")

@@ -1,0 +1,86 @@
+"""The spec validates and round-trips; the registry builds every entry and explains bad names."""
+
+from __future__ import annotations
+
+import tomllib
+
+import pytest
+import torch
+
+import vitzoo
+from vitzoo.registry import REGISTRY_DIR, model_entry
+from vitzoo.spec import ViTSpec
+
+
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        (dict(embed_dim=100, num_heads=3), "ViTSpec.embed_dim: 100 is not divisible by num_heads=3"),
+        (dict(img_size=225), r"ViTSpec.img_size: \(225, 225\) is not divisible by patch_size=16"),
+        (dict(mlp="swigloo"), "ViTSpec.mlp: unknown block 'swigloo'; closest: swiglu"),
+        (dict(norm="batchnorm"), "ViTSpec.norm: unknown block 'batchnorm'"),
+        (dict(class_token=False), "ViTSpec.pool: 'token' reads the class token"),
+        (dict(attn=("mhsa", "mhsa")), "ViTSpec.attn: has 2 per-layer names but depth=12"),
+        (dict(drop_path_rate=1.5), r"ViTSpec.drop_path_rate: must be in \[0, 1\)"),
+        (dict(depth=0), "ViTSpec.depth: must be a positive integer"),
+        (dict(dist_token=True, pool="avg"), "ViTSpec.dist_token: needs class_token=True and pool='token'"),
+        (dict(embed_dimm=384), "ViTSpec has no field 'embed_dimm'; closest: embed_dim"),
+    ],
+)
+def test_invalid_specs_name_the_field(changes, message):
+    with pytest.raises(ValueError, match=message):
+        ViTSpec().replace(**changes)
+
+
+def test_spec_round_trips_through_dict_and_toml():
+    spec = ViTSpec(img_size=(192, 256), depth=3, mlp=("gelu", "swiglu", "gelu"), layer_scale=1e-5, reg_tokens=4)
+    assert ViTSpec.from_dict(spec.to_dict()) == spec
+    toml = "\n".join(f"{k} = {v!r}".replace("'", '"').replace("True", "true").replace("False", "false")
+                     for k, v in spec.to_dict().items())
+    assert ViTSpec.from_dict(tomllib.loads(toml)) == spec
+
+
+@pytest.mark.parametrize("name", vitzoo.list_models())
+def test_every_registry_entry_builds_and_runs(name):
+    """Full-size structure on meta; a 1-block forward at the entry's input size is finite."""
+    with torch.device("meta"):
+        full = vitzoo.create_model(name)
+    assert len(full.blocks) == full.spec.depth
+    model = vitzoo.create_model(name, depth=1).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, *model.pretrained_cfg["input_size"]))
+    assert out.shape == (1, model.num_classes or model.num_features) and torch.isfinite(out).all()
+    entry = model_entry(name)
+    assert entry.paper and (entry.pretrained_cfg.get("hf_hub_id") or entry.notes)
+
+
+def test_registry_lives_in_toml_files():
+    files = {p.name for p in REGISTRY_DIR.glob("*.toml")}
+    assert {"sizes.toml", "vit.toml", "deit.toml"} <= files
+    assert model_entry("vit_base_patch16_224").source == "vit.toml"
+
+
+def test_unknown_model_lists_closest_names():
+    with pytest.raises(ValueError, match="unknown model 'vit_base_patch16_22'; closest: vit_base_patch16_224"):
+        vitzoo.create_model("vit_base_patch16_22")
+
+
+def test_list_models_patterns():
+    assert "deit_tiny_patch16_224" in vitzoo.list_models("deit_*")
+    assert all(n.startswith("vit_small") for n in vitzoo.list_models("vit_small_*"))
+    both = vitzoo.list_models(["deit3_*", "*_siglip_*"])
+    assert both == ["deit3_small_patch16_224", "vit_base_patch16_siglip_224"]
+    assert set(vitzoo.list_models(pretrained=True)) <= set(vitzoo.list_models())
+
+
+def test_create_model_overrides_and_register_model():
+    model = vitzoo.create_model("vit_tiny_patch16_224", num_classes=7, img_size=96, depth=2, pool="avg",
+                                class_token=False)
+    assert model.spec.img_size == (96, 96) and model.pretrained_cfg["input_size"] == (3, 96, 96)
+    assert model(torch.randn(2, 3, 96, 96)).shape == (2, 7)
+    spec = vitzoo.model_spec("vit_tiny_patch16_224", depth=3)
+    vitzoo.register_model("test_tiny_d3", spec, notes="a test entry", overwrite=True)
+    assert "test_tiny_d3" in vitzoo.list_models("test_*")
+    assert len(vitzoo.create_model("test_tiny_d3").blocks) == 3
+    with pytest.raises(ValueError, match="already exists"):
+        vitzoo.register_model("test_tiny_d3", spec)
