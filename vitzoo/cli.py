@@ -1,4 +1,4 @@
-"""Command line: ``vitzoo list [PATTERN]`` and ``vitzoo info NAME``."""
+"""Command line: ``vitzoo list [PATTERN]``, ``vitzoo info NAME`` and the commands in ``COMMANDS``."""
 
 from __future__ import annotations
 
@@ -29,17 +29,29 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vitzoo", description="Vision Transformers by name.")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _add_list(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("list", help="list registry models matching a pattern")
     p.add_argument("pattern", nargs="?", default="*", help="shell-style pattern, e.g. 'vit_*_patch16_*'")
     p.add_argument("--pretrained", action="store_true", help="only models with published weights")
     p.set_defaults(func=_cmd_list)
+
+
+def _add_info(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="print a model's card: size, cost, provenance")
     p.add_argument("name")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_info)
+
+
+# Each entry adds one subcommand; a command's module owns its arguments and its function.
+COMMANDS = (_add_list, _add_info)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vitzoo", description="Vision Transformers by name.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add_command in COMMANDS:
+        add_command(sub)
     return parser
 
 
