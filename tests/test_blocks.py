@@ -130,3 +130,15 @@ def test_registered_block_is_usable_by_name():
         assert slot_table("mlp").describe()["squared_relu_test"] == "fc1 -> relu^2 -> fc2 (Primer)."
     finally:
         slot_table("mlp").unregister("squared_relu_test")
+
+
+def test_patch_dropout_keeps_prefix_and_a_fraction_of_patches():
+    model = vitzoo.VisionTransformer(ViTSpec(**SMALL, patch_drop_rate=0.5, reg_tokens=2))
+    x = torch.randn(3, 3, 32, 32)
+    model.train()
+    tokens, _ = model._embed(x)
+    assert tokens.shape == (3, 3 + 8, 32)
+    full, _ = model.eval()._embed(x)
+    assert torch.equal(tokens[:, :3], full[:, :3])
+    assert all(any(torch.equal(t, f) for f in full[i, 3:]) for i in range(3) for t in tokens[i, 3:])
+    model.train()(x).sum().backward()

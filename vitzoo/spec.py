@@ -59,6 +59,7 @@ class ViTSpec:
     # regularisation
     drop_rate: float = 0.0  # dropout before the classifier
     pos_drop_rate: float = 0.0  # dropout after adding position embeddings
+    patch_drop_rate: float = 0.0  # training only: drop this fraction of patch tokens (FLIP)
     attn_drop_rate: float = 0.0  # dropout on attention weights
     proj_drop_rate: float = 0.0  # dropout after attention and MLP projections
     drop_path_rate: float = 0.0  # stochastic depth, rising linearly to this rate at the last block
@@ -104,7 +105,8 @@ class ViTSpec:
             fail("pool", "'token' reads the class token, but class_token=False; use pool='avg' or 'map'")
         if self.dist_token and (not self.class_token or self.pool != "token"):
             fail("dist_token", "needs class_token=True and pool='token' (DeiT reads both tokens)")
-        for name in ("drop_rate", "pos_drop_rate", "attn_drop_rate", "proj_drop_rate", "drop_path_rate"):
+        for name in ("drop_rate", "pos_drop_rate", "patch_drop_rate", "attn_drop_rate", "proj_drop_rate",
+                     "drop_path_rate"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 fail(name, f"must be in [0, 1), got {getattr(self, name)}")
         if self.layer_scale is not None and self.layer_scale <= 0:

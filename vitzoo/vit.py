@@ -18,7 +18,7 @@ from vitzoo.blocks.norm import NORMS, NormFactory
 from vitzoo.blocks.patch import PATCH_EMBEDS
 from vitzoo.blocks.pooling import POOLS
 from vitzoo.blocks.position import POSITIONS
-from vitzoo.blocks.tokens import PREFIX_TOKENS, make_prefix_tokens, prepend_tokens
+from vitzoo.blocks.tokens import PREFIX_TOKENS, drop_patch_tokens, make_prefix_tokens, prepend_tokens
 from vitzoo.spec import ViTSpec
 
 IMAGENET_INCEPTION = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
@@ -188,7 +188,10 @@ class VisionTransformer(nn.Module):
             x = prepend_tokens(x + pos, tokens)
         else:
             x = prepend_tokens(x, tokens) + pos
-        return self.norm_pre(self.pos_drop(x)), grid
+        x = self.pos_drop(x)
+        if self.training and self.spec.patch_drop_rate > 0:
+            x = drop_patch_tokens(x, self.num_prefix_tokens, self.spec.patch_drop_rate)
+        return self.norm_pre(x), grid
 
     def _run_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and torch.is_grad_enabled():

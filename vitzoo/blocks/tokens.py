@@ -23,6 +23,19 @@ def make_prefix_tokens(
     }
 
 
+def drop_patch_tokens(x: torch.Tensor, num_prefix: int, rate: float) -> torch.Tensor:
+    """Keep a random ``1 - rate`` of the patch tokens per image, all prefix tokens, order preserved.
+
+    FLIP (Li et al. 2023, "Scaling Language-Image Pre-training via Masking"): training on a subset
+    of patches cuts compute roughly in proportion, as a regulariser that costs no accuracy.
+    """
+    prefix, patches = x[:, :num_prefix], x[:, num_prefix:]
+    keep = max(1, int(patches.shape[1] * (1.0 - rate)))
+    order = torch.rand(patches.shape[:2], device=x.device).argsort(dim=1)[:, :keep].sort(dim=1).values
+    kept = patches.gather(1, repeat(order, "b k -> b k d", d=patches.shape[-1]))
+    return torch.cat([prefix, kept], dim=1)
+
+
 def prepend_tokens(x: torch.Tensor, tokens: list[torch.Tensor]) -> torch.Tensor:
     """Put the prefix tokens (each ``(1, k, d)``) in front of the patch tokens ``(b, n, d)``."""
     if not tokens:
