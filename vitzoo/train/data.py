@@ -1,0 +1,115 @@
+"""Datasets for fine-tuning and ablations: the embedded digits, ImageFolder trees, torchvision sets.
+
+Every source comes back as (train, val) datasets of ``(image tensor, label)`` with transforms that
+match the model's ``pretrained_cfg`` (input size, mean/std, interpolation, crop), so a pretrained
+model sees images the way it was trained to see them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from einops import rearrange, repeat
+from torch.utils.data import Dataset, Subset, TensorDataset
+from torchvision import datasets
+from torchvision.transforms import v2 as T
+
+from vitzoo.errors import did_you_mean
+
+INTERPOLATION = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR,
+                 "nearest": T.InterpolationMode.NEAREST}
+
+
+def image_transforms(cfg: dict[str, Any], train: bool) -> T.Compose:
+    """torchvision transforms for a model's ``pretrained_cfg``.
+
+    Eval: resize the short side to ``size / crop_pct``, center-crop ``size`` (timm's recipe).
+    Train: random resized crop and horizontal flip, the standard light augmentation.
+    """
+    _, height, width = cfg["input_size"]
+    interpolation = INTERPOLATION[cfg.get("interpolation", "bicubic")]
+    if train:
+        geometry = [T.RandomResizedCrop((height, width), interpolation=interpolation, antialias=True),
+                    T.RandomHorizontalFlip()]
+    else:
+        short = int(min(height, width) / cfg.get("crop_pct", 1.0))
+        geometry = [T.Resize(short, interpolation=interpolation, antialias=True), T.CenterCrop((height, width))]
+    return T.Compose([T.ToImage(), *geometry, T.ToDtype(torch.float32, scale=True),
+                      T.Normalize(mean=list(cfg["mean"]), std=list(cfg["std"]))])
+
+
+def digits(cfg: dict[str, Any], val_fraction: float = 0.2, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """scikit-learn's 1,797 handwritten 8x8 digits (10 classes), resized to the model's input.
+
+    Small, real and offline: the default for demos and ablations. The split is stratified and fixed
+    by ``seed``; images are resized once (bilinear) and normalised with the model's mean/std.
+    """
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    images = torch.tensor(data.images, dtype=torch.float32) / 16.0
+    labels = torch.tensor(data.target)
+    channels, height, width = cfg["input_size"]
+    images = repeat(images, "n h w -> n c h w", c=channels)
+    images = torch.nn.functional.interpolate(images, size=(height, width), mode="bilinear", align_corners=False)
+    mean = rearrange(torch.tensor(cfg["mean"][:channels]), "c -> 1 c 1 1")
+    std = rearrange(torch.tensor(cfg["std"][:channels]), "c -> 1 c 1 1")
+    images = (images - mean) / std
+    generator = torch.Generator().manual_seed(seed)
+    val_idx, train_idx = [], []
+    for label in range(10):
+        members = (labels == label).nonzero().flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        n_val = round(len(members) * val_fraction)
+        val_idx += members[:n_val].tolist()
+        train_idx += members[n_val:].tolist()
+    full = TensorDataset(images, labels)
+    return Subset(full, sorted(train_idx)), Subset(full, sorted(val_idx))
+
+
+def image_folder(root: str | Path, cfg: dict[str, Any]) -> tuple[Dataset, Dataset]:
+    """``root/train/<class>/*`` and ``root/val/<class>/*`` (torchvision ImageFolder layout)."""
+    root = Path(root)
+    splits = {}
+    for split in ("train", "val"):
+        folder = root / split
+        if not folder.is_dir():
+            raise FileNotFoundError(
+                f"{folder} does not exist; an ImageFolder dataset needs {root}/train/<class>/ and {root}/val/<class>/"
+            )
+        empty = sorted(
+            d.name for d in folder.iterdir() if d.is_dir() and not any(p.is_file() for p in d.iterdir())
+        )
+        if empty:
+            raise ValueError(f"class folders without images in {folder}: {', '.join(empty)}; add images or remove them")
+        splits[split] = datasets.ImageFolder(folder, transform=image_transforms(cfg, train=split == "train"))
+    if splits["train"].classes != splits["val"].classes:
+        raise ValueError(
+            f"train and val classes differ in {root}: {splits['train'].classes} vs {splits['val'].classes}"
+        )
+    return splits["train"], splits["val"]
+
+
+def torchvision_dataset(name: str, root: str | Path, cfg: dict[str, Any], download: bool) -> tuple[Dataset, Dataset]:
+    """A torchvision classification dataset by class name (``CIFAR10``, ``FakeData``, ...)."""
+    if not hasattr(datasets, name):
+        raise ValueError(f"torchvision.datasets has no {name!r}; {did_you_mean(name, datasets.__all__)}")
+    cls = getattr(datasets, name)
+    if name == "FakeData":
+        size = cfg["input_size"]
+        return (cls(1000, size, 10, transform=image_transforms(cfg, train=True), random_offset=0),
+                cls(200, size, 10, transform=image_transforms(cfg, train=False), random_offset=1000))
+    return (cls(root, train=True, download=download, transform=image_transforms(cfg, train=True)),
+            cls(root, train=False, download=download, transform=image_transforms(cfg, train=False)))
+
+
+def build_datasets(source: str, cfg: dict[str, Any], root: str | Path = "data",
+                   download: bool = False) -> tuple[Dataset, Dataset]:
+    """``"digits"``, ``"torchvision:NAME"``, or a path to an ImageFolder tree."""
+    if source == "digits":
+        return digits(cfg)
+    if source.startswith("torchvision:"):
+        return torchvision_dataset(source.split(":", 1)[1], root, cfg, download)
+    return image_folder(source, cfg)
