@@ -21,14 +21,18 @@ def _spec_for(slot: str, name: str) -> ViTSpec:
         changes["num_classes"] = 0
     if slot == "pool" and name != "token":
         changes["class_token"] = False
+    reduction = getattr(slot_table(slot).get(name), "keywords", {}).get("reduction")
+    if reduction:  # a CNN stem: one patch per stem output stride, a 2 x 2 grid
+        changes.update(patch_size=reduction, img_size=2 * reduction)
     return ViTSpec(**SMALL).replace(**changes)
 
 
 @pytest.mark.parametrize("slot,name", [(slot, name) for slot, table in SLOTS.items() for name in table])
 def test_every_table_entry_trains(slot, name):
     torch.manual_seed(0)
-    model = vitzoo.VisionTransformer(_spec_for(slot, name))
-    x = torch.randn(3, 3, 32, 32)
+    spec = _spec_for(slot, name)
+    model = vitzoo.VisionTransformer(spec)
+    x = torch.randn(3, 3, *spec.img_size)
     out = model(x)
     expected = (3, 16, 32) if (slot, name) == ("pool", "none") else (3, 5)
     assert out.shape == expected and torch.isfinite(out).all()

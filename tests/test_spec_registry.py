@@ -68,8 +68,9 @@ def test_unknown_model_lists_closest_names():
 def test_list_models_patterns():
     assert "deit_tiny_patch16_224" in vitzoo.list_models("deit_*")
     assert all(n.startswith("vit_small") for n in vitzoo.list_models("vit_small_*"))
-    both = vitzoo.list_models(["deit3_*", "*_siglip_*"])
-    assert both == ["deit3_small_patch16_224", "vit_base_patch16_siglip_224"]
+    both = vitzoo.list_models(["deit3_small_*", "vit_base_patch16_siglip_2*"])
+    assert both == ["deit3_small_patch16_224", "deit3_small_patch16_384", "vit_base_patch16_siglip_224",
+                    "vit_base_patch16_siglip_256"]
     assert set(vitzoo.list_models(pretrained=True)) <= set(vitzoo.list_models())
 
 

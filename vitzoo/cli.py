@@ -8,6 +8,7 @@ import sys
 
 from vitzoo.card import format_card, model_card
 from vitzoo.registry import list_models, model_entry
+from vitzoo.validate import add_validate_command
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -44,7 +45,7 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
 
 
 # Each entry adds one subcommand; a command's module owns its arguments and its function.
-COMMANDS = (_add_list, _add_info)
+COMMANDS = (_add_list, _add_info, add_validate_command)
 
 
 def build_parser() -> argparse.ArgumentParser:

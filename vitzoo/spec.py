@@ -40,7 +40,7 @@ class ViTSpec:
     mlp: LayerChoice = "gelu"  # channel mixer, one name or one per layer
     norm: str = "layernorm"  # every norm in the model
     block: LayerChoice = "prenorm"  # residual wiring, one name or one per layer
-    pool: str = "token"  # readout: token | avg | max | map | none
+    pool: str = "token"  # readout: token | avg | max | avgmax | map | none
     # prefix tokens
     class_token: bool = True  # learned [CLS] token in front
     dist_token: bool = False  # DeiT distillation token after [CLS], read by a second head
@@ -50,11 +50,16 @@ class ViTSpec:
     norm_eps: float = 1e-6  # epsilon of every norm (timm 1e-6; CLIP 1e-5)
     qkv_bias: bool = True  # bias on the fused qkv projection
     qk_norm: bool = False  # normalize q and k per head (ViT-22B)
+    proj_bias: bool = True  # bias on the attention output projection and the MLP layers (AIMv2 has none)
+    attn_inner_norm: bool = False  # norm before the attention output projection (Sub-LN, BEiT-3)
+    mlp_inner_norm: bool = False  # norm on the MLP hidden activations before fc2 (Sub-LN, BEiT-3)
+    patch_norm: bool = False  # norm on the patch tokens inside the patch embedding (AIMv2)
+    pool_include_prefix: bool = False  # pooling also reads the class/register tokens
     patch_bias: bool = True  # bias on the patch projection (CLIP has none)
     layer_scale: float | None = None  # LayerScale init value; None disables LayerScale
     pre_norm: bool = False  # norm after embedding, before the blocks (CLIP's ln_pre)
     final_norm: bool = True  # norm after the blocks (or after pooling, see fc_norm)
-    fc_norm: bool | None = None  # put the final norm after pooling; None: only for avg/max pooling
+    fc_norm: bool | None = None  # put the final norm after pooling; None: only for avg/max/avgmax pooling
     dynamic_img_size: bool = False  # accept any image size divisible by patch_size
     # regularisation
     drop_rate: float = 0.0  # dropout before the classifier
@@ -109,6 +114,9 @@ class ViTSpec:
                      "drop_path_rate"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 fail(name, f"must be in [0, 1), got {getattr(self, name)}")
+        for name in ("proj_bias", "attn_inner_norm", "mlp_inner_norm", "patch_norm", "pool_include_prefix"):
+            if not isinstance(getattr(self, name), bool):
+                fail(name, f"must be true or false, got {getattr(self, name)!r}")
         if self.layer_scale is not None and self.layer_scale <= 0:
             fail("layer_scale", f"must be > 0 or None, got {self.layer_scale}")
 
@@ -126,7 +134,7 @@ class ViTSpec:
     @property
     def use_fc_norm(self) -> bool:
         """Whether the final norm sits after pooling (``fc_norm``) instead of before (``norm``)."""
-        return self.pool in ("avg", "max") if self.fc_norm is None else self.fc_norm
+        return self.pool in ("avg", "max", "avgmax") if self.fc_norm is None else self.fc_norm
 
     def layer_choices(self, slot: str) -> tuple[str, ...]:
         """The block name of ``slot`` for every layer."""

@@ -37,7 +37,9 @@ class VisionTransformer(nn.Module):
         self.spec = spec
         dim = spec.embed_dim
         norm = self._norm_factory()
-        self.patch_embed = PATCH_EMBEDS.get(spec.patch_embed)(spec.patch_size, spec.in_chans, dim, spec.patch_bias)
+        self.patch_embed = PATCH_EMBEDS.get(spec.patch_embed)(
+            spec.patch_size, spec.in_chans, dim, spec.patch_bias, **only_set(norm=norm if spec.patch_norm else None)
+        )
         for name, param in make_prefix_tokens(dim, spec.class_token, spec.dist_token, spec.reg_tokens).items():
             setattr(self, name, param)
         positioned_prefix = 0 if spec.no_embed_class else spec.num_prefix_tokens
@@ -67,16 +69,22 @@ class VisionTransformer(nn.Module):
     def _make_block(self, i: int, norm: NormFactory, drop_path: float) -> nn.Module:
         spec, dim = self.spec, self.spec.embed_dim
         attn = ATTENTIONS.get(spec.layer_choices("attn")[i])(
-            dim, spec.num_heads, spec.qkv_bias, norm if spec.qk_norm else None, spec.attn_drop_rate, spec.proj_drop_rate
+            dim, spec.num_heads, spec.qkv_bias, norm if spec.qk_norm else None, spec.attn_drop_rate,
+            spec.proj_drop_rate,
+            **only_set(proj_bias=None if spec.proj_bias else False, inner_norm=norm if spec.attn_inner_norm else None),
         )
-        mlp = MLPS.get(spec.layer_choices("mlp")[i])(dim, int(dim * spec.mlp_ratio), True, spec.proj_drop_rate)
+        mlp = MLPS.get(spec.layer_choices("mlp")[i])(
+            dim, int(dim * spec.mlp_ratio), spec.proj_bias, spec.proj_drop_rate,
+            **only_set(inner_norm=norm if spec.mlp_inner_norm else None),
+        )
         return ENCODER_BLOCKS.get(spec.layer_choices("block")[i])(dim, attn, mlp, norm, spec.layer_scale, drop_path)
 
     def _make_pool(self) -> nn.Module:
         spec = self.spec
         mlp = MLPS.get(spec.layer_choices("mlp")[-1])
         return POOLS.get(spec.pool)(
-            spec.embed_dim, spec.num_heads, spec.mlp_ratio, self._norm_factory(), mlp, spec.num_prefix_tokens
+            spec.embed_dim, spec.num_heads, spec.mlp_ratio, self._norm_factory(), mlp,
+            0 if spec.pool_include_prefix else spec.num_prefix_tokens,
         )
 
     def _make_heads(self) -> None:
@@ -266,6 +274,12 @@ class VisionTransformer(nn.Module):
             images, n, return_prefix_tokens=return_prefix_tokens, norm=norm,
             output_fmt="NCHW" if reshape else "NLC", intermediates_only=True,
         )
+
+
+def only_set(**options: Any) -> dict[str, Any]:
+    """The optional block keywords a spec sets (None = not asked), so blocks written to a slot's basic
+    contract still serve every spec that does not ask for those options."""
+    return {name: value for name, value in options.items() if value is not None}
 
 
 def block_indices(depth: int, indices: int | Sequence[int] | None) -> list[int]:

@@ -9,6 +9,10 @@ stochastic-depth rate. Parameter names follow timm's ``Block``: ``norm1``, ``att
 
 from __future__ import annotations
 
+import copy
+from collections import OrderedDict
+from functools import partial
+
 import torch
 from torch import nn
 
@@ -89,9 +93,49 @@ class ParallelBlock(_ResidualBlock):
         )
 
 
+class ResPostNormBlock(_ResidualBlock):
+    """x + norm(attn(x)), then x + norm(mlp(x)): the norm closes each residual branch (res-post-norm
+    of Swin V2, Liu et al. 2022; timm's ``ResPostBlock``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.norm1(self.attn(x))))
+        x = x + self.drop_path2(self.ls2(self.norm2(self.mlp(x))))
+        return x
+
+
+class ParallelBranchesBlock(nn.Module):
+    """x + sum of attention branches, then x + sum of MLP branches, each branch pre-normed: wider and
+    shallower at equal cost ("Three things everyone should know about ViTs", Touvron et al. 2022;
+    timm's ``ParallelThingsBlock``). Branch 0 is the given module, the others are copies of it that
+    the model re-initializes like every linear layer.
+    """
+
+    def __init__(
+        self, dim: int, attn: nn.Module, mlp: nn.Module, norm: NormFactory, layer_scale: float | None = None,
+        drop_path: float = 0.0, num_parallel: int = 2,
+    ) -> None:
+        super().__init__()
+
+        def branch(name: str, module: nn.Module) -> nn.Sequential:
+            return nn.Sequential(OrderedDict([
+                ("norm", norm(dim)), (name, module),
+                ("ls", LayerScale(dim, layer_scale) if layer_scale else nn.Identity()),
+                ("drop_path", DropPath(drop_path) if drop_path > 0 else nn.Identity()),
+            ]))
+
+        self.attns = nn.ModuleList(branch("attn", attn if j == 0 else copy.deepcopy(attn)) for j in range(num_parallel))
+        self.ffns = nn.ModuleList(branch("mlp", mlp if j == 0 else copy.deepcopy(mlp)) for j in range(num_parallel))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + sum(attn(x) for attn in self.attns)
+        return x + sum(ffn(x) for ffn in self.ffns)
+
+
 ENCODER_BLOCKS: BlockTable = BlockTable(
     "block", "factory(dim, attn, mlp, norm, layer_scale, drop_path) -> module (b, n, dim) -> (b, n, dim)"
 )
 ENCODER_BLOCKS.register("prenorm", PreNormBlock)
 ENCODER_BLOCKS.register("postnorm", PostNormBlock)
 ENCODER_BLOCKS.register("parallel", ParallelBlock)
+ENCODER_BLOCKS.register("respost", ResPostNormBlock)
+ENCODER_BLOCKS.register("parallel2", partial(ParallelBranchesBlock, num_parallel=2))

@@ -2,40 +2,97 @@
 
 Contract: ``factory(patch_size: int, in_chans: int, dim: int, bias: bool) -> nn.Module`` mapping
 images ``(b, c, H, W) -> (b, h, w, dim)`` with ``h = H / patch_size``. The grid stays explicit in the
-output so the position block can resample for any input size. Both entries store the projection as
-timm does: ``proj.weight`` of shape ``(dim, c, p, p)``.
+output so the position block can resample for any input size. The entries store the projection as
+timm does: ``proj.weight`` of shape ``(dim, c, p, p)`` (hybrids: ``(dim, cnn_channels, k, k)``). The
+keyword ``norm`` (a norm factory for the patch tokens, stored as ``norm``: AIMv2, timm's
+``embed_norm_layer``) is passed only when a spec asks for it.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from vitzoo.blocks.norm import NormFactory
 from vitzoo.blocks.table import BlockTable
 
 
 class LinearPatchEmbed(nn.Module):
     """Cut the image into p x p patches with einops and project each with one matmul (ViT)."""
 
-    def __init__(self, patch_size: int, in_chans: int, dim: int, bias: bool = True) -> None:
+    def __init__(
+        self, patch_size: int, in_chans: int, dim: int, bias: bool = True, *, norm: NormFactory | None = None,
+    ) -> None:
         super().__init__()
         self.patch_size = patch_size
         self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size, bias=bias)
+        self.norm = norm(dim) if norm else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.patch_size
         patches = rearrange(x, "b c (h p1) (w p2) -> b h w (c p1 p2)", p1=p, p2=p)
         weight = rearrange(self.proj.weight, "d c p1 p2 -> d (c p1 p2)")
-        return F.linear(patches, weight, self.proj.bias)
+        return self.norm(F.linear(patches, weight, self.proj.bias))
 
 
 class ConvPatchEmbed(LinearPatchEmbed):
     """The same projection computed as a strided convolution (the original ViT code path)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rearrange(self.proj(x), "b d h w -> b h w d")
+        return self.norm(rearrange(self.proj(x), "b d h w -> b h w d"))
+
+
+def resnetv2(in_chans: int, layers: tuple[int, ...]) -> nn.Module:
+    """BiT ResNet-V2 (Kolesnikov et al. 2020) with weight-standardized "same" convs and no
+    pre-activation, as in the ViT paper's hybrids; ``layers=()`` keeps only the stem (stride 4)."""
+    from timm.layers import StdConv2dSame
+    from timm.models.resnetv2 import ResNetV2, create_resnetv2_stem
+
+    conv = partial(StdConv2dSame, eps=1e-8)
+    if not layers:
+        return create_resnetv2_stem(in_chans, stem_type="same", preact=False, conv_layer=conv)
+    return ResNetV2(layers=layers, num_classes=0, global_pool="", in_chans=in_chans, preact=False,
+                    stem_type="same", conv_layer=conv)
+
+
+def timm_cnn_features(in_chans: int, name: str, stage: int) -> nn.Module:
+    """One stage's feature map of a timm CNN (``features_only``), e.g. ResNet-D (He et al. 2019)."""
+    import timm
+
+    return timm.create_model(name, pretrained=False, in_chans=in_chans, features_only=True, out_indices=[stage])
+
+
+class HybridPatchEmbed(nn.Module):
+    """A CNN's feature map cut into patches and projected: the hybrid ViT (Dosovitskiy et al. 2021).
+
+    ``patch_size`` is the total stride in pixels, so the patch grid is ``H / patch_size`` as for the
+    other entries: the CNN reduces by ``reduction`` and ``proj`` covers ``patch_size / reduction``
+    feature cells. ``backbone`` is timm's own CNN module, so timm's hybrid checkpoints load as they are.
+    """
+
+    def __init__(
+        self, patch_size: int, in_chans: int, dim: int, bias: bool = True, *, norm: NormFactory | None = None,
+        backbone: Callable[[int], nn.Module], channels: int, reduction: int,
+    ) -> None:
+        super().__init__()
+        if patch_size % reduction:
+            raise ValueError(f"this hybrid stem reduces images {reduction}x; patch_size={patch_size} must be a "
+                             f"multiple of {reduction} (patch_size counts pixels, not feature cells)")
+        self.backbone = backbone(in_chans)
+        cells = patch_size // reduction
+        self.proj = nn.Conv2d(channels, dim, kernel_size=cells, stride=cells, bias=bias)
+        self.norm = norm(dim) if norm else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.backbone(x)
+        if isinstance(features, (list, tuple)):  # timm feature extractors return one map per stage
+            features = features[-1]
+        return self.norm(rearrange(self.proj(features), "b d h w -> b h w d"))
 
 
 PATCH_EMBEDS: BlockTable = BlockTable(
@@ -43,3 +100,18 @@ PATCH_EMBEDS: BlockTable = BlockTable(
 )
 PATCH_EMBEDS.register("linear", LinearPatchEmbed)
 PATCH_EMBEDS.register("conv", ConvPatchEmbed)
+PATCH_EMBEDS.register("hybrid_rstem", partial(HybridPatchEmbed, backbone=partial(resnetv2, layers=()),
+                                              channels=64, reduction=4))
+PATCH_EMBEDS.register("hybrid_r26", partial(HybridPatchEmbed, backbone=partial(resnetv2, layers=(2, 2, 2, 2)),
+                                            channels=2048, reduction=32))
+PATCH_EMBEDS.register("hybrid_r50_s16", partial(HybridPatchEmbed, backbone=partial(resnetv2, layers=(3, 4, 9)),
+                                                channels=1024, reduction=16))
+PATCH_EMBEDS.register("hybrid_r50", partial(HybridPatchEmbed, backbone=partial(resnetv2, layers=(3, 4, 6, 3)),
+                                            channels=2048, reduction=32))
+for _name, _stage, _channels, _reduction in (("resnet26d", 4, 2048, 32), ("resnet50d", 4, 2048, 32),
+                                             ("resnet50d", 3, 1024, 16)):
+    PATCH_EMBEDS.register(
+        f"hybrid_{_name}" + ("_s16" if _reduction == 16 else ""),
+        partial(HybridPatchEmbed, backbone=partial(timm_cnn_features, name=_name, stage=_stage),
+                channels=_channels, reduction=_reduction),
+    )

@@ -49,6 +49,14 @@ class MaxPool(_Readout):
         return reduce(x[:, self.num_prefix:], "b n d -> b d", "max")
 
 
+class AvgMaxPool(_Readout):
+    """Half the mean plus half the max of the patch tokens (timm's ``avgmax`` readout)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[:, self.num_prefix:]
+        return 0.5 * (reduce(x, "b n d -> b d", "mean") + reduce(x, "b n d -> b d", "max"))
+
+
 class NoPool(_Readout):
     """Keep every token: ``(b, n, dim)`` goes to the head unpooled (dense prediction)."""
 
@@ -92,5 +100,6 @@ POOLS: BlockTable = BlockTable(
 POOLS.register("token", ClassTokenPool)
 POOLS.register("avg", AvgPool)
 POOLS.register("max", MaxPool)
+POOLS.register("avgmax", AvgMaxPool)
 POOLS.register("map", AttentionPool)
 POOLS.register("none", NoPool)

@@ -1,0 +1,113 @@
+"""Beyond the core models: one timm name per family or structural feature matches timm, and
+``from_timm`` translates timm ViTs built with non-default arguments (or names what it cannot)."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from timm.layers import SwiGLU
+from timm.models.vision_transformer import ParallelScalingBlock, ResPostBlock
+
+import vitzoo
+from vitzoo.timm_compat import mlp_ratio_for, spec_from_timm
+from vitzoo.validate import TOL, validate
+
+# name -> the feature it stands for; compared at one or two blocks (structure at full size).
+REPRESENTATIVES = {
+    "aimv2_large_patch14_224": 1,  # RMSNorm, SwiGLU, patch-embedding norm, no projection biases
+    "beit3_base_patch16_224": 1,  # Sub-LN: norms inside attention and MLP
+    "vit_giant_patch14_dinov2": 1,  # packed SwiGLU (fc1 holds gate and value), ViT-g
+    "vit_base_patch16_rpn_224": 2,  # res-post-norm blocks
+    "test_vit3": 2,  # attention pooling over prefix tokens too, registers
+    "vit_so400m_patch16_siglip_256": 1,  # tanh-GELU, So400m width (float mlp_ratio), MAP pooling
+    "vit_base_patch16_clip_quickgelu_224": 1,  # quick-GELU, CLIP pre-norm
+    "vit_large_patch16_radio_v3": 1,  # no final norm, 7 registers
+    "deit_small_distilled_patch16_224": 1,  # distillation token and head
+    "vit_so150m2_patch16_reg1_gap_256": 1,  # So150m v2 width, GAP, no qkv bias
+    "vit_small_r26_s32_224": 1,  # hybrid: BiT ResNet-26 stem as the patch embedding
+    "vit_small_resnet26d_224": 1,  # hybrid: timm ResNet-26d feature stage as the patch embedding
+    "vit_tiny_r_s16_p8_224": 1,  # hybrid: ResNet stem only, 2x2 patches of its feature map
+    "flexivit_small": 1,  # FlexiViT: 240 px, patch 16 from a 32 px-trained embedding
+}
+
+
+@pytest.mark.parametrize("name", REPRESENTATIVES)
+def test_representative_names_match_timm(name):
+    result = validate(name, depth=REPRESENTATIVES[name])
+    assert result.ok, result.reason
+    assert result.worst <= TOL and len(result.block_diffs) == REPRESENTATIVES[name]
+
+
+KWARGS = [
+    dict(global_pool="avg", class_token=False, fc_norm=True, reg_tokens=2, no_embed_class=True),
+    dict(init_values=1e-4, qk_norm=True, norm_layer="rmsnorm", act_layer="gelu_tanh", pre_norm=True),
+    dict(mlp_layer=SwiGLU, act_layer="silu", proj_bias=False, qkv_bias=False, scale_attn_norm=True,
+         scale_mlp_norm=True),
+    dict(global_pool="avgmax", mlp_ratio=3.5, dynamic_img_size=True, final_norm=False),
+    dict(global_pool="map", class_token=False, embed_norm_layer="layernorm", reg_tokens=1),
+    dict(pos_embed="none", global_pool="", num_classes=0, block_fn=ResPostBlock),
+    dict(global_pool="max", pool_include_prefix=True, act_layer="quick_gelu", img_size=96, patch_size=8),
+]
+
+
+@pytest.mark.parametrize("kwargs", KWARGS, ids=lambda kw: ",".join(kw))
+def test_from_timm_reads_non_default_arguments(kwargs):
+    torch.manual_seed(0)
+    reference = timm.create_model("vit_tiny_patch16_224", depth=2, **kwargs).eval()
+    model = vitzoo.from_timm(reference).eval()  # loads timm's weights with strict=True
+    assert not model.training and model.spec.depth == 2
+    x = torch.randn(2, *model.pretrained_cfg["input_size"])
+    with torch.no_grad():
+        assert (model.forward_features(x) - reference.forward_features(x)).abs().max() <= TOL
+        assert (model(x) - reference(x)).abs().max() <= TOL
+
+
+def test_from_timm_spec_round_trips_through_the_registry():
+    with torch.device("meta"):
+        reference = timm.create_model("vit_so400m_patch14_siglip_224")
+    spec = spec_from_timm(reference)
+    assert int(spec.embed_dim * spec.mlp_ratio) == 4304
+    registered = vitzoo.model_spec("vit_so400m_patch14_siglip_224")
+    assert spec.replace(mlp_ratio=registered.mlp_ratio) == registered
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(attn_layer="diff"), r"blocks.0.attn is DiffAttention.*'attn_layer'"),
+        (dict(block_fn=ParallelScalingBlock), r"blocks.0 is ParallelScalingBlock.*'block_fn'"),
+        (dict(global_pool="prr"), r"global_pool is 'prr'.*'global_pool'"),
+        (dict(img_size=230, patch_size=16), r"patch_embed.img_size is \(230, 230\), not a multiple"),
+    ],
+)
+def test_from_timm_names_what_it_cannot_express(kwargs, message):
+    with torch.device("meta"):
+        reference = timm.create_model("vit_tiny_patch16_224", depth=1, **kwargs)
+    with pytest.raises(ValueError, match=message):
+        vitzoo.from_timm(reference)
+
+
+def test_from_timm_refuses_other_families():
+    with pytest.raises(ValueError, match="from_timm reads timm VisionTransformer models, got Linear"):
+        vitzoo.from_timm(torch.nn.Linear(2, 2))
+
+
+def test_mlp_ratio_reproduces_timm_hidden_width():
+    for dim, hidden in [(1152, 4304), (1408, 6144), (1664, 8192), (832, 2176), (384, 1536)]:
+        assert int(dim * mlp_ratio_for(hidden, dim)) == hidden
+
+
+def test_new_blocks_compose_with_other_slots():
+    """The blocks added for timm's families serve any spec, not only the models that need them."""
+    model = vitzoo.create_model(
+        "vit_tiny_patch16_224", depth=2, img_size=64, mlp=("swiglu_packed", "geglu"), block=("respost", "parallel"),
+        pool="avgmax", attn_inner_norm=True, mlp_inner_norm=True, proj_bias=False, patch_norm=True,
+        norm="rmsnorm", class_token=False, reg_tokens=1, pool_include_prefix=True,
+    ).eval()
+    keys = model.state_dict()
+    assert "patch_embed.norm.weight" in keys and "blocks.0.attn.norm.weight" in keys
+    assert keys["blocks.0.mlp.fc2.weight"].shape == (192, 384) and "blocks.1.mlp.norm.weight" in keys
+    assert "blocks.0.attn.proj.bias" not in keys and "blocks.0.mlp.fc1.bias" not in keys
+    out = model(torch.randn(2, 3, 64, 64))
+    assert out.shape == (2, 1000) and torch.isfinite(out).all()
