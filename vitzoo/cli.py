@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from vitzoo.bench import add_bench_command
 from vitzoo.card import format_card, model_card
 from vitzoo.registry import list_models, model_entry
 from vitzoo.validate import add_validate_command
@@ -45,7 +46,7 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
 
 
 # Each entry adds one subcommand; a command's module owns its arguments and its function.
-COMMANDS = (_add_list, _add_info, add_validate_command)
+COMMANDS = (_add_list, _add_info, add_bench_command, add_validate_command)
 
 
 def build_parser() -> argparse.ArgumentParser:

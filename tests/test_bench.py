@@ -1,0 +1,79 @@
+"""The benchmark harness runs end to end and reports every column; speed itself is never asserted."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vitzoo
+from vitzoo.bench import COLUMNS, Mode, graph_breaks, make_step, peak_memory
+from vitzoo.cli import main
+
+
+def _table(report: str) -> list[list[str]]:
+    lines = [line for line in report.splitlines() if line.startswith("| model | compile")]
+    assert len(lines) == 1, report
+    start = report.splitlines().index(lines[0])
+    table = []
+    for line in report.splitlines()[start:]:
+        if not line.startswith("|"):
+            break
+        table.append([cell.strip() for cell in line.strip("|").split("|")])
+    return table
+
+
+def test_bench_command_reports_every_column(tmp_path, capsys):
+    out = tmp_path / "report.md"
+    code = main([
+        "bench", "vit_tiny_patch16_224", "--batch-size", "2", "--rounds", "1", "--round-seconds", "0",
+        "--compile", "off", "--device", "cpu", "--variants", "patch_embed=conv", "--out", str(out),
+    ])
+    assert code == 0
+    report = out.read_text()
+    assert report in capsys.readouterr().out
+    assert "Machine:" in report and "Practical roof" in report
+    header, rule, *rows = _table(report)
+    assert tuple(header) == COLUMNS
+    assert all(set(cell) <= set("-") and cell for cell in rule)
+    # 2 dtypes x 2 steps x (vitzoo, its conv-patch variant, timm); no torchvision/HF twin exists for ViT-Ti
+    impls = ("vitzoo", "timm", "vitzoo patch_embed=conv")
+    assert len(rows) == 12
+    seen = {(r[2], r[3], r[4]) for r in rows}
+    assert seen == {(d, s, i) for d in ("fp32", "bf16") for s in ("infer", "train") for i in impls}
+    for row in rows:
+        cells = dict(zip(COLUMNS, row, strict=True))
+        assert cells["model"] == "vit_tiny_patch16_224" and cells["compile"] == "eager"
+        assert float(cells["img/s"]) > 0 and float(cells["GFLOP/s"]) > 0 and float(cells["% of roof"]) > 0
+        ratio, spread = cells["vs timm [range]"].split(" ", 1)
+        assert float(ratio) > 0 and spread.startswith("[") and spread.endswith("]")
+        if cells["impl"] == "timm":
+            assert float(ratio) == 1.0
+
+
+def test_bench_rejects_unknown_modes(capsys):
+    assert main(["bench", "vit_tiny_patch16_224", "--dtypes", "fp16", "--device", "cpu"]) == 2
+    assert "fp16" in capsys.readouterr().err
+
+
+def test_training_step_updates_weights_and_memory_is_measured():
+    model = vitzoo.create_model("vit_tiny_patch16_224", depth=1)
+    before = model.head.weight.detach().clone()
+    step = make_step(model, Mode("train", "fp32", compiled=False), torch.randn(2, 3, 224, 224))
+    peak = peak_memory(step, torch.device("cpu"))
+    assert not torch.equal(before, model.head.weight)
+    assert peak is None or peak > 0
+
+
+def test_standard_vit_compiles_to_one_graph():
+    model = vitzoo.create_model("vit_tiny_patch16_224", depth=2)
+    assert graph_breaks(model, model.pretrained_cfg["input_size"]) == (1, 0)
+
+
+def test_hf_comparator_has_the_same_shape():
+    pytest.importorskip("transformers")
+    from vitzoo.bench import _hf_vit
+
+    spec = vitzoo.model_spec("vit_tiny_patch16_224", depth=1)
+    hf, ours = _hf_vit(spec), vitzoo.VisionTransformer(spec)
+    assert sum(p.numel() for p in hf.parameters()) == sum(p.numel() for p in ours.parameters())
+    assert hf(torch.randn(1, 3, 224, 224)).shape == (1, 1000)

@@ -1,0 +1,338 @@
+"""Speed and memory of vitzoo next to timm (and torchvision, HF transformers) in one process.
+
+Speeds are compared only as ratios measured in the same process, interleaved (vitzoo, timm,
+vitzoo, timm, ...) over several rounds, so that clock boost, thermal state and other load hit
+every contender alike; each figure is a median over rounds. vitzoo and timm carry the same
+weights (timm's random init copied with ``strict=True``); torchvision and HF build the same
+architecture with their own init, which does not change speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import importlib.util
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitzoo.card import count_macs
+from vitzoo.registry import create_model
+from vitzoo.spec import ViTSpec
+
+# timm names whose architecture torchvision ships under its own name.
+TORCHVISION_TWINS = {
+    "vit_base_patch16_224": "vit_b_16", "vit_base_patch32_224": "vit_b_32",
+    "vit_large_patch16_224": "vit_l_16", "vit_large_patch32_224": "vit_l_32",
+    "vit_huge_patch14_224": "vit_h_14",
+}
+COLUMNS = (
+    "model", "compile", "dtype", "step", "impl", "img/s", "vs timm [range]", "GFLOP/s", "% of roof",
+    "peak MiB", "mem vs timm",
+)
+Step = Callable[[], None]
+
+
+@dataclass(frozen=True)
+class Mode:
+    """One measured configuration: inference or training step, fp32 or bf16 autocast, eager or compiled."""
+
+    step: str  # "infer" | "train"
+    dtype: str  # "fp32" | "bf16"
+    compiled: bool
+
+
+class _Logits(nn.Module):
+    """HF models return an output object; every contender must return the logits tensor."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=x).logits
+
+
+def contenders(name: str, compare: Sequence[str], variants: Sequence[str] = ()) -> dict[str, nn.Module]:
+    """vitzoo and timm with identical weights, plus the comparators that have this architecture.
+
+    ``variants`` (``"patch_embed=conv"``) add vitzoo models with one spec field changed and the same
+    weights, to measure what a block choice costs next to the default.
+    """
+    import timm
+
+    torch.manual_seed(0)
+    reference = timm.create_model(name, pretrained=False)
+    found = {"vitzoo": create_model(name), "timm": reference}
+    for variant in variants:
+        field, _, value = variant.partition("=")
+        found[f"vitzoo {variant}"] = create_model(name, **{field: value})
+    for impl in found:
+        if impl.startswith("vitzoo"):
+            found[impl].load_state_dict(reference.state_dict(), strict=True)
+    model = found["vitzoo"]
+    spec = model.spec
+    if "torchvision" in compare and name in TORCHVISION_TWINS:
+        import torchvision
+
+        found["torchvision"] = torchvision.models.get_model(TORCHVISION_TWINS[name], num_classes=spec.num_classes)
+    if "hf" in compare and name in TORCHVISION_TWINS and importlib.util.find_spec("transformers"):
+        found["hf"] = _hf_vit(spec)
+    return found
+
+
+def _hf_vit(spec: ViTSpec) -> nn.Module:
+    """HF ``ViTForImageClassification`` of the same shape (class token, learned positions, pre-norm)."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    config = ViTConfig(
+        hidden_size=spec.embed_dim, num_hidden_layers=spec.depth, num_attention_heads=spec.num_heads,
+        intermediate_size=int(spec.embed_dim * spec.mlp_ratio), image_size=spec.img_size[0],
+        patch_size=spec.patch_size, num_labels=spec.num_classes, layer_norm_eps=spec.norm_eps,
+        attn_implementation="sdpa",
+    )
+    return _Logits(ViTForImageClassification(config))
+
+
+def make_step(model: nn.Module, mode: Mode, images: torch.Tensor) -> Step:
+    """One inference forward, or one training step (forward, backward, AdamW), as a closure."""
+    device = images.device
+    model.to(device).train(mode.step == "train")
+    run = torch.compile(model) if mode.compiled else model
+    amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=mode.dtype == "bf16")
+    if mode.step == "infer":
+        def infer() -> None:
+            with torch.inference_mode(), torch.autocast(**amp):
+                run(images)
+        return infer
+    # fused AdamW where torch has it for this device, else foreach: the same choice for every contender
+    fused = device.type in ("cuda", "cpu")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fused, foreach=None if fused else True)
+    with torch.no_grad():
+        labels = torch.randint(0, model(images[:1]).shape[-1], images.shape[:1], device=device)
+
+    def train() -> None:
+        with torch.autocast(**amp):
+            loss = F.cross_entropy(run(images), labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return train
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(step: Step, iters: int, device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        step()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
+
+
+def peak_memory(step: Step, device: torch.device) -> int | None:
+    """Bytes one step needs above the state at rest (weights, optimizer state, inputs).
+
+    CUDA: ``max_memory_allocated`` minus ``memory_allocated`` before the step. CPU: the rise of the
+    process's peak resident set (Linux ``VmHWM``, reset through ``/proc/self/clear_refs``) over its
+    resident set before the step, after ``gc`` and ``malloc_trim`` hand freed heap pages back to the
+    OS so that memory re-used by the step counts. None where the OS offers no such counters.
+    """
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        step()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")  # reset the peak-RSS counter
+        base = _proc_status_kib("VmRSS")
+    except OSError:
+        return None
+    step()
+    return (_proc_status_kib("VmHWM") - base) * 1024
+
+
+def gemm_roof(dtype: torch.dtype, device: torch.device, repeats: int = 5) -> float:
+    """Dense matmul FLOP/s of this machine: the practical ceiling for a transformer's GEMMs."""
+    n = 8192 if device.type == "cuda" else 2048
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    a @ b
+    seconds = statistics.median(_timed(lambda: a @ b, 1, device) for _ in range(repeats))
+    return 2 * n**3 / seconds
+
+
+def graph_breaks(model: nn.Module, input_size: tuple[int, ...]) -> tuple[int, int]:
+    """(graphs, graph breaks) that dynamo makes of the model's forward; 1 and 0 mean one whole graph."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        explained = torch._dynamo.explain(model.eval())(torch.randn(2, *input_size))
+    return explained.graph_count, explained.graph_break_count
+
+
+def measure(name: str, mode: Mode, args: argparse.Namespace, roof: dict[str, float]) -> list[dict]:
+    """All contenders of one model in one mode: interleaved timing rounds, then memory; one row each."""
+    device = torch.device(args.device)
+    models = contenders(name, args.compare, args.variants)
+    input_size = models["vitzoo"].pretrained_cfg["input_size"]
+    flops = 2 * count_macs(models["vitzoo"], input_size)
+    flops *= 3 if mode.step == "train" else 1  # backward costs about twice the forward
+    images = torch.randn(args.batch_size, *input_size, device=device)
+    steps = {impl: make_step(m, mode, images) for impl, m in models.items()}
+    for step in steps.values():  # warm-up; compiles here
+        step(), step()
+    per_step = _timed(steps["timm"], 1, device)
+    iters = max(1, math.ceil(args.round_seconds / per_step))
+    seconds: dict[str, list[float]] = {impl: [] for impl in steps}
+    for _ in range(args.rounds):
+        for impl, step in steps.items():
+            seconds[impl].append(_timed(step, iters, device))
+    memory = {impl: peak_memory(step, device) for impl, step in steps.items()}
+    rows = []
+    for impl, times in seconds.items():
+        speed = args.batch_size * iters / statistics.median(times)
+        ratios = [t / s for s, t in zip(times, seconds["timm"], strict=True)]
+        mem, ref_mem = memory[impl], memory["timm"]
+        rows.append({
+            "model": name, "compile": "compiled" if mode.compiled else "eager", "dtype": mode.dtype,
+            "step": mode.step, "impl": impl, "img/s": f"{speed:.1f}",
+            "vs timm [range]": f"{statistics.median(ratios):.3f} [{min(ratios):.2f}-{max(ratios):.2f}]",
+            "GFLOP/s": f"{speed * flops / 1e9:.0f}",
+            "% of roof": f"{100 * speed * flops / roof[mode.dtype]:.0f}",
+            "peak MiB": "n/a" if mem is None else f"{mem / 2**20:.0f}",
+            "mem vs timm": f"{mem / ref_mem:.2f}" if mem and ref_mem else "n/a",
+        })
+    del steps, models
+    if mode.compiled:
+        torch._dynamo.reset()
+    return rows
+
+
+def markdown_table(rows: list[dict], columns: tuple[str, ...] = COLUMNS) -> str:
+    """Rows of string cells as a GitHub Markdown table."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(row[c]) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def machine(device: torch.device) -> str:
+    """The machine and library versions, for the report's header."""
+    if device.type == "cuda":
+        hardware = torch.cuda.get_device_name(device)
+    else:
+        info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+        names = [line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")]
+        hardware = f"{names[0] if names else platform.processor()}, {os.cpu_count()} cores"
+    versions = [f"torch {torch.__version__}", f"{torch.get_num_threads()} threads"]
+    for package in ("timm", "torchvision", "transformers", "einops"):
+        if importlib.util.find_spec(package):
+            versions.append(f"{package} {__import__(package).__version__}")
+    return f"{hardware}; Python {platform.python_version()}; " + ", ".join(versions)
+
+
+def run(args: argparse.Namespace) -> str:
+    """The whole benchmark as a Markdown report: machine, GEMM roof, results, graph breaks."""
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    roof = {d: gemm_roof(dtypes[d], device) for d in args.dtypes}
+    compile_modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+    rows = []
+    for name in args.models:
+        for compiled in compile_modes:
+            for dtype in args.dtypes:
+                for step in args.steps:
+                    measured = measure(name, Mode(step, dtype, compiled), args, roof)
+                    print(*markdown_table(measured).splitlines()[2:], sep="\n", file=sys.stderr, flush=True)
+                    rows += measured
+    report = [
+        f"Machine: {machine(device)}",
+        "",
+        "Practical roof (dense square matmul): "
+        + ", ".join(f"{d} {flops / 1e9:.0f} GFLOP/s" for d, flops in roof.items()),
+        "",
+        markdown_table(rows),
+    ]
+    if args.compile != "off":
+        columns = ("model", "graphs", "graph breaks")
+        breaks = []
+        for name in args.models:
+            model = create_model(name)
+            breaks.append(dict(zip(columns, (name, *graph_breaks(model, model.pretrained_cfg["input_size"])),
+                                   strict=True)))
+        report += ["", "torch.compile of vitzoo's forward (`torch._dynamo.explain`):", "",
+                   markdown_table(breaks, columns)]
+    return "\n".join(report) + "\n"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The benchmark's options, shared by ``vitzoo bench`` and ``benchmarks/bench.py``."""
+    split = lambda text: text.split(",")  # noqa: E731
+    parser.add_argument("models", nargs="*", default=["vit_tiny_patch16_224", "vit_small_patch16_224",
+                                                       "vit_base_patch16_224"])
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds; medians are reported")
+    parser.add_argument("--round-seconds", type=float, default=1.0, help="least time each contender runs per round")
+    parser.add_argument("--dtypes", type=split, default=["fp32", "bf16"], help="fp32,bf16 (bf16 = autocast)")
+    parser.add_argument("--steps", type=split, default=["infer", "train"], help="infer,train")
+    parser.add_argument("--compile", choices=("off", "on", "both"), default="both")
+    parser.add_argument("--compare", type=split, default=["timm", "torchvision", "hf"],
+                        help="comparators besides timm: torchvision,hf (skipped where unavailable)")
+    parser.add_argument("--variants", type=split, default=[],
+                        help="extra vitzoo contenders with one spec field changed, e.g. patch_embed=conv")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--out", help="also write the Markdown report to this file")
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    bad = [x for x in (*args.dtypes, *args.steps) if x not in ("fp32", "bf16", "infer", "train")]
+    if bad:
+        raise ValueError(f"unknown --dtypes/--steps value(s) {bad}; use fp32,bf16 and infer,train")
+    report = run(args)
+    print(report)
+    if args.out:
+        with open(args.out, "w") as out:
+            out.write(report)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python benchmarks/bench.py``: the same benchmark without the ``vitzoo`` command."""
+    parser = argparse.ArgumentParser(description="vitzoo vs timm, side by side in one process")
+    add_arguments(parser)
+    return _cmd_bench(parser.parse_args(argv))
+
+
+def add_bench_command(sub: argparse._SubParsersAction) -> None:
+    """``vitzoo bench``: the side-by-side benchmark against timm."""
+    parser = sub.add_parser("bench", help="speed and memory side by side with timm (ratios, one process)")
+    add_arguments(parser)
+    parser.set_defaults(func=_cmd_bench)
