@@ -164,3 +164,29 @@ class ViTSpec:
     def from_dict(cls, data: dict[str, Any]) -> ViTSpec:
         """Inverse of :meth:`to_dict`; unknown keys raise with the closest field names."""
         return cls().replace(**data)
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value as the spec field wants it: true/false, none, int, float, else the string;
+    ``a,b,c`` is a tuple of such values (one per layer for per-layer slots)."""
+    if "," in text:
+        return tuple(parse_value(part) for part in text.split(","))
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text.strip()
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """``"mlp=swiglu"`` -> ``("mlp", "swiglu")``; the field name is checked when the spec is built."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip():
+        raise ValueError(f"expected FIELD=VALUE (e.g. mlp=swiglu or qk_norm=true), got {text!r}")
+    return name.strip(), parse_value(value)

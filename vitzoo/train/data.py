@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from einops import rearrange, repeat
+from PIL import Image
 from torch.utils.data import Dataset, Subset, TensorDataset
 from torchvision import datasets
 from torchvision.transforms import v2 as T
@@ -57,39 +58,71 @@ def digits(cfg: dict[str, Any], val_fraction: float = 0.2, seed: int = 0) -> tup
     mean = rearrange(torch.tensor(cfg["mean"][:channels]), "c -> 1 c 1 1")
     std = rearrange(torch.tensor(cfg["std"][:channels]), "c -> 1 c 1 1")
     images = (images - mean) / std
+    train_idx, val_idx = stratified_split(labels, val_fraction, seed)
+    full = TensorDataset(images, labels)
+    return Subset(full, train_idx), Subset(full, val_idx)
+
+
+def stratified_split(labels: torch.Tensor, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Sorted (train, val) indices holding ``val_fraction`` of every class in val, fixed by ``seed``."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
     generator = torch.Generator().manual_seed(seed)
     val_idx, train_idx = [], []
-    for label in range(10):
+    for label in labels.unique().tolist():
         members = (labels == label).nonzero().flatten()
         members = members[torch.randperm(len(members), generator=generator)]
         n_val = round(len(members) * val_fraction)
         val_idx += members[:n_val].tolist()
         train_idx += members[n_val:].tolist()
-    full = TensorDataset(images, labels)
-    return Subset(full, sorted(train_idx)), Subset(full, sorted(val_idx))
+    return sorted(train_idx), sorted(val_idx)
 
 
-def image_folder(root: str | Path, cfg: dict[str, Any]) -> tuple[Dataset, Dataset]:
-    """``root/train/<class>/*`` and ``root/val/<class>/*`` (torchvision ImageFolder layout)."""
+def read_image(path: str) -> Image.Image:
+    """Open an image as RGB, naming the file when it cannot be read (instead of a PIL traceback)."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ValueError(f"cannot read image {path} ({type(err).__name__}: {err}); delete or replace it") from None
+
+
+def _folder(root: Path, cfg: dict[str, Any], train: bool) -> datasets.ImageFolder:
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} does not exist; an ImageFolder dataset is a folder of class folders "
+                                f"(<root>/<class>/*.jpg), optionally split into <root>/train and <root>/val")
+    empty = sorted(d.name for d in root.iterdir() if d.is_dir() and not any(p.is_file() for p in d.rglob("*")))
+    if empty:
+        raise ValueError(f"class folders without images in {root}: {', '.join(empty)}; add images or remove them")
+    return datasets.ImageFolder(root, transform=image_transforms(cfg, train=train), loader=read_image)
+
+
+def image_folder(root: str | Path, cfg: dict[str, Any], val_fraction: float = 0.2,
+                 seed: int = 0) -> tuple[Dataset, Dataset]:
+    """``root/train/<class>/*`` and ``root/val/<class>/*``; or ``root/<class>/*`` split per class
+    (``val_fraction`` of each class held out, fixed by ``seed``)."""
     root = Path(root)
-    splits = {}
-    for split in ("train", "val"):
-        folder = root / split
-        if not folder.is_dir():
-            raise FileNotFoundError(
-                f"{folder} does not exist; an ImageFolder dataset needs {root}/train/<class>/ and {root}/val/<class>/"
-            )
-        empty = sorted(
-            d.name for d in folder.iterdir() if d.is_dir() and not any(p.is_file() for p in d.iterdir())
-        )
-        if empty:
-            raise ValueError(f"class folders without images in {folder}: {', '.join(empty)}; add images or remove them")
-        splits[split] = datasets.ImageFolder(folder, transform=image_transforms(cfg, train=split == "train"))
-    if splits["train"].classes != splits["val"].classes:
-        raise ValueError(
-            f"train and val classes differ in {root}: {splits['train'].classes} vs {splits['val'].classes}"
-        )
-    return splits["train"], splits["val"]
+    if (root / "train").is_dir():
+        train, val = _folder(root / "train", cfg, True), _folder(root / "val", cfg, False)
+        if train.classes != val.classes:
+            raise ValueError(f"train and val classes differ in {root}: {train.classes} vs {val.classes}")
+        return train, val
+    train, val = _folder(root, cfg, True), _folder(root, cfg, False)
+    train_idx, val_idx = stratified_split(torch.tensor(train.targets), val_fraction, seed)
+    return Subset(train, train_idx), Subset(val, val_idx)
+
+
+def num_classes(dataset: Dataset) -> int:
+    """How many classes a dataset built here has (``classes``, ``num_classes`` or its label tensor)."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    if hasattr(dataset, "classes"):
+        return len(dataset.classes)
+    if hasattr(dataset, "num_classes"):
+        return int(dataset.num_classes)
+    if isinstance(dataset, TensorDataset):
+        return int(dataset.tensors[1].max()) + 1
+    raise ValueError(f"cannot tell how many classes {type(dataset).__name__} has; pass num_classes explicitly")
 
 
 def torchvision_dataset(name: str, root: str | Path, cfg: dict[str, Any], download: bool) -> tuple[Dataset, Dataset]:
@@ -105,11 +138,11 @@ def torchvision_dataset(name: str, root: str | Path, cfg: dict[str, Any], downlo
             cls(root, train=False, download=download, transform=image_transforms(cfg, train=False)))
 
 
-def build_datasets(source: str, cfg: dict[str, Any], root: str | Path = "data",
-                   download: bool = False) -> tuple[Dataset, Dataset]:
+def build_datasets(source: str, cfg: dict[str, Any], root: str | Path = "data", download: bool = False,
+                   val_fraction: float = 0.2, seed: int = 0) -> tuple[Dataset, Dataset]:
     """``"digits"``, ``"torchvision:NAME"``, or a path to an ImageFolder tree."""
     if source == "digits":
-        return digits(cfg)
+        return digits(cfg, val_fraction, seed)
     if source.startswith("torchvision:"):
         return torchvision_dataset(source.split(":", 1)[1], root, cfg, download)
-    return image_folder(source, cfg)
+    return image_folder(source, cfg, val_fraction, seed)

@@ -1,18 +1,37 @@
-"""The training loop shared by fine-tuning and ablations: deterministic, measured, small."""
+"""The training loop shared by fine-tuning and ablations: deterministic, resumable, measured.
+
+The data position is a function of the step alone (each epoch is a permutation seeded by
+``(seed, epoch)``, the tail that does not fill a step is dropped), so a checkpoint only needs the
+step, the weights, the optimizer and schedule state and the RNG state to continue a killed run
+bit-for-bit. One process or many (``torchrun``): gradients are averaged by DDP or FSDP, rank 0
+writes the checkpoints.
+"""
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
+from vitzoo.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from vitzoo.train.distributed import World, all_reduce_sum, full_state_dict, wrap
+from vitzoo.train.ema import ModelEma
 from vitzoo.train.recipe import build_optimizer, warmup_cosine
+from vitzoo.train.sampler import ResumableSampler
 from vitzoo.vit import VisionTransformer
+from vitzoo.weights import WeightsError, load_weights
+
+# Settings that fix the data order: a resumed run must use the ones it was started with.
+DATA_ORDER = ("seed", "batch_size", "accum_steps")
 
 
 @dataclass
@@ -20,7 +39,8 @@ class TrainConfig:
     """How to train; everything that affects the result is here, so runs are reproducible."""
 
     steps: int = 300  # optimizer steps
-    batch_size: int = 64
+    batch_size: int = 64  # images per process per micro-batch
+    accum_steps: int = 1  # micro-batches whose gradients make one optimizer step
     lr: float = 1e-3  # peak learning rate
     weight_decay: float = 0.05
     layer_decay: float | None = None  # layer-wise lr decay factor, None = off
@@ -29,18 +49,24 @@ class TrainConfig:
     label_smoothing: float = 0.0
     grad_clip: float | None = 1.0  # max global grad norm, None = off
     eval_every: int = 100  # steps between validation passes (and one at the end)
-    seed: int = 0  # model init is the caller's; this seeds data order and dropout
+    seed: int = 0  # model init is the caller's; this seeds data order, augmentation and dropout
     device: str = "cpu"
+    amp: bool = False  # bf16 autocast for forward and loss
+    compile: bool = False  # torch.compile the model for the training step
+    ema_decay: float | None = None  # keep and evaluate an EMA of the weights, None = off
+    checkpoint_every: int = 0  # steps between checkpoints when a run folder is given (0: at the end only)
+    strategy: str = "ddp"  # with several processes: ddp | fsdp
+    num_workers: int = 0  # data-loading processes (0 makes augmentation exactly resumable)
 
 
 @dataclass
 class TrainResult:
-    """Curves and final figures of one run."""
+    """Curves and final figures of one run (a resumed run includes the steps before the resume)."""
 
     losses: list[float] = field(default_factory=list)  # training loss per step
-    evals: list[dict[str, float]] = field(default_factory=list)  # {"step", "val_loss", "val_acc"}
-    images_per_s: float = 0.0
-    seconds: float = 0.0
+    evals: list[dict[str, float]] = field(default_factory=list)  # {"step", "epoch", "val_loss", "val_acc", ...}
+    images_per_s: float = 0.0  # training throughput of this process group (evaluation excluded)
+    seconds: float = 0.0  # wall time of the training steps
 
     @property
     def final(self) -> dict[str, Any]:
@@ -51,55 +77,197 @@ class TrainResult:
 
 @torch.no_grad()
 def evaluate(
-    model: VisionTransformer, dataset: Dataset, batch_size: int = 256, device: str = "cpu"
+    model: nn.Module, dataset: Dataset, batch_size: int = 256, device: str = "cpu", world: World | None = None,
+    shard: bool = True,
 ) -> dict[str, float]:
-    """Mean cross-entropy and top-1 accuracy over ``dataset``."""
+    """Mean cross-entropy and top-1 accuracy over ``dataset``.
+
+    With several processes each evaluates every ``world_size``-th sample and the sums are reduced;
+    ``shard=False`` has every rank run every batch (FSDP needs all ranks in each forward).
+    """
+    world = world or World(device=device)
     was_training = model.training
     model.eval()
-    total, loss_sum, correct = 0, 0.0, 0
-    for images, labels in DataLoader(dataset, batch_size=batch_size):
+    if shard and world.distributed:
+        dataset = Subset(dataset, range(world.rank, len(dataset), world.world_size))
+    sums = torch.zeros(3, dtype=torch.float64)
+    for images, labels in DataLoader(dataset, batch_size=batch_size, generator=torch.Generator()):
         images, labels = images.to(device), labels.to(device)
-        logits = model(images)
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
-        correct += (logits.argmax(-1) == labels).sum().item()
-        total += len(labels)
+        logits = model(images).float()
+        sums += torch.tensor([F.cross_entropy(logits, labels, reduction="sum").item(),
+                              (logits.argmax(-1) == labels).sum().item(), len(labels)], dtype=torch.float64)
     model.train(was_training)
-    return {"val_loss": loss_sum / total, "val_acc": correct / total}
+    if shard:
+        sums = all_reduce_sum(sums, world)
+    loss, correct, total = sums.tolist()
+    return {"val_loss": loss / total, "val_acc": correct / total}
+
+
+class _Run:
+    """The state of one training run and the step that advances it."""
+
+    def __init__(self, model: VisionTransformer, train_data: Dataset, config: TrainConfig, world: World) -> None:
+        self.model, self.config, self.world = model, config, world
+        self.ema = ModelEma(model, config.ema_decay) if config.ema_decay else None
+        if self.ema and config.strategy == "fsdp" and world.distributed:
+            raise ValueError("ema_decay with strategy='fsdp' is not supported; use ddp or drop the EMA")
+        self.net = wrap(model, world, config.strategy)
+        self.optimizer = build_optimizer(model, config.lr, config.weight_decay, config.layer_decay, config.optimizer)
+        self.schedule = warmup_cosine(self.optimizer, config.warmup_steps, config.steps)
+        self.forward = torch.compile(self.net) if config.compile else self.net
+        self.sampler = ResumableSampler(len(train_data), config.seed, world.rank, world.world_size)
+        self.per_step = config.batch_size * config.accum_steps
+        self.steps_per_epoch = self.sampler.per_rank // self.per_step
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"the training set ({len(train_data)} samples over {world.world_size} process(es)) is smaller than "
+                f"one step of batch_size x accum_steps = {self.per_step}; lower batch_size or accum_steps"
+            )
+        self.train_data = train_data
+        self.result = TrainResult()
+
+    @property
+    def step(self) -> int:
+        return len(self.result.losses)
+
+    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Micro-batches from the current step on, epoch after epoch."""
+        while True:
+            epoch, done = divmod(self.step, self.steps_per_epoch)
+            self.sampler.set_epoch(epoch, done * self.per_step)
+            # a private generator: creating the iterator must not draw from the global RNG (dropout's)
+            loader = DataLoader(self.train_data, batch_size=self.config.batch_size, sampler=self.sampler,
+                                drop_last=True, num_workers=self.config.num_workers,
+                                generator=torch.Generator().manual_seed(self.config.seed * 100_003 + epoch))
+            loader_iter = iter(loader)
+            for _ in range((self.steps_per_epoch - done) * self.config.accum_steps):
+                yield next(loader_iter)
+
+    def _sync_gradients(self, sync: bool) -> AbstractContextManager:
+        if isinstance(self.net, nn.parallel.DistributedDataParallel) and not sync:
+            return self.net.no_sync()
+        if hasattr(self.net, "set_requires_gradient_sync"):  # FSDP2
+            self.net.set_requires_gradient_sync(sync)
+        return nullcontext()
+
+    def train_step(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, int]:
+        """One optimizer step over ``accum_steps`` micro-batches; (mean loss, images seen by this process)."""
+        config, device = self.config, self.world.device
+        total, seen = 0.0, 0
+        for micro in range(config.accum_steps):
+            images, labels = (t.to(device, non_blocking=True) for t in next(batches))
+            with self._sync_gradients(micro == config.accum_steps - 1), torch.autocast(
+                device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=config.amp
+            ):
+                logits = self.forward(images)
+                loss = F.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing)
+                (loss / config.accum_steps).backward()
+            total += loss.item() / config.accum_steps
+            seen += len(labels)
+        if config.grad_clip:
+            nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.schedule.step()
+        if self.ema:
+            self.ema.update(self.model)
+        return total, seen
+
+    def checkpoint(self, folder: Path) -> None:
+        """Write the run's state (collective under FSDP; rank 0 writes)."""
+        weights = full_state_dict(self.model)
+        if not self.world.main:
+            return
+        trainer = {
+            "step": self.step, "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
+            "rng": torch.get_rng_state(), "losses": self.result.losses, "evals": self.result.evals,
+            "config": asdict(self.config), "spec": self.model.spec.to_dict(), "world_size": self.world.world_size,
+        }
+        if torch.cuda.is_available():
+            trainer["cuda_rng"] = torch.cuda.get_rng_state()
+        save_checkpoint(folder, self.step, weights, trainer, self.ema.module.state_dict() if self.ema else None)
+
+    def restore(self, path: Path) -> None:
+        """Continue from a checkpoint written by the same model and data order."""
+        weights, trainer, ema_weights = load_checkpoint(path)
+        if trainer["spec"] != self.model.spec.to_dict():
+            raise WeightsError(f"{path} was written by another model ({trainer['spec'].get('embed_dim')}-dim, "
+                               f"depth {trainer['spec'].get('depth')}); resume with the model and options it was "
+                               f"started with, or start a new run folder")
+        changed = [k for k in DATA_ORDER if trainer["config"][k] != getattr(self.config, k)]
+        if trainer["world_size"] != self.world.world_size:
+            changed.append("number of processes")
+        if changed:
+            raise ValueError(f"{path} was written with other {', '.join(changed)}; the data order would differ: "
+                             f"resume with the settings of the original run")
+        if self.world.distributed and self.config.strategy == "fsdp":
+            raise ValueError("resuming under strategy='fsdp' is not supported yet; resume the run with ddp")
+        load_weights(self.model, weights, adapt=False)
+        if self.ema and ema_weights is not None:
+            self.ema.module.load_state_dict(ema_weights)
+        self.optimizer.load_state_dict(trainer["optimizer"])
+        self.schedule.load_state_dict(trainer["schedule"])
+        torch.set_rng_state(trainer["rng"])
+        if "cuda_rng" in trainer and torch.cuda.is_available():
+            torch.cuda.set_rng_state(trainer["cuda_rng"])
+        self.result.losses, self.result.evals = list(trainer["losses"]), list(trainer["evals"])
+
+    def evaluate(self, val_data: Dataset, since: int) -> dict[str, float]:
+        config, world = self.config, self.world
+        shard = config.strategy != "fsdp"
+        recent = self.result.losses[since:]
+        row = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 3),
+               "train_loss": sum(recent) / max(1, len(recent)), "lr": self.optimizer.param_groups[0]["lr"]}
+        row.update(evaluate(self.model, val_data, device=world.device, world=world, shard=shard))
+        if self.ema:
+            ema = evaluate(self.ema.module, val_data, device=world.device, world=world, shard=shard)
+            row.update({f"ema_{k}": v for k, v in ema.items()})
+        return row
 
 
 def fit(
     model: VisionTransformer, train_data: Dataset, val_data: Dataset | None, config: TrainConfig,
-    progress: bool = True,
+    progress: bool = True, run_dir: str | Path | None = None, resume: bool | str | Path = False,
+    world: World | None = None, on_eval: Callable[[dict[str, float]], None] | None = None,
 ) -> TrainResult:
-    """Train ``model`` for ``config.steps`` steps; the data order depends only on ``config.seed``."""
+    """Train ``model`` for ``config.steps`` optimizer steps.
+
+    ``run_dir`` receives checkpoints under ``checkpoints/`` every ``config.checkpoint_every`` steps
+    and at the end; ``resume=True`` continues from its latest checkpoint (a path: from that
+    checkpoint). ``on_eval`` receives each validation row on rank 0.
+    """
+    world = world or World(device=config.device)
     torch.manual_seed(config.seed)
-    model.to(config.device).train()
-    optimizer = build_optimizer(model, config.lr, config.weight_decay, config.layer_decay, config.optimizer)
-    schedule = warmup_cosine(optimizer, config.warmup_steps, config.steps)
-    loader = DataLoader(train_data, batch_size=config.batch_size, shuffle=True, drop_last=True,
-                        generator=torch.Generator().manual_seed(config.seed))
-    result, seen, start = TrainResult(), 0, time.perf_counter()
-    bar = tqdm(total=config.steps, disable=not progress, unit="step")
-    while len(result.losses) < config.steps:
-        for images, labels in loader:
-            images, labels = images.to(config.device), labels.to(config.device)
-            loss = F.cross_entropy(model(images), labels, label_smoothing=config.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            schedule.step()
-            result.losses.append(loss.item())
-            seen += len(labels)
-            step = len(result.losses)
-            if val_data is not None and (step % config.eval_every == 0 or step == config.steps):
-                result.evals.append({"step": step, **evaluate(model, val_data, device=config.device)})
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{seen / (time.perf_counter() - start):.0f}")
-            if step == config.steps:
-                break
+    model.to(world.device).train()
+    run = _Run(model, train_data, config, world)
+    folder = Path(run_dir) / "checkpoints" if run_dir is not None else None
+    if resume is True:
+        path = latest_checkpoint(folder) if folder else None
+        if path is None:
+            raise FileNotFoundError(f"nothing to resume: no checkpoint under {folder}; start the run without resume")
+        run.restore(path)
+    elif resume:
+        run.restore(Path(resume))
+    result, batches, since = run.result, run.batches(), run.step
+    bar = tqdm(total=config.steps, initial=run.step, disable=not (progress and world.main), unit="step")
+    seen, train_seconds = 0, 0.0
+    while run.step < config.steps:
+        start = time.perf_counter()
+        loss, images = run.train_step(batches)
+        train_seconds += time.perf_counter() - start
+        seen += images * world.world_size
+        result.losses.append(loss)
+        step = run.step
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{seen / train_seconds:.0f}")
+        if val_data is not None and (step % config.eval_every == 0 or step == config.steps):
+            result.evals.append(run.evaluate(val_data, since))
+            since = step
+            if on_eval and world.main:
+                on_eval(result.evals[-1])
+        if folder and ((config.checkpoint_every and step % config.checkpoint_every == 0) or step == config.steps):
+            run.checkpoint(folder)
     bar.close()
-    result.seconds = time.perf_counter() - start
-    result.images_per_s = seen / result.seconds
+    result.seconds = train_seconds
+    result.images_per_s = seen / train_seconds if train_seconds else 0.0
     return result

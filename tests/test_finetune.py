@@ -1,0 +1,190 @@
+"""Fine-tuning: exact resume after a real kill, torchrun with gloo, the recipe options, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import vitzoo
+from vitzoo.train import TrainConfig, fit
+from vitzoo.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from vitzoo.train.data import build_datasets, num_classes
+from vitzoo.train.finetune import FinetuneConfig, finetune
+from vitzoo.weights import WeightsError, read_state_dict
+
+TINY = ["--set", "embed_dim=32", "--set", "num_heads=2", "--set", "depth=2", "--set", "patch_size=4",
+        "--img-size", "16", "--set", "drop_path_rate=0.1", "--set", "proj_drop_rate=0.1"]
+TINY_SPEC = dict(embed_dim=32, num_heads=2, depth=2, patch_size=4)
+
+
+def _train_cli(out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "vitzoo.train", "vit_tiny_patch16_224", *TINY, "--batch-size", "32",
+            "--ema-decay", "0.9", "--seed", "3", "--out", str(out), *extra]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+
+
+def _final_weights(out: Path) -> dict[str, torch.Tensor]:
+    return read_state_dict(latest_checkpoint(out / "checkpoints") / "model.safetensors")
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path):
+    """SIGKILL after the first checkpoint (mid-epoch: 44 steps per epoch, checkpoints every 5), resume,
+    and end bit-identical to a run that was never interrupted, EMA and dropout included."""
+    steps = ["--steps", "150", "--checkpoint-every", "5", "--eval-every", "50"]
+    killed = subprocess.Popen(_train_cli(tmp_path / "killed", *steps), env=_env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pointer = tmp_path / "killed" / "checkpoints" / "latest"
+    deadline = time.time() + 120
+    while not pointer.exists() and killed.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    killed.send_signal(signal.SIGKILL)
+    assert killed.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    stopped_at = load_checkpoint(latest_checkpoint(tmp_path / "killed" / "checkpoints"))[1]["step"]
+    assert 0 < stopped_at < 150 and stopped_at % 44
+    subprocess.run(_train_cli(tmp_path / "killed", *steps, "--resume"), env=_env(), check=True, capture_output=True)
+    subprocess.run(_train_cli(tmp_path / "straight", *steps), env=_env(), check=True, capture_output=True)
+    resumed, straight = _final_weights(tmp_path / "killed"), _final_weights(tmp_path / "straight")
+    assert resumed.keys() == straight.keys()
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight)
+    for run in ("killed", "straight"):
+        rows = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == [50, 100, 150]
+    summary = json.loads((tmp_path / "killed" / "summary.json").read_text())
+    assert summary["steps"] == 150 and summary["weights_digest"] == json.loads(
+        (tmp_path / "straight" / "summary.json").read_text())["weights_digest"]
+    assert (tmp_path / "killed" / "curves.png").stat().st_size > 0
+    assert (tmp_path / "killed" / "metrics.csv").read_text().startswith("step,epoch,train_loss")
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_torchrun_two_cpu_processes_end_identical(tmp_path, strategy):
+    """gloo on CPU; the ranks compare digests of their full weights at the end (summary.json)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "vitzoo.train", "vit_tiny_patch16_224", *TINY, "--batch-size", "16", "--steps", "6",
+           "--strategy", strategy, "--out", str(tmp_path / "ddp")]
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["ranks_identical"] and summary["steps"] == 6
+
+
+@pytest.fixture(scope="module")
+def digits_data():
+    cfg = vitzoo.create_model("vit_tiny_patch16_224", img_size=16).pretrained_cfg
+    return build_datasets("digits", cfg)
+
+
+def _model(**changes):
+    torch.manual_seed(0)
+    return vitzoo.create_model("vit_tiny_patch16_224", img_size=16, num_classes=10, **{**TINY_SPEC, **changes})
+
+
+def test_gradient_accumulation_matches_the_large_batch(digits_data):
+    train, _ = digits_data
+    base = TrainConfig(steps=3, batch_size=16, warmup_steps=1, grad_clip=None)
+    big, small = _model(), _model()
+    fit(big, train, None, base, progress=False)
+    fit(small, train, None, replace(base, batch_size=8, accum_steps=2), progress=False)
+    for (name, a), b in zip(big.state_dict().items(), small.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=name)
+
+
+def test_recipe_options_train(digits_data):
+    """bf16 autocast, gradient checkpointing, label smoothing, layer decay, EMA and linear probing."""
+    train, val = digits_data
+    model = _model()
+    model.set_grad_checkpointing(True)
+    config = TrainConfig(steps=60, batch_size=32, lr=3e-3, warmup_steps=5, amp=True, label_smoothing=0.1,
+                         layer_decay=0.75, ema_decay=0.9, eval_every=30)
+    result = fit(model, train, val, config, progress=False)
+    assert sum(result.losses[-5:]) < sum(result.losses[:5]) and "ema_val_acc" in result.evals[-1]
+    probe = _model()
+    vitzoo.train.freeze_backbone(probe)
+    before = {k: v.clone() for k, v in probe.state_dict().items()}
+    fit(probe, train, None, TrainConfig(steps=2, batch_size=16, warmup_steps=1), progress=False)
+    changed = {k for k, v in probe.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {"head.weight", "head.bias"}
+
+
+def test_paper_notebook_in_a_few_lines(tmp_path):
+    """The origin notebook (ViT-B/16, dropout 0.1, 10 classes, Adam 3e-4, FakeData), at depth 1 and 32 px."""
+    config = FinetuneConfig(
+        model="vit_base_patch16_224", data="torchvision:FakeData", img_size=32, out=str(tmp_path),
+        overrides=dict(depth=1, drop_rate=0.1, proj_drop_rate=0.1, attn_drop_rate=0.1),
+        train=TrainConfig(steps=2, batch_size=8, optimizer="adam", lr=3e-4, weight_decay=0.0, warmup_steps=1),
+    )
+    summary = finetune(config, progress=False)
+    assert summary["classes"] == 10 and summary["steps"] == 2 and 0.0 <= summary["val_acc"] <= 1.0
+
+
+def _image_tree(root: Path, counts: dict[str, int]) -> None:
+    for label, count in counts.items():
+        (root / label).mkdir(parents=True)
+        for i in range(count):
+            Image.new("RGB", (20, 20), (40 * i, 100, 200 if label == "a" else 0)).save(root / label / f"{i}.png")
+
+
+def test_image_folder_without_split_is_split_per_class(tmp_path):
+    _image_tree(tmp_path, {"a": 5, "b": 5})
+    cfg = vitzoo.create_model("vit_tiny_patch16_224", img_size=16).pretrained_cfg
+    train, val = build_datasets(str(tmp_path), cfg, val_fraction=0.4)
+    assert (len(train), len(val), num_classes(train)) == (6, 4, 2)
+    assert train[0][0].shape == (3, 16, 16)
+
+
+def test_bad_input_says_what_is_wrong(tmp_path):
+    cfg = vitzoo.create_model("vit_tiny_patch16_224", img_size=16).pretrained_cfg
+    with pytest.raises(FileNotFoundError, match="missing does not exist; an ImageFolder dataset"):
+        build_datasets(str(tmp_path / "missing"), cfg)
+    _image_tree(tmp_path / "empty", {"a": 2})
+    (tmp_path / "empty" / "b").mkdir()
+    with pytest.raises(ValueError, match="class folders without images in .*: b"):
+        build_datasets(str(tmp_path / "empty"), cfg)
+    _image_tree(tmp_path / "broken", {"a": 3, "b": 3})
+    (tmp_path / "broken" / "a" / "1.png").write_bytes(b"not a png")
+    train, _ = build_datasets(str(tmp_path / "broken"), cfg, val_fraction=0.34)
+    with pytest.raises(ValueError, match=r"cannot read image .*1.png .*delete or replace it"):
+        [train[i] for i in range(len(train))]
+    config = FinetuneConfig(model="vit_tiny_patch16_224", num_classes=5, img_size=16, out=str(tmp_path / "run"))
+    with pytest.raises(ValueError, match="num_classes=5 but the data has 10 classes"):
+        finetune(config, progress=False)
+
+
+def test_resume_refuses_another_models_checkpoint(tmp_path, digits_data):
+    train, _ = digits_data
+    fit(_model(), train, None, TrainConfig(steps=2, batch_size=16, warmup_steps=1), progress=False, run_dir=tmp_path)
+    with pytest.raises(WeightsError, match="was written by another model"):
+        fit(_model(depth=3), train, None, TrainConfig(steps=4, batch_size=16), progress=False, run_dir=tmp_path,
+            resume=True)
+    with pytest.raises(ValueError, match="other batch_size; the data order would differ"):
+        fit(_model(), train, None, TrainConfig(steps=4, batch_size=8), progress=False, run_dir=tmp_path, resume=True)
+
+
+def test_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    weights = {"w": torch.ones(2)}
+    save_checkpoint(tmp_path, 1, weights, {"step": 1})
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(tmp_path, 2, {"w": torch.zeros(2)}, {"step": 2})
+    monkeypatch.undo()
+    assert latest_checkpoint(tmp_path).name == "step_00000001"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_00000001"]  # no temporary left
+    restored, trainer, _ = load_checkpoint(latest_checkpoint(tmp_path))
+    assert trainer["step"] == 1 and torch.equal(restored["w"], weights["w"])

@@ -1,0 +1,235 @@
+"""``vitzoo finetune`` / ``python -m vitzoo.train``: any registry model on any image dataset.
+
+One run folder holds everything a run produces: ``run.json`` (the options), ``metrics.jsonl`` and
+``metrics.csv`` (one row per evaluation), ``curves.png``, ``summary.json`` and ``checkpoints/``.
+``--resume`` continues the run in that folder exactly where its last checkpoint left it. Under
+``torchrun`` every process trains its share of each batch (DDP, or FSDP with ``--strategy fsdp``)
+and rank 0 writes the folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import sys
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vitzoo.registry import create_model
+from vitzoo.spec import parse_assignment
+from vitzoo.train.data import build_datasets, num_classes
+from vitzoo.train.distributed import full_state_dict, gather_strings, init_world, weights_digest
+from vitzoo.train.loop import TrainConfig, TrainResult, fit
+from vitzoo.train.recipe import freeze_backbone
+from vitzoo.vit import VisionTransformer
+
+logger = logging.getLogger("vitzoo.finetune")
+
+
+@dataclass
+class FinetuneConfig:
+    """What to fine-tune on what; ``train`` says how."""
+
+    model: str
+    data: str = "digits"  # "digits", an ImageFolder path, or "torchvision:NAME"
+    data_root: str = "data"  # where torchvision datasets live (and are downloaded with download=True)
+    download: bool = False
+    val_fraction: float = 0.2  # held out per class when the data has no val split
+    pretrained: bool | str = False  # True: the hub weights; a path: a file or save_pretrained folder
+    num_classes: int | None = None  # None: the number of classes in the data
+    img_size: int | None = None  # None: the model's; another size resamples the position embedding
+    overrides: dict[str, Any] = field(default_factory=dict)  # spec fields: {"mlp": "swiglu", ...}
+    freeze: bool = False  # linear probing: train the head only
+    grad_checkpointing: bool = False
+    epochs: float | None = None  # when set, overrides train.steps
+    eval_every: int | None = None  # steps between evaluations; None: once per epoch
+    checkpoint_every: int | None = None  # steps between checkpoints; None: at each evaluation
+    out: str = "runs/finetune"
+    resume: bool = False
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def build_model(config: FinetuneConfig, data_classes: int) -> VisionTransformer:
+    """The registry model with the run's head, size and block overrides, weights loaded and adapted."""
+    if config.num_classes is not None and config.num_classes != data_classes:
+        raise ValueError(f"num_classes={config.num_classes} but the data has {data_classes} classes; "
+                         f"drop --num-classes or point --data at the matching dataset")
+    model = create_model(config.model, pretrained=config.pretrained, num_classes=data_classes,
+                         img_size=config.img_size, **config.overrides)
+    if config.freeze:
+        freeze_backbone(model)
+    model.set_grad_checkpointing(config.grad_checkpointing)
+    return model
+
+
+class RunLog:
+    """Rank 0's record of a run: metrics rows as JSON lines and CSV, curves as a PNG."""
+
+    def __init__(self, folder: Path, resume: bool) -> None:
+        self.folder = folder
+        self.jsonl = folder / "metrics.jsonl"
+        if not resume:
+            self.jsonl.unlink(missing_ok=True)
+
+    def row(self, values: dict[str, float]) -> None:
+        with self.jsonl.open("a") as f:
+            f.write(json.dumps(values) + "\n")
+        logger.info("step %d  %s", values["step"],
+                    "  ".join(f"{k} {v:.4g}" for k, v in values.items() if k not in ("step",)))
+
+    def finish(self, result: TrainResult, summary: dict[str, Any]) -> None:
+        """Rewrite the CSV and the plot from the whole run (rows before a resume included)."""
+        rows = result.evals
+        if rows:
+            with (self.folder / "metrics.csv").open("w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(rows[-1]))
+                writer.writeheader()
+                writer.writerows(rows)
+        self._plot(result)
+        (self.folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+    def _plot(self, result: TrainResult) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
+        loss_ax.plot(range(1, len(result.losses) + 1), result.losses, lw=0.8, label="train (per step)")
+        steps = [r["step"] for r in result.evals]
+        if steps:
+            loss_ax.plot(steps, [r["val_loss"] for r in result.evals], "o-", label="val")
+            acc_ax.plot(steps, [r["val_acc"] for r in result.evals], "o-", label="val")
+            if "ema_val_acc" in result.evals[-1]:
+                acc_ax.plot(steps, [r["ema_val_acc"] for r in result.evals], "s--", label="val (EMA)")
+        loss_ax.set(xlabel="step", ylabel="cross-entropy", title="loss")
+        acc_ax.set(xlabel="step", ylabel="top-1", title="validation accuracy")
+        for ax in (loss_ax, acc_ax):
+            ax.grid(alpha=0.3)
+            ax.legend()
+        fig.tight_layout()
+        fig.savefig(self.folder / "curves.png", dpi=100)
+        plt.close(fig)
+
+
+def finetune(config: FinetuneConfig, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) a fine-tuning run; returns the summary that is also written to ``summary.json``."""
+    world = init_world(config.train.device)
+    out = Path(config.out)
+    probe = create_model(config.model, img_size=config.img_size, **config.overrides).pretrained_cfg
+    train_data, val_data = build_datasets(config.data, probe, config.data_root, config.download,
+                                          config.val_fraction, config.train.seed)
+    classes = num_classes(train_data)
+    torch.manual_seed(config.train.seed)
+    model = build_model(config, classes)
+    train = config.train
+    steps_per_epoch = max(1, len(train_data) // (train.batch_size * train.accum_steps * world.world_size))
+    if config.epochs is not None:
+        train.steps = max(1, round(config.epochs * steps_per_epoch))
+    train.eval_every = config.eval_every or min(steps_per_epoch, train.steps)
+    train.checkpoint_every = config.checkpoint_every or train.eval_every
+    log = RunLog(out, config.resume) if world.main else None
+    if world.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "run.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+    result = fit(model, train_data, val_data, train, progress=progress, run_dir=out, resume=config.resume,
+                 world=world, on_eval=log.row if log else None)
+    digests = gather_strings(weights_digest(full_state_dict(model)), world)
+    final = result.final
+    summary = {
+        "model": config.model, "data": config.data, "classes": classes, "train_images": len(train_data),
+        "steps": len(result.losses), "processes": world.world_size, "val_acc": final.get("val_acc"),
+        "val_loss": final.get("val_loss"), "ema_val_acc": final.get("ema_val_acc"),
+        "train_loss": final["train_loss"], "images_per_s": round(result.images_per_s, 1),
+        "train_minutes": round(result.seconds / 60, 2), "weights_digest": digests[0],
+        "ranks_identical": len(set(digests)) == 1,
+    }
+    if log:
+        log.finish(result, summary)
+        logger.info("summary: %s", json.dumps(summary))
+    return summary
+
+
+def _config_from_args(args: argparse.Namespace) -> FinetuneConfig:
+    train_fields = {f.name for f in fields(TrainConfig)} - {"eval_every", "checkpoint_every"}
+    train = TrainConfig(**{k: v for k, v in vars(args).items() if k in train_fields and v is not None})
+    if args.amp:
+        train.amp = True
+    pretrained: bool | str = args.pretrained if args.pretrained not in (None, "hub") else args.pretrained == "hub"
+    return FinetuneConfig(
+        model=args.model, data=args.data, data_root=args.data_root, download=args.download,
+        val_fraction=args.val_fraction, pretrained=pretrained, num_classes=args.num_classes, img_size=args.img_size,
+        overrides=dict(parse_assignment(text) for text in args.set), freeze=args.freeze,
+        grad_checkpointing=args.grad_checkpointing, epochs=args.epochs, eval_every=args.eval_every,
+        checkpoint_every=args.checkpoint_every, out=args.out, resume=args.resume, train=train,
+    )
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The fine-tuning options (shared by ``vitzoo finetune`` and ``python -m vitzoo.train``)."""
+    p.add_argument("model", help="a registry name, e.g. vit_tiny_patch16_224 (see `vitzoo list`)")
+    p.add_argument("--data", default="digits", help="digits | an ImageFolder path | torchvision:NAME")
+    p.add_argument("--data-root", default="data", help="folder for torchvision datasets")
+    p.add_argument("--download", action="store_true", help="download the torchvision dataset (needs internet)")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="held out per class when there is no val split")
+    p.add_argument("--pretrained", nargs="?", const="hub", default=None,
+                   help="start from weights: the hub's (no value) or a file / save_pretrained folder")
+    p.add_argument("--num-classes", type=int, help="checked against the data (default: the data's classes)")
+    p.add_argument("--img-size", type=int, help="train at this size (position embedding resampled)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a spec field, e.g. --set mlp=swiglu --set drop_rate=0.1 (repeatable)")
+    p.add_argument("--freeze", action="store_true", help="linear probe: train the head only")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations in backward")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=float, help="passes over the training data")
+    length.add_argument("--steps", type=int, help="optimizer steps (default 300)")
+    p.add_argument("--batch-size", type=int, help="images per process per micro-batch (default 64)")
+    p.add_argument("--accum-steps", type=int, help="micro-batches per optimizer step (default 1)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")
+    p.add_argument("--weight-decay", type=float, help="AdamW decoupled decay; norms, biases, tokens skip it")
+    p.add_argument("--layer-decay", type=float, help="layer-wise lr decay, e.g. 0.75")
+    p.add_argument("--optimizer", choices=("adamw", "adam"))
+    p.add_argument("--warmup-steps", type=int)
+    p.add_argument("--label-smoothing", type=float)
+    p.add_argument("--grad-clip", type=float, help="max gradient norm (0 disables)")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--ema-decay", type=float, help="also keep and evaluate an EMA of the weights, e.g. 0.999")
+    p.add_argument("--eval-every", type=int, help="steps between evaluations (default: once per epoch)")
+    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default: each evaluation)")
+    p.add_argument("--strategy", choices=("ddp", "fsdp"), help="multi-process strategy under torchrun")
+    p.add_argument("--workers", dest="num_workers", type=int, help="data-loading processes (default 0)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--out", default="runs/finetune", help="run folder: metrics, plot, checkpoints")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    config = _config_from_args(args)
+    if args.device is None:
+        config.train.device = "cuda" if torch.cuda.is_available() else "cpu"
+    summary = finetune(config)
+    return 0 if summary["ranks_identical"] else 1
+
+
+def add_finetune_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("finetune", help="fine-tune a model on digits, an ImageFolder or a torchvision dataset")
+    add_arguments(p)
+    p.set_defaults(func=run_from_args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vitzoo.train", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run_from_args(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
