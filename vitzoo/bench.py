@@ -42,6 +42,7 @@ COLUMNS = (
     "peak MiB", "mem vs timm",
 )
 Step = Callable[[], None]
+MEMORY_ROUNDS = 3  # peak-memory measurements per contender; the median is reported
 
 
 @dataclass(frozen=True)
@@ -213,7 +214,11 @@ def measure(name: str, mode: Mode, args: argparse.Namespace, roof: dict[str, flo
     for _ in range(args.rounds):
         for impl, step in steps.items():
             seconds[impl].append(_timed(step, iters, device))
-    memory = {impl: peak_memory(step, device) for impl, step in steps.items()}
+    samples: dict[str, list[int | None]] = {impl: [] for impl in steps}
+    for _ in range(MEMORY_ROUNDS):  # interleaved too: allocator state drifts between measurements
+        for impl, step in steps.items():
+            samples[impl].append(peak_memory(step, device))
+    memory = {impl: None if None in values else int(statistics.median(values)) for impl, values in samples.items()}
     rows = []
     for impl, times in seconds.items():
         speed = args.batch_size * iters / statistics.median(times)
