@@ -112,7 +112,9 @@ class _Run:
         if self.ema and config.strategy == "fsdp" and world.distributed:
             raise ValueError("ema_decay with strategy='fsdp' is not supported; use ddp or drop the EMA")
         self.net = wrap(model, world, config.strategy)
-        self.optimizer = build_optimizer(model, config.lr, config.weight_decay, config.layer_decay, config.optimizer)
+        sharded = world.distributed and config.strategy == "fsdp"
+        self.optimizer = build_optimizer(model, config.lr, config.weight_decay, config.layer_decay, config.optimizer,
+                                         fused=not sharded)
         self.schedule = warmup_cosine(self.optimizer, config.warmup_steps, config.steps)
         self.forward = torch.compile(self.net) if config.compile else self.net
         self.sampler = ResumableSampler(len(train_data), config.seed, world.rank, world.world_size)

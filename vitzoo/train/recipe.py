@@ -46,16 +46,21 @@ def param_groups(
 
 def build_optimizer(
     model: VisionTransformer, lr: float, weight_decay: float, layer_decay: float | None = None,
-    name: str = "adamw",
+    name: str = "adamw", fused: bool = True,
 ) -> torch.optim.Optimizer:
-    """AdamW (or plain Adam, as in the original ViT replication) over :func:`param_groups`."""
+    """AdamW (or plain Adam, as in the original ViT replication) over :func:`param_groups`.
+
+    ``fused`` runs the update as one kernel per device (CPU and CUDA); sharded (FSDP) parameters
+    use the multi-tensor ``foreach`` path instead.
+    """
     groups = param_groups(model, weight_decay, layer_decay)
     for group in groups:
         group["lr"] = lr * group["lr_scale"]
+    kernel = {"fused": True} if fused else {"foreach": True}
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, foreach=True)
+        return torch.optim.AdamW(groups, lr=lr, **kernel)
     if name == "adam":
-        return torch.optim.Adam([{**g, "weight_decay": 0.0} for g in groups], lr=lr, foreach=True)
+        return torch.optim.Adam([{**g, "weight_decay": 0.0} for g in groups], lr=lr, **kernel)
     raise ValueError(f"unknown optimizer {name!r}; use 'adamw' or 'adam'")
 
 
