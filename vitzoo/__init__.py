@@ -1,5 +1,6 @@
 """vitzoo: Vision Transformers from small einops blocks, by name, with timm's weights."""
 
+from vitzoo.ablate import ablate
 from vitzoo.blocks import register_block
 from vitzoo.registry import create_model, list_models, model_entry, model_spec, register_model
 from vitzoo.spec import ViTSpec
@@ -10,6 +11,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ViTSpec",
+    "ablate",
     "VisionTransformer",
     "create_model",
     "from_timm",

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from vitzoo.ablate import add_ablate_command
 from vitzoo.bench import add_bench_command
 from vitzoo.card import format_card, model_card
 from vitzoo.registry import list_models, model_entry
@@ -47,7 +48,9 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
 
 
 # Each entry adds one subcommand; a command's module owns its arguments and its function.
-COMMANDS = (_add_list, _add_info, add_bench_command, add_validate_command, add_finetune_command)
+COMMANDS = (
+    _add_list, _add_info, add_bench_command, add_validate_command, add_finetune_command, add_ablate_command,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -51,6 +51,7 @@ class ModelEntry:
 
 
 _entries: dict[str, ModelEntry] = {}
+_sizes: dict[str, dict[str, Any]] = {}
 _loaded = False
 
 
@@ -91,12 +92,11 @@ def _registry() -> dict[str, ModelEntry]:
         files = sorted(REGISTRY_DIR.glob("*.toml"))
         if not files:
             raise FileNotFoundError(f"no registry files found in {REGISTRY_DIR}; reinstall vitzoo")
-        sizes: dict[str, dict[str, Any]] = {}
         for path in files:
-            sizes.update(tomllib.loads(path.read_text()).get("sizes", {}))
+            _sizes.update(tomllib.loads(path.read_text()).get("sizes", {}))
         loaded: dict[str, ModelEntry] = {}
         for path in files:
-            for entry in _entries_from_file(path, sizes):
+            for entry in _entries_from_file(path, _sizes):
                 if entry.name in loaded:
                     raise ValueError(
                         f"model {entry.name!r} is declared in both {loaded[entry.name].source} and {path.name}"
@@ -118,6 +118,24 @@ def register_model(
     spec = spec if isinstance(spec, ViTSpec) else ViTSpec.from_dict(spec)
     entries[name] = ModelEntry(name=name, spec=spec, pretrained_cfg=dict(pretrained_cfg or {}), notes=notes)
     return entries[name]
+
+
+def load_registry_file(path: str | Path, *, overwrite: bool = False) -> list[str]:
+    """Add the models of a user's TOML file (same layout as ``registry/*.toml``); their names.
+
+    Lets a project keep its own variants, including ones made of blocks it registered with
+    ``register_block`` (register the blocks first: entries are validated on reading).
+    """
+    entries, path = _registry(), Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"registry file {path} does not exist; pass the path of a .toml file")
+    _sizes.update(tomllib.loads(path.read_text()).get("sizes", {}))
+    new = _entries_from_file(path, _sizes)
+    taken = [e.name for e in new if e.name in entries and not overwrite]
+    if taken:
+        raise ValueError(f"{path.name}: models {', '.join(taken)} already exist; rename them or pass overwrite=True")
+    entries.update({e.name: e for e in new})
+    return [e.name for e in new]
 
 
 def list_models(pattern: str | Iterable[str] = "*", pretrained: bool = False) -> list[str]:
@@ -153,7 +171,8 @@ def create_model(
     (``mlp="swiglu"``, ``depth=6``, ``dynamic_img_size=True``...). ``pretrained`` is False, True
     (the entry's default weights from the Hugging Face hub, or its cache when offline), or a path
     to a weights file or a directory written by ``save_pretrained``; weights are adapted to the
-    requested spec and the adaptations are reported.
+    requested spec and the adaptations are logged. With spec overrides (a swapped block, more
+    tokens, another depth) the tensors that still fit load and the rest are logged as new or dropped.
     """
     entry = model_entry(name)
     changes = dict(overrides)
@@ -164,6 +183,6 @@ def create_model(
     spec = entry.spec.replace(**changes) if changes else entry.spec
     model = VisionTransformer(spec, pretrained_cfg={"architecture": name, **entry.pretrained_cfg})
     if pretrained:
-        for line in load_pretrained(model, pretrained).adapted:
+        for line in load_pretrained(model, pretrained, partial=bool(overrides)).adapted:
             logger.info("%s: %s", name, line)
     return model

@@ -73,10 +73,12 @@ class ViTSpec:
         if isinstance(self.img_size, int):
             object.__setattr__(self, "img_size", (self.img_size, self.img_size))
         object.__setattr__(self, "img_size", tuple(int(s) for s in self.img_size))
-        for slot in PER_LAYER_SLOTS:
+        for slot, table in SLOTS.items():  # lists -> tuples; aliases ("gap") -> the entry name ("avg")
             value = getattr(self, slot)
-            if isinstance(value, list):
-                object.__setattr__(self, slot, tuple(value))
+            if isinstance(value, list | tuple):
+                object.__setattr__(self, slot, tuple(map(table.canonical, value)))
+            else:
+                object.__setattr__(self, slot, table.canonical(value))
         self._validate()
 
     def _validate(self) -> None:
@@ -101,7 +103,7 @@ class ViTSpec:
         for slot, table in SLOTS.items():
             for name in self.layer_choices(slot) if slot in PER_LAYER_SLOTS else (getattr(self, slot),):
                 if name not in table:
-                    fail(slot, f"unknown block {name!r}; {did_you_mean(name, table)}")
+                    fail(slot, f"unknown block {name!r}; {did_you_mean(name, table.known_names())}")
         for slot in PER_LAYER_SLOTS:
             value = getattr(self, slot)
             if isinstance(value, tuple) and len(value) != self.depth:

@@ -37,13 +37,14 @@ class VisionTransformer(nn.Module):
         self.spec = spec
         dim = spec.embed_dim
         norm = self._norm_factory()
-        self.patch_embed = PATCH_EMBEDS.get(spec.patch_embed)(
-            spec.patch_size, spec.in_chans, dim, spec.patch_bias, **only_set(norm=norm if spec.patch_norm else None)
+        self.patch_embed = PATCH_EMBEDS.build(
+            spec.patch_embed, spec.patch_size, spec.in_chans, dim, spec.patch_bias,
+            **only_set(norm=norm if spec.patch_norm else None),
         )
         for name, param in make_prefix_tokens(dim, spec.class_token, spec.dist_token, spec.reg_tokens).items():
             setattr(self, name, param)
         positioned_prefix = 0 if spec.no_embed_class else spec.num_prefix_tokens
-        self.position = POSITIONS.get(spec.pos_embed)(spec.grid_size, dim, positioned_prefix)
+        self.position = POSITIONS.build(spec.pos_embed, spec.grid_size, dim, positioned_prefix)
         self.pos_embed = self.position.init_table()
         self.pos_drop = nn.Dropout(spec.pos_drop_rate)
         self.norm_pre = norm(dim) if spec.pre_norm else nn.Identity()
@@ -64,26 +65,26 @@ class VisionTransformer(nn.Module):
 
     # construction -------------------------------------------------------------------------------
     def _norm_factory(self) -> NormFactory:
-        return partial(NORMS.get(self.spec.norm), eps=self.spec.norm_eps)
+        return partial(NORMS.build, self.spec.norm, eps=self.spec.norm_eps)
 
     def _make_block(self, i: int, norm: NormFactory, drop_path: float) -> nn.Module:
         spec, dim = self.spec, self.spec.embed_dim
-        attn = ATTENTIONS.get(spec.layer_choices("attn")[i])(
-            dim, spec.num_heads, spec.qkv_bias, norm if spec.qk_norm else None, spec.attn_drop_rate,
-            spec.proj_drop_rate,
+        attn = ATTENTIONS.build(
+            spec.layer_choices("attn")[i], dim, spec.num_heads, spec.qkv_bias, norm if spec.qk_norm else None,
+            spec.attn_drop_rate, spec.proj_drop_rate,
             **only_set(proj_bias=None if spec.proj_bias else False, inner_norm=norm if spec.attn_inner_norm else None),
         )
-        mlp = MLPS.get(spec.layer_choices("mlp")[i])(
-            dim, int(dim * spec.mlp_ratio), spec.proj_bias, spec.proj_drop_rate,
+        mlp = MLPS.build(
+            spec.layer_choices("mlp")[i], dim, int(dim * spec.mlp_ratio), spec.proj_bias, spec.proj_drop_rate,
             **only_set(inner_norm=norm if spec.mlp_inner_norm else None),
         )
-        return ENCODER_BLOCKS.get(spec.layer_choices("block")[i])(dim, attn, mlp, norm, spec.layer_scale, drop_path)
+        return ENCODER_BLOCKS.build(spec.layer_choices("block")[i], dim, attn, mlp, norm, spec.layer_scale, drop_path)
 
     def _make_pool(self) -> nn.Module:
         spec = self.spec
         mlp = MLPS.get(spec.layer_choices("mlp")[-1])
-        return POOLS.get(spec.pool)(
-            spec.embed_dim, spec.num_heads, spec.mlp_ratio, self._norm_factory(), mlp,
+        return POOLS.build(
+            spec.pool, spec.embed_dim, spec.num_heads, spec.mlp_ratio, self._norm_factory(), mlp,
             0 if spec.pool_include_prefix else spec.num_prefix_tokens,
         )
 

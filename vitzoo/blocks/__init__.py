@@ -15,7 +15,7 @@ from vitzoo.blocks.norm import NORMS
 from vitzoo.blocks.patch import PATCH_EMBEDS
 from vitzoo.blocks.pooling import POOLS
 from vitzoo.blocks.position import POSITIONS
-from vitzoo.blocks.table import BlockTable
+from vitzoo.blocks.table import BlockContractError, BlockTable
 from vitzoo.errors import did_you_mean
 
 SLOTS: dict[str, BlockTable] = {
@@ -32,14 +32,19 @@ def slot_table(slot: str) -> BlockTable:
         raise ValueError(f"unknown block slot {slot!r}; {did_you_mean(slot, SLOTS)}") from None
 
 
-def register_block(slot: str, name: str, *, overwrite: bool = False) -> Callable:
-    """Class decorator: make a block usable by ``name`` in ``slot`` everywhere a spec names blocks.
+def register_block(slot: str, name: str, factory: Callable | None = None, *, overwrite: bool = False) -> Callable:
+    """Make a block usable by ``name`` in ``slot`` everywhere a spec names blocks: ``create_model``,
+    TOML registry entries, ``vitzoo ablate --grid``. A class decorator, or a call with ``factory``.
 
     >>> @register_block("mlp", "my_mlp")
     ... class MyMlp(nn.Module):
     ...     def __init__(self, dim, hidden_dim, bias, drop): ...
+
+    The first model that builds the block calls it once on a tiny input, so a block that breaks its
+    slot's contract (``slot_table(slot).contract``; docs/custom_blocks.md) fails at construction
+    with a :class:`BlockContractError` naming the slot, the block and the contract.
     """
-    return slot_table(slot).register(name, overwrite=overwrite)
+    return slot_table(slot).register(name, factory, overwrite=overwrite, verify=True)
 
 
-__all__ = ["SLOTS", "BlockTable", "register_block", "slot_table"]
+__all__ = ["SLOTS", "BlockContractError", "BlockTable", "register_block", "slot_table"]

@@ -17,7 +17,7 @@ from einops import rearrange, reduce, repeat
 from torch import nn
 
 from vitzoo.blocks.norm import NormFactory
-from vitzoo.blocks.table import BlockTable
+from vitzoo.blocks.table import BlockTable, like_module
 
 
 class _Readout(nn.Module):
@@ -94,8 +94,15 @@ class AttentionPool(nn.Module):
         return pooled[:, 0]
 
 
+def _pool_probe(module: nn.Module, args: tuple) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Prefix tokens plus four patch tokens must pool to one (b, dim) vector per image."""
+    dim, num_prefix = args[0], args[5]
+    return module(torch.randn(2, num_prefix + 4, dim, **like_module(module))), (2, dim)
+
+
 POOLS: BlockTable = BlockTable(
-    "pool", "factory(dim, num_heads, mlp_ratio, norm, mlp, num_prefix) -> module (b, n, dim) -> (b, dim)"
+    "pool", "factory(dim, num_heads, mlp_ratio, norm, mlp, num_prefix) -> module (b, n, dim) -> (b, dim)",
+    probe=_pool_probe,
 )
 POOLS.register("token", ClassTokenPool)
 POOLS.register("avg", AvgPool)
@@ -103,3 +110,4 @@ POOLS.register("max", MaxPool)
 POOLS.register("avgmax", AvgMaxPool)
 POOLS.register("map", AttentionPool)
 POOLS.register("none", NoPool)
+POOLS.alias("gap", "avg")  # global average pooling, as papers and big_vision call it

@@ -109,9 +109,19 @@ class NoPosition(nn.Module):
         return None
 
 
+def _position_probe(module: nn.Module, args: tuple) -> tuple[torch.Tensor | None, tuple[int, ...]]:
+    """``forward(init_table(), grid_size)`` must be a ``(1, num_prefix + h * w, dim)`` table, or None."""
+    grid_size, dim, num_prefix = args
+    expected = (1, num_prefix + grid_size[0] * grid_size[1], dim)
+    out = module(module.init_table(), tuple(grid_size))
+    return (torch.empty(expected) if out is None else out), expected  # None: nothing to add, allowed
+
+
 POSITIONS: BlockTable = BlockTable(
-    "pos_embed", "factory(grid_size, dim, num_prefix) -> module with init_table() and forward(table, grid)"
+    "pos_embed", "factory(grid_size, dim, num_prefix) -> module with init_table() and forward(table, grid) "
+    "-> (1, num_prefix + h * w, dim) or None", probe=_position_probe,
 )
 POSITIONS.register("learned", LearnedPosition)
 POSITIONS.register("sincos2d", SinCos2dPosition)
 POSITIONS.register("none", NoPosition)
+POSITIONS.alias("sincos", "sincos2d")

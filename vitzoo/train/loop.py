@@ -70,8 +70,9 @@ class TrainResult:
 
     @property
     def final(self) -> dict[str, Any]:
+        """The last evaluation row, with ``train_loss`` the mean of the last 20 steps."""
         tail = self.losses[-20:]
-        return {"train_loss": sum(tail) / max(1, len(tail)), **(self.evals[-1] if self.evals else {}),
+        return {**(self.evals[-1] if self.evals else {}), "train_loss": sum(tail) / max(1, len(tail)),
                 "images_per_s": self.images_per_s, "seconds": self.seconds}
 
 

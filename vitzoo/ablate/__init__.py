@@ -1,0 +1,290 @@
+"""Ablations: train every variant of a grid of spec overrides under identical conditions, and compare.
+
+``vitzoo ablate --model vit_pico_patch4_32 --grid mlp=gelu,swiglu --grid norm=layernorm,rmsnorm
+--seeds 2`` (or :func:`ablate`) trains each variant for each seed with the same data split, data
+order, initialisation seed and optimizer recipe, so the only difference between two runs of a seed
+is the swapped block. Each finished run is a JSON file under ``OUT/runs/`` written atomically; a
+rerun of the same command skips them, so an interrupted grid resumes where it stopped. The folder
+gets ``results.csv``/``results.json`` (one row per variant and seed), ``summary.md`` (mean ± std
+over seeds) and PNG plots (see :mod:`vitzoo.ablate.report`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import itertools
+import json
+import os
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from vitzoo.ablate.report import write_report
+from vitzoo.card import count_macs
+from vitzoo.registry import create_model, load_registry_file, model_spec
+from vitzoo.spec import parse_assignment, parse_value
+from vitzoo.train import TrainConfig, build_datasets, fit
+from vitzoo.train.data import num_classes
+
+# pretrained_cfg keys that decide how images are prepared: variants that agree on them share datasets
+PREPROCESSING = ("input_size", "mean", "std", "interpolation", "crop_pct")
+
+
+@dataclass
+class AblationConfig:
+    """Everything that decides the numbers of an ablation; a resumed grid must match it exactly."""
+
+    model: str  # registry name of the base model
+    grid: dict[str, list[Any]]  # spec field -> values to try; variants are the cartesian product
+    overrides: dict[str, Any] = field(default_factory=dict)  # spec fields fixed for every variant
+    data: str = "digits"  # digits | torchvision:NAME | ImageFolder path
+    steps: int = 200  # optimizer steps per run
+    seeds: list[int] = field(default_factory=lambda: [0])  # each variant trains once per seed
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_steps: int | None = None  # None: a tenth of the steps, at most 30
+    device: str = "cpu"
+    data_root: str = "data"  # where torchvision datasets live
+    download: bool = False  # let torchvision download its dataset
+
+    def train_config(self, seed: int) -> TrainConfig:
+        """The one recipe every run uses; only the seed changes between seeds."""
+        warmup = min(30, self.steps // 10) if self.warmup_steps is None else self.warmup_steps
+        return TrainConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
+                           warmup_steps=warmup, eval_every=self.steps, seed=seed, device=self.device)
+
+    def variants(self) -> list[tuple[str, dict[str, Any]]]:
+        """(name, spec overrides) for each point of the grid, e.g. ``("mlp=swiglu norm=rmsnorm", {...})``."""
+        fields = list(self.grid)
+        out = []
+        for values in itertools.product(*(self.grid[f] for f in fields)):
+            name = " ".join(f"{f}={format_value(v)}" for f, v in zip(fields, values, strict=True)) or "baseline"
+            out.append((name, {**self.overrides, **dict(zip(fields, values, strict=True))}))
+        return out
+
+
+@dataclass
+class AblationResult:
+    """The rows of all runs (finished earlier or now), the runs executed now, and the results folder."""
+
+    rows: list[dict[str, Any]]
+    executed: list[str]
+    out: Path
+
+
+def format_value(value: Any) -> str:
+    """A grid value as variant names and the CLI write it; per-layer choices joined by ``+``."""
+    return "+".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
+
+
+def parse_grid(text: str) -> tuple[str, list[Any]]:
+    """``"mlp=gelu,swiglu"`` -> ``("mlp", ["gelu", "swiglu"])``; ``gelu+swiglu`` is one per-layer value."""
+    name, sep, values = text.partition("=")
+    if not sep or not name.strip() or not values.strip():
+        raise ValueError(f"expected --grid FIELD=VALUE,VALUE (e.g. mlp=gelu,swiglu), got {text!r}")
+    parsed = [tuple(map(parse_value, v.split("+"))) if "+" in v else parse_value(v) for v in values.split(",")]
+    return name.strip(), parsed
+
+
+def import_plugin(target: str) -> None:
+    """Import a user's Python file (``path/blocks.py``) or module (``mypkg.blocks``) that registers blocks."""
+    path = Path(target)
+    if target.endswith(".py") or path.is_file():
+        if not path.is_file():
+            raise ValueError(f"plugin file {target} does not exist; pass a .py file or an importable module name")
+        spec = importlib.util.spec_from_file_location(f"vitzoo_plugin_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        return
+    try:
+        importlib.import_module(target)
+    except ModuleNotFoundError as err:
+        raise ValueError(f"cannot import plugin {target!r} ({err}); pass a .py path or put the module on "
+                         f"PYTHONPATH") from None
+
+
+def ablate(model: str, grid: Mapping[str, Sequence[Any]], out: str | Path = "ablation", *,
+           seeds: int | Sequence[int] = 1, progress: bool = True, **settings: Any) -> AblationResult:
+    """Train every variant of ``grid`` on ``model`` for each seed and write the results folder ``out``.
+
+    ``seeds`` is a count (seeds 0..n-1) or a list; ``settings`` are the other :class:`AblationConfig`
+    fields (``data``, ``steps``, ``overrides``, ``batch_size``, ``lr``, ...). Runs already in ``out``
+    are kept, so calling again after an interruption finishes the grid.
+    """
+    seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+    config = AblationConfig(model=model, grid={k: list(v) for k, v in grid.items()}, seeds=seed_list, **settings)
+    return run_ablation(config, out, progress)
+
+
+def run_ablation(config: AblationConfig, out: str | Path, progress: bool = True) -> AblationResult:
+    """Run the grid of ``config`` into the folder ``out`` (see :func:`ablate`)."""
+    out = Path(out)
+    runs_dir = out / "runs"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    variants = config.variants()
+    for _, overrides in variants:  # fail on a bad field or block name before hours of training
+        model_spec(config.model, **overrides)
+    setup = {k: v for k, v in asdict(config).items() if k != "seeds"}
+    jobs = [(name, overrides, seed) for seed in config.seeds for name, overrides in variants]
+    rows, executed, datasets = [], [], {}
+    bar = tqdm(jobs, disable=not progress, unit="run", desc="ablation")
+    for name, overrides, seed in bar:
+        path = runs_dir / f"{slug(name)}__seed{seed}.json"
+        run = _read_run(path, setup)
+        if run is None:
+            bar.set_postfix_str(f"{name} seed={seed}")
+            run = {"setup": setup, **train_variant(config, name, overrides, seed, datasets, progress)}
+            _write_atomic(path, run)
+            executed.append(path.stem)
+        rows.append(run)
+    bar.close()
+    write_report(out, config, rows)
+    return AblationResult(rows=rows, executed=executed, out=out)
+
+
+def train_variant(config: AblationConfig, name: str, overrides: dict[str, Any], seed: int,
+                  datasets: dict[str, Any], progress: bool = False) -> dict[str, Any]:
+    """Train one variant with one seed; its row of results and its loss curve.
+
+    ``datasets`` caches the (train, val) pair per input preprocessing, so variants share the data.
+    """
+    torch.manual_seed(seed)  # the same initialisation stream for every variant of a seed
+    model = create_model(config.model, **overrides)
+    cfg = model.pretrained_cfg
+    key = json.dumps([cfg.get(k) for k in PREPROCESSING], default=str)
+    if key not in datasets:
+        datasets[key] = build_datasets(config.data, cfg, config.data_root, config.download)
+    train, val = datasets[key]
+    model.reset_classifier(num_classes(train))
+    train_config = config.train_config(seed)
+    on_cuda = torch.device(config.device).type == "cuda"
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats(config.device)
+    result = fit(model, train, val, train_config, progress=progress)
+    final = result.final
+    input_size = model.pretrained_cfg["input_size"]
+    return {
+        "variant": name, "seed": seed, **{k: format_value(v) for k, v in overrides.items() if k in config.grid},
+        "params": sum(p.numel() for p in model.parameters()),
+        "gflops": 2 * count_macs(model.eval(), input_size) / 1e9,
+        "train_img_s": final["images_per_s"], "train_loss": final["train_loss"],  # mean of the last 20 steps
+        "val_loss": final.get("val_loss"), "val_acc": final.get("val_acc"),
+        "peak_mem_mb": (torch.cuda.max_memory_allocated(config.device) if on_cuda
+                        else training_bytes(model, train, config.batch_size)) / 2**20,
+        "peak_mem_kind": "cuda max allocated" if on_cuda else "estimate: weights, grads, AdamW state, activations",
+        "seconds": final["seconds"], "steps": len(result.losses), "losses": result.losses,
+    }
+
+
+def training_bytes(model: nn.Module, train: Any, batch_size: int) -> int:
+    """Memory one training step needs on CPU, where torch keeps no peak counter: weights, gradients and
+    AdamW's two moments (4 x the parameter bytes) plus the activations autograd saves for backward."""
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in param_storages:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    images, labels = next(iter(torch.utils.data.DataLoader(train, batch_size=batch_size)))
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        F.cross_entropy(model.train()(images.to(device)), labels.to(device))
+    return 4 * param_bytes + sum(saved.values())
+
+
+def slug(name: str) -> str:
+    """A variant name as a file name: ``mlp=swiglu norm=rmsnorm`` -> ``mlp-swiglu_norm-rmsnorm``."""
+    return re.sub(r"[^A-Za-z0-9.+-]+", "_", name.replace("=", "-"))
+
+
+def _read_run(path: Path, setup: dict[str, Any]) -> dict[str, Any] | None:
+    """A finished run of this setup, or None when it has not run; another setup's run is an error."""
+    if not path.is_file():
+        return None
+    run = json.loads(path.read_text())
+    if run["setup"] != json.loads(json.dumps(setup)):
+        changed = sorted(k for k in setup if run["setup"].get(k) != json.loads(json.dumps(setup[k])))
+        raise ValueError(f"{path} was written with other settings ({', '.join(changed)}); rerun with the "
+                         f"original settings to resume, or pass another --out for a new ablation")
+    return run
+
+
+def _write_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON to a temporary file and rename it, so a killed run never leaves half a result."""
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="registry name of the base model, e.g. vit_pico_patch4_32")
+    p.add_argument("--grid", action="append", default=[], metavar="FIELD=V1,V2",
+                   help="spec field and the values to compare (repeat for a grid); per-layer: gelu+gelu+swiglu")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="spec override for every variant, e.g. depth=2 (per-layer values comma-separated)")
+    p.add_argument("--data", default="digits", help="digits | torchvision:NAME | path to an ImageFolder tree")
+    p.add_argument("--data-root", default="data", help="where torchvision datasets are stored")
+    p.add_argument("--download", action="store_true", help="let torchvision download the dataset")
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps per run")
+    p.add_argument("--seeds", type=int, default=1, help="runs per variant, seeds 0..N-1")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--warmup-steps", type=int, default=None, help="default: a tenth of the steps, at most 30")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=None, help="results folder (default: ablations/MODEL); rerun to resume")
+    p.add_argument("--plugin", action="append", default=[], metavar="FILE.py|MODULE",
+                   help="import a user file or module first, e.g. one that calls vitzoo.register_block")
+    p.add_argument("--registry", action="append", default=[], metavar="FILE.toml",
+                   help="extra registry file with the user's model entries")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """The ``ablate`` command: plugins and registry files first, then the grid; prints where results are."""
+    for target in args.plugin:
+        import_plugin(target)
+    for path in args.registry:
+        load_registry_file(path)
+    config = AblationConfig(
+        model=args.model, grid=dict(map(parse_grid, args.grid)), overrides=dict(map(parse_assignment, args.set)),
+        data=args.data, steps=args.steps, seeds=list(range(args.seeds)), batch_size=args.batch_size, lr=args.lr,
+        weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, device=args.device,
+        data_root=args.data_root, download=args.download,
+    )
+    result = run_ablation(config, args.out or Path("ablations") / args.model, progress=not args.no_progress)
+    print(f"{len(result.executed)} run(s) trained, {len(result.rows) - len(result.executed)} reused; "
+          f"results in {result.out} (summary.md, results.csv, results.json, *.png)")
+    return 0
+
+
+def add_ablate_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ablate", help="compare block swaps: train a grid of variants x seeds, write tables and plots")
+    add_arguments(p)
+    p.set_defaults(func=run_from_args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vitzoo.ablate", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    try:
+        return run_from_args(parser.parse_args(argv))
+    except ValueError as err:
+        print(f"vitzoo ablate: {err}", file=sys.stderr)
+        return 2

@@ -1,0 +1,7 @@
+"""``python -m vitzoo.ablate --model NAME --grid FIELD=A,B ...``: the ablation runner."""
+
+import sys
+
+from vitzoo.ablate import main
+
+sys.exit(main())
