@@ -21,6 +21,8 @@ def _spec_for(slot: str, name: str) -> ViTSpec:
         changes["num_classes"] = 0
     if slot == "pool" and name != "token":
         changes["class_token"] = False
+    if name == "linear_prenorm":  # normalizes raw patches with the spec's patch norm
+        changes["patch_norm"] = True
     reduction = getattr(slot_table(slot).get(name), "keywords", {}).get("reduction")
     if reduction:  # a CNN stem: one patch per stem output stride, a 2 x 2 grid
         changes.update(patch_size=reduction, img_size=2 * reduction)

@@ -19,7 +19,7 @@ from einops import rearrange
 from torch import nn
 
 from vitzoo.blocks.norm import NormFactory
-from vitzoo.blocks.table import BlockTable
+from vitzoo.blocks.table import BlockTable, like_module
 
 
 class LinearPatchEmbed(nn.Module):
@@ -36,6 +36,27 @@ class LinearPatchEmbed(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.patch_size
         patches = rearrange(x, "b c (h p1) (w p2) -> b h w (c p1 p2)", p1=p, p2=p)
+        weight = rearrange(self.proj.weight, "d c p1 p2 -> d (c p1 p2)")
+        return self.norm(F.linear(patches, weight, self.proj.bias))
+
+
+class NormedLinearPatchEmbed(LinearPatchEmbed):
+    """Normalize each raw patch vector before the projection (lucidrains' vit-pytorch): patch
+    statistics no longer depend on image contrast. Needs ``patch_norm``: its norm kind serves both
+    the ``norm_in`` over ``c * p * p`` pixels and the usual ``norm`` over ``dim``."""
+
+    def __init__(
+        self, patch_size: int, in_chans: int, dim: int, bias: bool = True, *, norm: NormFactory | None = None,
+    ) -> None:
+        if norm is None:
+            raise ValueError("patch_embed='linear_prenorm' normalizes patches with the spec's norm; "
+                             "set patch_norm=True")
+        super().__init__(patch_size, in_chans, dim, bias, norm=norm)
+        self.norm_in = norm(in_chans * patch_size * patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.patch_size
+        patches = self.norm_in(rearrange(x, "b c (h p1) (w p2) -> b h w (c p1 p2)", p1=p, p2=p))
         weight = rearrange(self.proj.weight, "d c p1 p2 -> d (c p1 p2)")
         return self.norm(F.linear(patches, weight, self.proj.bias))
 
@@ -95,11 +116,19 @@ class HybridPatchEmbed(nn.Module):
         return self.norm(rearrange(self.proj(features), "b d h w -> b h w d"))
 
 
+def _patch_probe(module: nn.Module, args: tuple) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """A 2 x 3 patch image must come out as a (1, 2, 3, dim) grid of tokens."""
+    patch_size, in_chans, dim = args[:3]
+    return module(torch.randn(1, in_chans, 2 * patch_size, 3 * patch_size, **like_module(module))), (1, 2, 3, dim)
+
+
 PATCH_EMBEDS: BlockTable = BlockTable(
-    "patch_embed", "factory(patch_size, in_chans, dim, bias) -> module (b, c, H, W) -> (b, h, w, dim)"
+    "patch_embed", "factory(patch_size, in_chans, dim, bias) -> module (b, c, H, W) -> (b, h, w, dim)",
+    probe=_patch_probe,
 )
 PATCH_EMBEDS.register("linear", LinearPatchEmbed)
 PATCH_EMBEDS.register("conv", ConvPatchEmbed)
+PATCH_EMBEDS.register("linear_prenorm", NormedLinearPatchEmbed)
 PATCH_EMBEDS.register("hybrid_rstem", partial(HybridPatchEmbed, backbone=partial(resnetv2, layers=()),
                                               channels=64, reduction=4))
 PATCH_EMBEDS.register("hybrid_r26", partial(HybridPatchEmbed, backbone=partial(resnetv2, layers=(2, 2, 2, 2)),

@@ -19,7 +19,7 @@ class WeightsError(ValueError):
 
 
 def read_state_dict(path: str | os.PathLike) -> StateDict:
-    """Tensors of a ``.safetensors`` file or a pickled checkpoint, never running code from the file.
+    """Tensors of a ``.safetensors``, ``.npz`` or pickled checkpoint, never running code from the file.
 
     Pickles are read with ``weights_only=True``; a checkpoint that wraps its weights in
     ``{"state_dict": ...}`` or ``{"model": ...}`` is unwrapped.
@@ -32,6 +32,14 @@ def read_state_dict(path: str | os.PathLike) -> StateDict:
         path = found[0]
     if not path.is_file():
         raise WeightsError(f"weights file {path} does not exist")
+    if path.suffix == ".npz":  # JAX/Flax checkpoints: plain arrays, never pickles
+        import numpy as np
+
+        try:
+            with np.load(path, allow_pickle=False) as arrays:
+                return {key: torch.from_numpy(np.asarray(arrays[key], dtype=np.float32)) for key in arrays.files}
+        except (OSError, ValueError) as err:
+            raise WeightsError(f"{path} is not a readable .npz file ({err}); re-download it") from None
     if path.suffix == ".safetensors":
         try:
             return load_file(path)

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
+from einops import rearrange
 
 from vitzoo.blocks.position import resample_table
 from vitzoo.vit import VisionTransformer
 from vitzoo.weights.files import StateDict, WeightsError
 
 HEAD_KEYS = ("head.weight", "head.bias", "head_dist.weight", "head_dist.bias")
+PATCH_KEY = "patch_embed.proj.weight"
 
 
 @dataclass
@@ -36,8 +40,9 @@ def _grid_of(n_tokens: int, n_prefix: int, like: tuple[int, int]) -> tuple[int, 
 
 
 def adapt_state_dict(model: VisionTransformer, state_dict: StateDict) -> tuple[StateDict, LoadReport]:
-    """Fit a checkpoint to ``model``: resample the position table to its grid and drop a classifier
-    of another size (the model keeps its freshly initialised head)."""
+    """Fit a checkpoint to ``model``: resample the position table to its grid, the patch kernel to its
+    patch size and input channels, and drop a classifier of another size (the model keeps its freshly
+    initialised head)."""
     spec, own = model.spec, model.state_dict()
     out, report = dict(state_dict), LoadReport()
     pos = out.get("pos_embed")
@@ -46,12 +51,43 @@ def adapt_state_dict(model: VisionTransformer, state_dict: StateDict) -> tuple[S
         old = _grid_of(pos.shape[1], n_prefix, spec.grid_size)
         out["pos_embed"] = resample_table(pos, old, spec.grid_size, n_prefix)
         report.adapted.append(f"pos_embed: resampled grid {old[0]}x{old[1]} -> {spec.grid_size[0]}x{spec.grid_size[1]}")
+    kernel = out.get(PATCH_KEY)
+    if kernel is not None and PATCH_KEY in own and kernel.shape != own[PATCH_KEY].shape:
+        want = own[PATCH_KEY].shape
+        if kernel.shape[1] != want[1] and kernel.shape[1] == 3:
+            kernel = adapt_input_channels(kernel, want[1])
+        if kernel.shape[2:] != want[2:] and kernel.shape[:2] == want[:2]:
+            kernel = resample_patch_kernel(kernel, tuple(want[2:]))
+        if kernel.shape == want:
+            report.adapted.append(f"{PATCH_KEY}: {tuple(out[PATCH_KEY].shape)} -> {tuple(want)} "
+                                  f"(input channels adapted / kernel resampled as in FlexiViT)")
+            out[PATCH_KEY] = kernel
     for key in HEAD_KEYS:
         if key in out and (key not in own or out[key].shape != own[key].shape):
             report.adapted.append(
                 f"{key}: dropped {tuple(out.pop(key).shape)}, new head for num_classes={spec.num_classes}"
             )
     return out, report
+
+
+def resample_patch_kernel(weight: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A patch-embedding kernel for another patch size that sees a resized patch as the old kernel saw
+    the original: the pseudo-inverse of bicubic resizing (FlexiViT, Beyer et al. 2023; timm's numerics)."""
+    old_h, old_w = weight.shape[-2:]
+    basis = rearrange(torch.eye(old_h * old_w), "n (h w) -> n 1 h w", h=old_h)
+    resized = F.interpolate(basis, size=size, mode="bicubic", antialias=True, align_corners=False)
+    pinv = torch.linalg.pinv(rearrange(resized, "n 1 h w -> (h w) n"))  # (old cells, new cells)
+    flat = rearrange(weight.float(), "o i h w -> o i (h w)") @ pinv
+    return rearrange(flat, "o i (h w) -> o i h w", h=size[0]).to(weight.dtype)
+
+
+def adapt_input_channels(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """An RGB patch kernel for ``in_chans`` inputs: summed over RGB for one channel (grayscale sees the
+    same response), else RGB repeated and scaled by ``3 / in_chans`` (timm's ``adapt_input_conv``)."""
+    if in_chans == 1:
+        return weight.float().sum(dim=1, keepdim=True).to(weight.dtype)
+    repeats = math.ceil(in_chans / 3)
+    return (weight.float().repeat(1, repeats, 1, 1)[:, :in_chans] * (3 / in_chans)).to(weight.dtype)
 
 
 def mismatch_message(model: torch.nn.Module, state_dict: StateDict, limit: int = 10) -> str | None:
@@ -92,4 +128,28 @@ def load_weights(model: VisionTransformer, state_dict: StateDict, adapt: bool = 
             "Build the model the checkpoint was saved from, or convert the checkpoint first."
         )
     model.load_state_dict(state_dict, strict=True)
+    return report
+
+
+def load_weights_partial(model: VisionTransformer, state_dict: StateDict) -> LoadReport:
+    """Load what still fits a model whose blocks were swapped (``mlp="swiglu"``, ``reg_tokens=4``...).
+
+    For ablations that start from a pretrained checkpoint: after :func:`adapt_state_dict`, every
+    tensor whose name and shape match is copied; the report names each model tensor left at its
+    fresh initialisation ("new") and each checkpoint tensor nothing used ("dropped"). A position
+    table laid out for other prefix tokens (``reg_tokens=4`` on a model without registers) is dropped.
+    """
+    try:
+        state_dict, report = adapt_state_dict(model, state_dict)
+    except WeightsError:
+        pos = state_dict["pos_embed"]
+        state_dict, report = adapt_state_dict(model, {k: v for k, v in state_dict.items() if k != "pos_embed"})
+        report.adapted.append(f"pos_embed: dropped {tuple(pos.shape)}, laid out for other prefix tokens")
+    own = model.state_dict()
+    fits = {k: v for k, v in state_dict.items() if k in own and own[k].shape == v.shape}
+    report.adapted += [f"{k}: new {tuple(v.shape)}, not in the checkpoint in this shape" for k, v in own.items()
+                       if k not in fits and k not in HEAD_KEYS]
+    report.adapted += [f"{k}: dropped {tuple(v.shape)}, not in this model in this shape"
+                       for k, v in state_dict.items() if k not in fits]
+    model.load_state_dict(fits, strict=False)
     return report

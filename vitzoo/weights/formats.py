@@ -1,0 +1,248 @@
+"""Checkpoints of other ViT implementations, converted to timm's layout (vitzoo's own).
+
+Supported: torchvision ``vit_*``, Hugging Face transformers ``ViT*``/``DeiT*`` (the hub's on-disk
+layout and transformers 5's in-memory one), the original JAX/Flax ``.npz`` files of the ViT and
+AugReg papers (big_vision layout), and lucidrains' vit-pytorch ``ViT``. The format is detected from
+the keys. Each converter renames tensors by rules, fuses separate q/k/v projections into timm's
+packed ``qkv`` and moves JAX kernels to PyTorch's ``(out, in)`` order with einops; tensors with no
+vitzoo counterpart (HF's pooler, a JAX pre-logits layer) are dropped and reported.
+
+A converted checkpoint fits a vitzoo model whose spec matches the source model: the layout says
+nothing about a norm's epsilon, so :func:`spec_hints` lists what each source needs (HF: 1e-12).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from einops import rearrange
+
+from vitzoo.weights.files import StateDict, WeightsError
+
+Rules = tuple[tuple[str, str], ...]  # (regex on the source key, timm key template)
+
+
+@dataclass(frozen=True)
+class Format:
+    """One foreign layout: how to recognise it and how to rename its tensors."""
+
+    name: str
+    marker: str  # a regex that only this layout's keys match
+    rules: Rules
+    prepare: Callable[[StateDict], StateDict] = dict  # whole-dict steps before renaming (fusing, transposing)
+    drop: str = r"$^"  # keys with no vitzoo counterpart
+
+    def convert(self, state_dict: StateDict) -> tuple[StateDict, list[str]]:
+        out, dropped, unknown = {}, [], []
+        for key, tensor in self.prepare(state_dict).items():
+            if re.fullmatch(self.drop, key):
+                dropped.append(key)
+                continue
+            for pattern, template in self.rules:
+                match = re.fullmatch(pattern, key)
+                if match:
+                    out[match.expand(template)] = tensor
+                    break
+            else:
+                unknown.append(key)
+        if unknown:
+            raise WeightsError(f"{len(unknown)} keys of this {self.name} checkpoint have no vitzoo counterpart: "
+                               f"{', '.join(unknown[:8])}{' ...' if len(unknown) > 8 else ''}")
+        return out, dropped
+
+
+def _fuse_qkv(pattern: str) -> Callable[[StateDict], StateDict]:
+    """Concatenate separate q, k, v projections (``pattern`` has groups prefix, q/k/v name, suffix)."""
+    names = {"query": 0, "key": 1, "value": 2, "q_proj": 0, "k_proj": 1, "v_proj": 2}
+
+    def fuse(state_dict: StateDict) -> StateDict:
+        out, parts = {}, {}
+        for key, tensor in state_dict.items():
+            match = re.fullmatch(pattern, key)
+            if match and match.group(2) in names:
+                parts.setdefault((match.group(1), match.group(3)), [None] * 3)[names[match.group(2)]] = tensor
+            else:
+                out[key] = tensor
+        for (prefix, suffix), (q, k, v) in parts.items():
+            out[f"{prefix}qkv{suffix}"] = torch.cat([q, k, v])
+        return out
+
+    return fuse
+
+
+def _jax_layout(state_dict: StateDict) -> StateDict:
+    """big_vision arrays to PyTorch's: kernels ``(in, out)`` -> ``(out, in)``, per-head q/k/v fused."""
+    state_dict = {k.removeprefix("opt/target/"): v for k, v in state_dict.items()}
+    out: StateDict = {}
+    qkv: dict[str, dict[str, list]] = {}
+    for key, x in state_dict.items():
+        block, _, leaf = key.rpartition("/")
+        if "MultiHeadDotProductAttention" in block and block.rsplit("/", 1)[-1] in ("query", "key", "value"):
+            attn, part = block.rsplit("/", 1)
+            flat = rearrange(x, "d h e -> (h e) d") if leaf == "kernel" else rearrange(x, "h e -> (h e)")
+            qkv.setdefault(f"{attn}/qkv/{leaf}", {})[part] = flat
+        elif key.endswith("out/kernel"):
+            out[key] = rearrange(x, "h e d -> d (h e)")
+        elif key == "embedding/kernel":  # a conv kernel: (p, p, c, d) -> (d, c, p, p)
+            out[key] = rearrange(x, "p1 p2 c d -> d c p1 p2")
+        elif leaf == "kernel":
+            out[key] = rearrange(x, "i o -> o i")
+        else:
+            out[key] = x
+    for key, parts in qkv.items():
+        out[key] = torch.cat([parts["query"], parts["key"], parts["value"]])
+    return {re.sub(r"/(kernel|scale)$", "/weight", k): v for k, v in out.items()}
+
+
+def _vit_pytorch_layout(state_dict: StateDict) -> StateDict:
+    """vit-pytorch's flat patch vectors ``(p1 p2 c)`` to timm's ``(c, p1, p2)`` kernel order; tokens
+    and positions get their batch axis; an empty class token (mean pooling) is dropped."""
+    out = dict(state_dict)
+    weight = out["to_patch_embedding.2.weight"]
+    n = weight.shape[1]  # c * p * p; 3 * p^2 and q^2 never coincide, so the channel count is unambiguous
+    chans = 3 if n % 3 == 0 and math.isqrt(n // 3) ** 2 == n // 3 else 1
+    p = math.isqrt(n // chans)
+    out["to_patch_embedding.2.weight"] = rearrange(weight, "d (p1 p2 c) -> d c p1 p2", p1=p, p2=p, c=chans)
+    for key in ("to_patch_embedding.1.weight", "to_patch_embedding.1.bias"):
+        out[key] = rearrange(out[key], "(p1 p2 c) -> (c p1 p2)", p1=p, p2=p, c=chans)
+    out["pos_embedding"] = rearrange(out["pos_embedding"], "n d -> 1 n d")
+    cls = out.pop("cls_token")
+    if cls.numel():
+        out["cls_token"] = rearrange(cls, "n d -> 1 n d")
+    return out
+
+
+FORMATS: dict[str, Format] = {
+    "torchvision": Format(
+        "torchvision", r"encoder\.layers\.encoder_layer_\d+\..*",
+        rules=(
+            (r"class_token", "cls_token"),
+            (r"conv_proj\.(weight|bias)", r"patch_embed.proj.\1"),
+            (r"encoder\.pos_embedding", "pos_embed"),
+            (r"encoder\.layers\.encoder_layer_(\d+)\.ln_1\.(\w+)", r"blocks.\1.norm1.\2"),
+            (r"encoder\.layers\.encoder_layer_(\d+)\.ln_2\.(\w+)", r"blocks.\1.norm2.\2"),
+            (r"encoder\.layers\.encoder_layer_(\d+)\.self_attention\.in_proj_(\w+)", r"blocks.\1.attn.qkv.\2"),
+            (r"encoder\.layers\.encoder_layer_(\d+)\.self_attention\.out_proj\.(\w+)", r"blocks.\1.attn.proj.\2"),
+            (r"encoder\.layers\.encoder_layer_(\d+)\.mlp\.0\.(\w+)", r"blocks.\1.mlp.fc1.\2"),
+            (r"encoder\.layers\.encoder_layer_(\d+)\.mlp\.3\.(\w+)", r"blocks.\1.mlp.fc2.\2"),
+            (r"encoder\.ln\.(\w+)", r"norm.\1"),
+            (r"heads\.head\.(\w+)", r"head.\1"),
+        ),
+    ),
+    "huggingface": Format(
+        "Hugging Face ViT/DeiT", r"(vit\.|deit\.)?(embeddings\.patch_embeddings|encoder\.layer\.\d+|layers\.\d+)\..*",
+        prepare=_fuse_qkv(r"((?:vit\.|deit\.)?(?:encoder\.layer|layers)\.\d+\.attention\.(?:attention\.)?)"
+                          r"(query|key|value|q_proj|k_proj|v_proj)(\.\w+)"),
+        rules=(
+            (r"(?:vit\.|deit\.)?embeddings\.cls_token", "cls_token"),
+            (r"(?:vit\.|deit\.)?embeddings\.distillation_token", "dist_token"),
+            (r"(?:vit\.|deit\.)?embeddings\.position_embeddings", "pos_embed"),
+            (r"(?:vit\.|deit\.)?embeddings\.patch_embeddings\.projection\.(\w+)", r"patch_embed.proj.\1"),
+            (r"(?:vit\.|deit\.)?(?:encoder\.layer|layers)\.(\d+)\.attention\.(?:attention\.)?qkv\.(\w+)",
+             r"blocks.\1.attn.qkv.\2"),
+            (r"(?:vit\.|deit\.)?(?:encoder\.layer|layers)\.(\d+)\.attention\.(?:output\.dense|o_proj)\.(\w+)",
+             r"blocks.\1.attn.proj.\2"),
+            (r"(?:vit\.|deit\.)?(?:encoder\.layer|layers)\.(\d+)\.(?:intermediate\.dense|mlp\.fc1)\.(\w+)",
+             r"blocks.\1.mlp.fc1.\2"),
+            (r"(?:vit\.|deit\.)?(?:encoder\.layer|layers)\.(\d+)\.(?:output\.dense|mlp\.fc2)\.(\w+)",
+             r"blocks.\1.mlp.fc2.\2"),
+            (r"(?:vit\.|deit\.)?(?:encoder\.layer|layers)\.(\d+)\.layernorm_before\.(\w+)", r"blocks.\1.norm1.\2"),
+            (r"(?:vit\.|deit\.)?(?:encoder\.layer|layers)\.(\d+)\.layernorm_after\.(\w+)", r"blocks.\1.norm2.\2"),
+            (r"(?:vit\.|deit\.)?layernorm\.(\w+)", r"norm.\1"),
+            (r"(?:classifier|cls_classifier)\.(\w+)", r"head.\1"),
+            (r"distillation_classifier\.(\w+)", r"head_dist.\1"),
+        ),
+        drop=r"(?:vit\.|deit\.)?(pooler\..*|embeddings\.mask_token)",
+    ),
+    "big_vision": Format(
+        "JAX/Flax big_vision .npz", r"(opt/target/)?Transformer/encoderblock_\d+/.*",
+        prepare=_jax_layout,
+        rules=(
+            (r"cls", "cls_token"),
+            (r"embedding/(weight|bias)", r"patch_embed.proj.\1"),
+            (r"Transformer/posembed_input/pos_embedding", "pos_embed"),
+            (r"Transformer/encoderblock_(\d+)/LayerNorm_0/(weight|bias)", r"blocks.\1.norm1.\2"),
+            (r"Transformer/encoderblock_(\d+)/LayerNorm_2/(weight|bias)", r"blocks.\1.norm2.\2"),
+            (r"Transformer/encoderblock_(\d+)/MultiHeadDotProductAttention_1/qkv/(weight|bias)",
+             r"blocks.\1.attn.qkv.\2"),
+            (r"Transformer/encoderblock_(\d+)/MultiHeadDotProductAttention_1/out/(weight|bias)",
+             r"blocks.\1.attn.proj.\2"),
+            (r"Transformer/encoderblock_(\d+)/MlpBlock_3/Dense_0/(weight|bias)", r"blocks.\1.mlp.fc1.\2"),
+            (r"Transformer/encoderblock_(\d+)/MlpBlock_3/Dense_1/(weight|bias)", r"blocks.\1.mlp.fc2.\2"),
+            (r"Transformer/encoder_norm/(weight|bias)", r"norm.\1"),
+            (r"head/(weight|bias)", r"head.\1"),
+        ),
+        drop=r"pre_logits/.*",
+    ),
+    "vit_pytorch": Format(
+        "lucidrains vit-pytorch ViT", r"transformer\.layers\.\d+\.\d+\..*",
+        prepare=_vit_pytorch_layout,
+        rules=(
+            (r"cls_token", "cls_token"),
+            (r"pos_embedding", "pos_embed"),
+            (r"to_patch_embedding\.1\.(\w+)", r"patch_embed.norm_in.\1"),
+            (r"to_patch_embedding\.2\.(\w+)", r"patch_embed.proj.\1"),
+            (r"to_patch_embedding\.3\.(\w+)", r"patch_embed.norm.\1"),
+            (r"transformer\.layers\.(\d+)\.0\.norm\.(\w+)", r"blocks.\1.norm1.\2"),
+            (r"transformer\.layers\.(\d+)\.0\.to_qkv\.(\w+)", r"blocks.\1.attn.qkv.\2"),
+            (r"transformer\.layers\.(\d+)\.0\.to_out\.0\.(\w+)", r"blocks.\1.attn.proj.\2"),
+            (r"transformer\.layers\.(\d+)\.1\.net\.0\.(\w+)", r"blocks.\1.norm2.\2"),
+            (r"transformer\.layers\.(\d+)\.1\.net\.1\.(\w+)", r"blocks.\1.mlp.fc1.\2"),
+            (r"transformer\.layers\.(\d+)\.1\.net\.4\.(\w+)", r"blocks.\1.mlp.fc2.\2"),
+            (r"transformer\.norm\.(\w+)", r"norm.\1"),
+            (r"mlp_head\.(\w+)", r"head.\1"),
+        ),
+    ),
+}
+
+
+
+def spec_hints(name: str, converted: StateDict) -> dict[str, object]:
+    """Spec fields a source implies that its tensors do not show (norm epsilon, pooling, ...)."""
+    if name == "huggingface":
+        return {"norm_eps": 1e-12}
+    if name == "vit_pytorch":
+        hints: dict[str, object] = {"norm_eps": 1e-5, "qkv_bias": False, "patch_embed": "linear_prenorm",
+                                    "patch_norm": True}
+        if "cls_token" not in converted:  # pool="mean": no class token, mean over patches after the norm
+            hints.update(class_token=False, pool="avg", fc_norm=False)
+        return hints
+    return {}
+
+
+TIMM_MARKER = r"(blocks\.\d+\.|patch_embed\.).*"
+
+
+def _hits(rules: Rules, keys: list[str]) -> int:
+    return sum(any(re.fullmatch(pattern, k) for pattern, _ in rules) for k in keys)
+
+
+def detect_format(state_dict: StateDict) -> str:
+    """``"timm"`` or a key of :data:`FORMATS`, judged by which layout's keys the checkpoint holds."""
+    keys = list(state_dict)
+    counts = {"timm": sum(bool(re.fullmatch(TIMM_MARKER, k)) for k in keys)}
+    counts.update({name: sum(bool(re.fullmatch(f.marker, k)) for k in keys) for name, f in FORMATS.items()})
+    best = max(counts, key=counts.get)
+    if counts[best]:
+        return best
+    closest = max(FORMATS.values(), key=lambda f: _hits(f.rules, keys))
+    unmatched = [k for k in keys if not any(re.fullmatch(pattern, k) for pattern, _ in closest.rules)]
+    raise WeightsError(
+        f"unknown checkpoint layout: its keys look like neither timm (blocks.N.*, patch_embed.*) nor "
+        f"{', '.join(f.name for f in FORMATS.values())}. Closest known layout: {closest.name} "
+        f"({_hits(closest.rules, keys)} of {len(keys)} keys match); keys that match none of its names: "
+        f"{', '.join(unmatched[:8])}{' ...' if len(unmatched) > 8 else ''}"
+    )
+
+
+def to_timm_layout(state_dict: StateDict) -> tuple[StateDict, str, list[str]]:
+    """(the checkpoint in timm's layout, the format it came in, keys dropped for lack of a counterpart)."""
+    name = detect_format(state_dict)
+    if name == "timm":
+        return dict(state_dict), name, []
+    converted, dropped = FORMATS[name].convert(state_dict)
+    return converted, name, dropped
