@@ -1,14 +1,16 @@
-"""Shared helpers: timm twins of vitzoo models with identical weights."""
+"""Shared helpers: timm twins of vitzoo models with identical weights, timm weight files, hub caches."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import timm
 import torch
 
 import vitzoo
+from vitzoo.weights import write_state_dict
 
 # Every test runs offline against whatever hub cache a test sets up, never the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -48,3 +50,25 @@ def images():
         return torch.randn(batch, *model.pretrained_cfg["input_size"])
 
     return make
+
+
+WEIGHTS_NAME = "vit_tiny_patch16_224"
+
+
+@pytest.fixture(scope="module")
+def timm_weights(tmp_path_factory) -> Path:
+    """A timm-format safetensors file of a randomly initialised timm ``WEIGHTS_NAME``."""
+    torch.manual_seed(0)
+    reference = timm.create_model(WEIGHTS_NAME, pretrained=False)
+    return write_state_dict(reference.state_dict(), tmp_path_factory.mktemp("w") / "model.safetensors")
+
+
+def fill_hub_cache(hf_home: Path, repo_id: str, weights: Path) -> None:
+    """Lay out ``weights`` the way huggingface_hub caches ``repo_id``'s model.safetensors."""
+    repo = hf_home / "hub" / ("models--" + repo_id.replace("/", "--"))
+    commit = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (snapshot / "model.safetensors").write_bytes(weights.read_bytes())

@@ -7,35 +7,18 @@ import pickle
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import timm
 import torch
 
 import vitzoo
+from tests.conftest import WEIGHTS_NAME as NAME
+from tests.conftest import fill_hub_cache
 from vitzoo.weights import WeightsError, load_weights, read_state_dict, write_state_dict
 
-NAME = "vit_tiny_patch16_224"
 REPO = "timm/vit_tiny_patch16_224.augreg_in21k_ft_in1k"
 
-
-@pytest.fixture(scope="module")
-def timm_weights(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    reference = timm.create_model(NAME, pretrained=False)
-    return write_state_dict(reference.state_dict(), tmp_path_factory.mktemp("w") / "model.safetensors")
-
-
-def fill_hub_cache(hf_home: Path, repo_id: str, weights: Path) -> None:
-    """Lay out ``weights`` the way huggingface_hub caches ``repo_id``'s model.safetensors."""
-    repo = hf_home / "hub" / ("models--" + repo_id.replace("/", "--"))
-    commit = "0" * 40
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    snapshot = repo / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    (snapshot / "model.safetensors").write_bytes(weights.read_bytes())
 
 
 def test_pretrained_path_loads_timm_file(timm_weights):

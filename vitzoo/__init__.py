@@ -5,19 +5,26 @@ from vitzoo.blocks import register_block
 from vitzoo.registry import create_model, list_models, model_entry, model_spec, register_model
 from vitzoo.spec import ViTSpec
 from vitzoo.timm_compat import from_timm
+from vitzoo.train.data import data_config, eval_transform
 from vitzoo.vit import VisionTransformer
+from vitzoo.weights import export_timm, from_pretrained, save_pretrained
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ViTSpec",
-    "ablate",
     "VisionTransformer",
+    "ablate",
     "create_model",
+    "data_config",
+    "eval_transform",
+    "export_timm",
+    "from_pretrained",
     "from_timm",
     "list_models",
     "model_entry",
     "model_spec",
     "register_block",
     "register_model",
+    "save_pretrained",
 ]

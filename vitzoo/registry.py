@@ -20,7 +20,9 @@ from typing import Any
 from vitzoo.errors import did_you_mean
 from vitzoo.spec import ViTSpec
 from vitzoo.vit import VisionTransformer
-from vitzoo.weights import load_pretrained
+from vitzoo.weights import from_pretrained, load_pretrained
+from vitzoo.weights.export import is_pretrained_folder
+from vitzoo.weights.hub import tagged_cfg
 
 logger = logging.getLogger("vitzoo")
 
@@ -163,9 +165,11 @@ def model_spec(name: str, **overrides: Any) -> ViTSpec:
 
 def create_model(
     name: str, pretrained: bool | str = False, *, num_classes: int | None = None,
-    img_size: int | tuple[int, int] | None = None, **overrides: Any,
+    img_size: int | tuple[int, int] | None = None, pretrained_cfg_overlay: dict[str, Any] | None = None,
+    **overrides: Any,
 ) -> VisionTransformer:
-    """Build a model by registry name, like ``timm.create_model``.
+    """Build a model by registry name, like ``timm.create_model``; ``name.tag`` picks timm's weights of
+    that tag (``vit_base_patch16_224.augreg_in21k``), and a ``save_pretrained`` folder is a name too.
 
     ``num_classes``, ``img_size`` and any other :class:`ViTSpec` field override the entry
     (``mlp="swiglu"``, ``depth=6``, ``dynamic_img_size=True``...). ``pretrained`` is False, True
@@ -173,15 +177,22 @@ def create_model(
     to a weights file or a directory written by ``save_pretrained``; weights are adapted to the
     requested spec and the adaptations are logged. With spec overrides (a swapped block, more
     tokens, another depth) the tensors that still fit load and the rest are logged as new or dropped.
+    ``pretrained_cfg_overlay`` replaces entries of the preprocessing config, ``file`` included (timm's
+    way of pointing ``pretrained=True`` at a local file).
     """
+    if is_pretrained_folder(name) and not (overrides or num_classes or img_size or pretrained):
+        return from_pretrained(name)
+    name, _, tag = name.partition(".")
     entry = model_entry(name)
+    cfg = {"architecture": name, **entry.pretrained_cfg, **(tagged_cfg(name, tag) if tag else {})}
+    cfg.update(pretrained_cfg_overlay or {})
     changes = dict(overrides)
-    if num_classes is not None:
-        changes["num_classes"] = num_classes
+    if num_classes is not None or cfg.get("num_classes", entry.spec.num_classes) != entry.spec.num_classes:
+        changes["num_classes"] = cfg["num_classes"] if num_classes is None else num_classes
     if img_size is not None:
         changes["img_size"] = img_size
     spec = entry.spec.replace(**changes) if changes else entry.spec
-    model = VisionTransformer(spec, pretrained_cfg={"architecture": name, **entry.pretrained_cfg})
+    model = VisionTransformer(spec, pretrained_cfg=cfg)
     if pretrained:
         for line in load_pretrained(model, pretrained, partial=bool(overrides)).adapted:
             logger.info("%s: %s", name, line)

@@ -37,8 +37,21 @@ def image_transforms(cfg: dict[str, Any], train: bool) -> T.Compose:
     else:
         short = int(min(height, width) / cfg.get("crop_pct", 1.0))
         geometry = [T.Resize(short, interpolation=interpolation, antialias=True), T.CenterCrop((height, width))]
-    return T.Compose([T.ToImage(), *geometry, T.ToDtype(torch.float32, scale=True),
+    # geometry first: PIL images are resized by PIL, exactly as timm's transforms do
+    return T.Compose([*geometry, T.ToImage(), T.ToDtype(torch.float32, scale=True),
                       T.Normalize(mean=list(cfg["mean"]), std=list(cfg["std"]))])
+
+
+def data_config(model: torch.nn.Module) -> dict[str, Any]:
+    """What a model expects of its input images, from its ``pretrained_cfg`` (timm's data-config keys)."""
+    cfg = model.pretrained_cfg
+    return {"input_size": tuple(cfg["input_size"]), "interpolation": cfg["interpolation"],
+            "mean": tuple(cfg["mean"]), "std": tuple(cfg["std"]), "crop_pct": cfg["crop_pct"]}
+
+
+def eval_transform(model: torch.nn.Module) -> T.Compose:
+    """The evaluation transform for ``model``'s weights: resize, center crop, normalize (timm's)."""
+    return image_transforms(data_config(model), train=False)
 
 
 def digits(cfg: dict[str, Any], val_fraction: float = 0.2, seed: int = 0) -> tuple[Dataset, Dataset]:

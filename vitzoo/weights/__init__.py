@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from vitzoo.vit import VisionTransformer
+from vitzoo.weights.export import export_timm, from_pretrained, save_pretrained
 from vitzoo.weights.files import WeightsError, read_state_dict, write_state_dict
 from vitzoo.weights.formats import FORMATS, detect_format, spec_hints, to_timm_layout
 from vitzoo.weights.hub import resolve_weights
@@ -28,6 +29,7 @@ def load_pretrained(model: VisionTransformer, pretrained: bool | str, partial: b
 
 
 __all__ = [
-    "FORMATS", "LoadReport", "WeightsError", "adapt_state_dict", "detect_format", "load_pretrained", "load_weights",
-    "load_weights_partial", "read_state_dict", "resolve_weights", "spec_hints", "to_timm_layout", "write_state_dict",
+    "FORMATS", "LoadReport", "WeightsError", "adapt_state_dict", "detect_format", "export_timm", "from_pretrained",
+    "load_pretrained", "load_weights", "load_weights_partial", "read_state_dict", "resolve_weights",
+    "save_pretrained", "spec_hints", "to_timm_layout", "write_state_dict",
 ]

@@ -18,6 +18,8 @@ def resolve_weights(pretrained_cfg: dict, pretrained: bool | str) -> Path:
     """
     if not isinstance(pretrained, bool):
         return Path(pretrained)
+    if pretrained_cfg.get("file"):  # pretrained_cfg_overlay=dict(file=...), as in timm
+        return Path(pretrained_cfg["file"])
     repo_id = pretrained_cfg.get("hf_hub_id")
     if not repo_id:
         raise WeightsError(
@@ -38,3 +40,25 @@ def resolve_weights(pretrained_cfg: dict, pretrained: bool | str) -> Path:
             "run once with internet access, or pass a local file as pretrained=PATH"
         )
     raise WeightsError(f"hub repo {repo_id} holds none of {', '.join(WEIGHT_FILES)}")
+
+
+TAG_KEYS = ("hf_hub_id", "num_classes", "mean", "std", "crop_pct", "interpolation")
+
+
+def tagged_cfg(name: str, tag: str) -> dict:
+    """Where timm keeps the weights ``name.tag`` and how their inputs are preprocessed.
+
+    timm's tags (``augreg_in21k``, ``fb_in1k``, ...) name other training runs of one architecture;
+    timm's own table maps each to a hub repo, so vitzoo asks it (offline, no download).
+    """
+    import timm
+
+    try:
+        cfg = timm.models.get_pretrained_cfg(f"{name}.{tag}")
+    except RuntimeError:
+        cfg = None
+    if cfg is None:
+        tags = [n.split(".", 1)[1] for n in timm.list_pretrained(f"{name}.*")]
+        raise WeightsError(f"timm has no weights {name}.{tag}; tags of {name}: {', '.join(tags) or 'none'}")
+    out = {key: getattr(cfg, key) for key in TAG_KEYS if getattr(cfg, key, None) is not None}
+    return {key: list(v) if isinstance(v, tuple) else v for key, v in out.items()}
