@@ -8,9 +8,11 @@ import timm
 import torch
 from torch import nn
 
+import vitzoo
 from vitzoo import VisionTransformer, ViTSpec
 from vitzoo.weights import WeightsError, load_pretrained, spec_hints, to_timm_layout, write_state_dict
 from vitzoo.weights.files import read_state_dict
+from vitzoo.weights.load import mismatch_message
 
 SMALL = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0, num_classes=5)
 TOL = 1e-4
@@ -54,30 +56,69 @@ def test_torchvision_vit(tmp_path, images):
     _assert_same_logits(model, source, images)
 
 
-@pytest.mark.parametrize("distilled", [False, True])
-def test_huggingface_vit_and_deit(tmp_path, images, distilled):
+@pytest.mark.parametrize(("model_class", "config_class", "extra", "tokens"), [
+    ("ViTForImageClassification", "ViTConfig", {}, {}),
+    ("ViTForImageClassification", "ViTConfig", {"qkv_bias": False}, {}),
+    ("DeiTForImageClassificationWithTeacher", "DeiTConfig", {}, {"dist_token": True}),
+    ("DeiTForImageClassification", "DeiTConfig", {}, {"reg_tokens": 1}),  # its distillation token: read by no head
+], ids=["vit", "vit_no_qkv_bias", "deit_teacher", "deit"])
+def test_huggingface_vit_and_deit(tmp_path, images, model_class, config_class, extra, tokens):
+    """The converted checkpoint's spec hints (tokens, qkv bias, epsilon) with the sizes rebuild HF's model."""
     import transformers as hf
 
     kwargs = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
-                  patch_size=8, num_labels=5)
-    source = (hf.DeiTForImageClassificationWithTeacher(hf.DeiTConfig(**kwargs)) if distilled
-              else hf.ViTForImageClassification(hf.ViTConfig(**kwargs)))
-    source = _randomize(source)
+                  patch_size=8, num_labels=5, **extra)
+    source = _randomize(getattr(hf, model_class)(getattr(hf, config_class)(**kwargs)))
     source.save_pretrained(tmp_path / "hf")  # the hub's file layout
     for path in (tmp_path / "hf" / "model.safetensors", tmp_path / "memory.safetensors"):
         if path.name == "memory.safetensors":  # transformers' in-memory layout, as a user's state_dict
             write_state_dict(source.state_dict(), path)
-        model, report = _vitzoo_from(path, dist_token=distilled)
+        model, report = _vitzoo_from(path)
         assert report[0].startswith("converted from the Hugging Face ViT/DeiT layout")
+        assert (model.spec.dist_token, model.spec.reg_tokens, model.spec.qkv_bias) == (
+            tokens.get("dist_token", False), tokens.get("reg_tokens", 0), extra.get("qkv_bias", True))
         _assert_same_logits(model, lambda x: source(pixel_values=x).logits, images)
 
 
-def test_big_vision_npz_loads_like_timm(tmp_path, images):
-    """A JAX checkpoint with big_vision's names and shapes: timm's own npz reader is the reference."""
+def test_huggingface_vit_model_without_head(tmp_path, images):
+    """A headless ``ViTModel``: its pooler has no vitzoo counterpart and is dropped (and reported); the
+    normed tokens equal HF's ``last_hidden_state``."""
+    import transformers as hf
+
+    source = _randomize(hf.ViTModel(hf.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                 intermediate_size=64, image_size=32, patch_size=8)))
+    source.save_pretrained(tmp_path / "hf")
+    model, report = _vitzoo_from(tmp_path / "hf" / "model.safetensors", num_classes=0)
+    assert report[0].endswith("dropped pooler.dense.bias, pooler.dense.weight")
+    _assert_same_logits(model.forward_features, lambda x: source(pixel_values=x).last_hidden_state, images)
+
+
+@pytest.mark.parametrize(("builder", "name"), [
+    ("vit_b_16", "vit_base_patch16_224"), ("vit_b_32", "vit_base_patch32_224"),
+    ("vit_l_16", "vit_large_patch16_224"), ("vit_l_32", "vit_large_patch32_224"),
+    ("vit_h_14", "vit_huge_patch14_224"),
+])
+def test_torchvision_full_size_models_fit_the_registry(builder, name):
+    """Every torchvision ViT, at full size on the ``meta`` device, converts to exactly the keys and
+    shapes of the registry model of the same shape (the numerics are covered at small size above)."""
+    import torchvision
+
+    with torch.device("meta"):
+        source = getattr(torchvision.models, builder)()
+        model = vitzoo.create_model(name, num_classes=1000)
+    converted, fmt, dropped = to_timm_layout(source.state_dict())
+    assert (fmt, dropped) == ("torchvision", [])
+    assert mismatch_message(model, converted) is None
+
+
+@pytest.mark.parametrize("cls", [True, False], ids=["token", "gap"])
+def test_big_vision_npz_loads_like_timm(tmp_path, images, cls):
+    """A JAX checkpoint with big_vision's names and shapes: timm's own npz reader is the reference.
+    Without ``cls`` the checkpoint is a ``gap`` model: mean of the normed patch tokens."""
     d, heads, mlp, p = 32, 2, 64, 8
     rng = np.random.default_rng(0)
-    arrays = {"cls": (1, 1, d), "embedding/kernel": (p, p, 3, d), "embedding/bias": (d,),
-              "Transformer/posembed_input/pos_embedding": (1, 17, d), "Transformer/encoder_norm/scale": (d,),
+    arrays = {"embedding/kernel": (p, p, 3, d), "embedding/bias": (d,),
+              "Transformer/posembed_input/pos_embedding": (1, 16 + cls, d), "Transformer/encoder_norm/scale": (d,),
               "Transformer/encoder_norm/bias": (d,), "head/kernel": (d, 5), "head/bias": (5,)}
     for i in range(2):
         block = f"Transformer/encoderblock_{i}/"
@@ -90,24 +131,37 @@ def test_big_vision_npz_loads_like_timm(tmp_path, images):
                    f"{block}MultiHeadDotProductAttention_1/out/bias": (d,),
                    f"{block}MlpBlock_3/Dense_0/kernel": (d, mlp), f"{block}MlpBlock_3/Dense_0/bias": (mlp,),
                    f"{block}MlpBlock_3/Dense_1/kernel": (mlp, d), f"{block}MlpBlock_3/Dense_1/bias": (d,)}
+    arrays |= {"cls": (1, 1, d)} if cls else {}
     np.savez(tmp_path / "augreg.npz", **{k: rng.normal(0, 0.2, s).astype(np.float32) for k, s in arrays.items()})
-    reference = timm.create_model("vit_tiny_patch16_224", **SMALL).eval()
+    gap = {} if cls else dict(class_token=False, global_pool="avg", fc_norm=False)
+    reference = timm.create_model("vit_tiny_patch16_224", **SMALL, **gap).eval()
     timm.models.vision_transformer._load_weights(reference, str(tmp_path / "augreg.npz"))
     model, report = _vitzoo_from(tmp_path / "augreg.npz")
     assert report[0] == "converted from the JAX/Flax big_vision .npz layout"
     _assert_same_logits(model, reference, images)
 
 
-@pytest.mark.parametrize("pool", ["cls", "mean"])
-def test_vit_pytorch(tmp_path, images, pool):
+@pytest.mark.parametrize(("pool", "heads"), [("cls", 2), ("mean", 2), ("cls", 1)])
+def test_vit_pytorch(tmp_path, images, pool, heads):
+    """vit-pytorch's ViT is vitzoo's with eps 1e-5, no qkv bias and normed patch vectors; one head of
+    width ``dim`` has no output projection there, the identity here."""
     from vit_pytorch import ViT
 
-    source = _randomize(ViT(image_size=32, patch_size=8, num_classes=5, dim=32, depth=2, heads=2, dim_head=16,
-                            mlp_dim=64, pool=pool))
+    source = _randomize(ViT(image_size=32, patch_size=8, num_classes=5, dim=32, depth=2, heads=heads,
+                            dim_head=32 // heads, mlp_dim=64, pool=pool))
     torch.save(source.state_dict(), tmp_path / "lucid.pt")
-    model, _ = _vitzoo_from(tmp_path / "lucid.pt")
+    model, _ = _vitzoo_from(tmp_path / "lucid.pt", num_heads=heads)
     assert model.spec.class_token == (pool == "cls")
     _assert_same_logits(model, source, images)
+
+
+def test_vit_pytorch_with_narrow_heads_is_refused(tmp_path):
+    from vit_pytorch import ViT
+
+    torch.save(ViT(image_size=32, patch_size=8, num_classes=5, dim=32, depth=1, heads=2, dim_head=8,
+                   mlp_dim=64).state_dict(), tmp_path / "lucid.pt")
+    with pytest.raises(WeightsError, match=r"heads \* dim_head = 16 but dim = 32; .* dim_head = dim // heads"):
+        to_timm_layout(read_state_dict(tmp_path / "lucid.pt"))
 
 
 def test_unknown_layout_names_the_closest_one():

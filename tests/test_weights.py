@@ -66,9 +66,15 @@ def test_adaptations_are_reported(timm_weights):
     model = vitzoo.create_model(NAME, img_size=320, num_classes=5)
     report = load_weights(model, read_state_dict(timm_weights))
     assert report.adapted == [
-        "pos_embed: resampled grid 14x14 -> 20x20",
+        "pos_embed: resampled (1, 197, 192) -> (1, 401, 192), grid 14x14 -> 20x20",
         "head.weight: dropped (1000, 192), new head for num_classes=5",
         "head.bias: dropped (1000,), new head for num_classes=5",
+    ]
+    model = vitzoo.create_model(NAME, img_size=64, patch_size=8, in_chans=1)
+    assert load_weights(model, read_state_dict(timm_weights)).adapted == [
+        "pos_embed: resampled (1, 197, 192) -> (1, 65, 192), grid 14x14 -> 8x8",
+        "patch_embed.proj.weight: (192, 3, 16, 16) -> (192, 1, 8, 8), input channels 3 -> 1, "
+        "patch 16x16 -> 8x8 resampled as in FlexiViT",
     ]
 
 

@@ -7,8 +7,10 @@ the keys. Each converter renames tensors by rules, fuses separate q/k/v projecti
 packed ``qkv`` and moves JAX kernels to PyTorch's ``(out, in)`` order with einops; tensors with no
 vitzoo counterpart (HF's pooler, a JAX pre-logits layer) are dropped and reported.
 
-A converted checkpoint fits a vitzoo model whose spec matches the source model: the layout says
-nothing about a norm's epsilon, so :func:`spec_hints` lists what each source needs (HF: 1e-12).
+A converted checkpoint fits a vitzoo model whose spec matches the source model: :func:`spec_hints`
+gives the fields besides the sizes (prefix tokens, qkv bias, pooling without a class token, and the
+norm epsilon no tensor shows: HF 1e-12, vit-pytorch 1e-5). What vitzoo cannot express (vit-pytorch
+heads narrower than ``dim / heads``) is refused, never approximated.
 """
 
 from __future__ import annotations
@@ -74,6 +76,24 @@ def _fuse_qkv(pattern: str) -> Callable[[StateDict], StateDict]:
     return fuse
 
 
+_fuse_hf_qkv = _fuse_qkv(r"((?:vit\.|deit\.)?(?:encoder\.layer|layers)\.\d+\.attention\.(?:attention\.)?)"
+                         r"(query|key|value|q_proj|k_proj|v_proj)(\.\w+)")
+
+
+def _hf_layout(state_dict: StateDict) -> StateDict:
+    """Fused qkv; and a DeiT distillation token that no distillation head reads becomes a register.
+
+    ``DeiTForImageClassification`` and ``DeiTModel`` keep the token but classify from [CLS] alone: the
+    token is only attended to, which is what a register token is. vitzoo's ``dist_token`` would feed
+    a second head and average the two, so mapping it there would silently change the logits.
+    """
+    out = _fuse_hf_qkv(state_dict)
+    if not any(k.startswith("distillation_classifier.") for k in out):
+        for key in [k for k in out if k.endswith("embeddings.distillation_token")]:
+            out["reg_token"] = out.pop(key)
+    return out
+
+
 def _jax_layout(state_dict: StateDict) -> StateDict:
     """big_vision arrays to PyTorch's: kernels ``(in, out)`` -> ``(out, in)``, per-head q/k/v fused."""
     state_dict = {k.removeprefix("opt/target/"): v for k, v in state_dict.items()}
@@ -100,12 +120,28 @@ def _jax_layout(state_dict: StateDict) -> StateDict:
 
 def _vit_pytorch_layout(state_dict: StateDict) -> StateDict:
     """vit-pytorch's flat patch vectors ``(p1 p2 c)`` to timm's ``(c, p1, p2)`` kernel order; tokens
-    and positions get their batch axis; an empty class token (mean pooling) is dropped."""
+    and positions get their batch axis; an empty class token (mean pooling) is dropped.
+
+    Its attention is vitzoo's only when ``heads * dim_head == dim``; with one head of width ``dim`` it
+    has no output projection, which is the identity projection here.
+    """
     out = dict(state_dict)
     weight = out["to_patch_embedding.2.weight"]
-    n = weight.shape[1]  # c * p * p; 3 * p^2 and q^2 never coincide, so the channel count is unambiguous
+    dim, n = weight.shape  # n = c * p * p; 3 * p^2 and q^2 never coincide, so the channel count is unambiguous
     chans = 3 if n % 3 == 0 and math.isqrt(n // 3) ** 2 == n // 3 else 1
     p = math.isqrt(n // chans)
+    if chans * p * p != n:
+        raise WeightsError(f"vit-pytorch patch vectors of {n} values are no square patch of 1 or 3 channels; "
+                           "vitzoo converts vit-pytorch checkpoints of grayscale or RGB images")
+    for key in [k for k in out if re.fullmatch(r"transformer\.layers\.\d+\.0\.to_qkv\.weight", k)]:
+        if out[key].shape[0] != 3 * dim:
+            raise WeightsError(
+                f"this vit-pytorch ViT has heads * dim_head = {out[key].shape[0] // 3} but dim = {dim}; vitzoo's "
+                "attention has head width embed_dim / num_heads, so it cannot express this model: train the "
+                "vit-pytorch model with dim_head = dim // heads")
+        proj = key.replace("to_qkv", "to_out.0")
+        out.setdefault(proj, torch.eye(dim, dtype=weight.dtype))
+        out.setdefault(proj.replace("weight", "bias"), torch.zeros(dim, dtype=weight.dtype))
     out["to_patch_embedding.2.weight"] = rearrange(weight, "d (p1 p2 c) -> d c p1 p2", p1=p, p2=p, c=chans)
     for key in ("to_patch_embedding.1.weight", "to_patch_embedding.1.bias"):
         out[key] = rearrange(out[key], "(p1 p2 c) -> (c p1 p2)", p1=p, p2=p, c=chans)
@@ -135,11 +171,11 @@ FORMATS: dict[str, Format] = {
     ),
     "huggingface": Format(
         "Hugging Face ViT/DeiT", r"(vit\.|deit\.)?(embeddings\.patch_embeddings|encoder\.layer\.\d+|layers\.\d+)\..*",
-        prepare=_fuse_qkv(r"((?:vit\.|deit\.)?(?:encoder\.layer|layers)\.\d+\.attention\.(?:attention\.)?)"
-                          r"(query|key|value|q_proj|k_proj|v_proj)(\.\w+)"),
+        prepare=_hf_layout,
         rules=(
             (r"(?:vit\.|deit\.)?embeddings\.cls_token", "cls_token"),
             (r"(?:vit\.|deit\.)?embeddings\.distillation_token", "dist_token"),
+            (r"reg_token", "reg_token"),
             (r"(?:vit\.|deit\.)?embeddings\.position_embeddings", "pos_embed"),
             (r"(?:vit\.|deit\.)?embeddings\.patch_embeddings\.projection\.(\w+)", r"patch_embed.proj.\1"),
             (r"(?:vit\.|deit\.)?(?:encoder\.layer|layers)\.(\d+)\.attention\.(?:attention\.)?qkv\.(\w+)",
@@ -201,17 +237,26 @@ FORMATS: dict[str, Format] = {
 
 
 
+SOURCE_HINTS: dict[str, dict[str, object]] = {  # what a source implies that no tensor shows
+    "huggingface": {"norm_eps": 1e-12},
+    "vit_pytorch": {"norm_eps": 1e-5, "patch_embed": "linear_prenorm", "patch_norm": True},
+}
+
+
 def spec_hints(name: str, converted: StateDict) -> dict[str, object]:
-    """Spec fields a source implies that its tensors do not show (norm epsilon, pooling, ...)."""
-    if name == "huggingface":
-        return {"norm_eps": 1e-12}
-    if name == "vit_pytorch":
-        hints: dict[str, object] = {"norm_eps": 1e-5, "qkv_bias": False, "patch_embed": "linear_prenorm",
-                                    "patch_norm": True}
-        if "cls_token" not in converted:  # pool="mean": no class token, mean over patches after the norm
-            hints.update(class_token=False, pool="avg", fc_norm=False)
-        return hints
-    return {}
+    """Spec fields a converted checkpoint implies besides the sizes: its prefix tokens and qkv bias
+    (read from the tensors) and what its source implies that no tensor shows (norm epsilon).
+
+    Without a class token every foreign source pools by the mean of the normed patch tokens
+    (vit-pytorch's ``pool="mean"``, big_vision's ``gap``): ``pool="avg"`` with the norm before pooling.
+    """
+    hints: dict[str, object] = {
+        "dist_token": "dist_token" in converted, "qkv_bias": "blocks.0.attn.qkv.bias" in converted,
+        "reg_tokens": converted["reg_token"].shape[1] if "reg_token" in converted else 0, **SOURCE_HINTS.get(name, {}),
+    }
+    if name != "timm" and "cls_token" not in converted:
+        hints.update(class_token=False, pool="avg", fc_norm=False)
+    return hints
 
 
 TIMM_MARKER = r"(blocks\.\d+\.|patch_embed\.).*"

@@ -50,17 +50,19 @@ def adapt_state_dict(model: VisionTransformer, state_dict: StateDict) -> tuple[S
         n_prefix = 0 if spec.no_embed_class else spec.num_prefix_tokens
         old = _grid_of(pos.shape[1], n_prefix, spec.grid_size)
         out["pos_embed"] = resample_table(pos, old, spec.grid_size, n_prefix)
-        report.adapted.append(f"pos_embed: resampled grid {old[0]}x{old[1]} -> {spec.grid_size[0]}x{spec.grid_size[1]}")
+        report.adapted.append(f"pos_embed: resampled {tuple(pos.shape)} -> {tuple(out['pos_embed'].shape)}, "
+                              f"grid {old[0]}x{old[1]} -> {spec.grid_size[0]}x{spec.grid_size[1]}")
     kernel = out.get(PATCH_KEY)
     if kernel is not None and PATCH_KEY in own and kernel.shape != own[PATCH_KEY].shape:
-        want = own[PATCH_KEY].shape
+        want, steps = own[PATCH_KEY].shape, []
         if kernel.shape[1] != want[1] and kernel.shape[1] == 3:
             kernel = adapt_input_channels(kernel, want[1])
+            steps.append(f"input channels 3 -> {want[1]}")
         if kernel.shape[2:] != want[2:] and kernel.shape[:2] == want[:2]:
+            steps.append(f"patch {kernel.shape[2]}x{kernel.shape[3]} -> {want[2]}x{want[3]} resampled as in FlexiViT")
             kernel = resample_patch_kernel(kernel, tuple(want[2:]))
         if kernel.shape == want:
-            report.adapted.append(f"{PATCH_KEY}: {tuple(out[PATCH_KEY].shape)} -> {tuple(want)} "
-                                  f"(input channels adapted / kernel resampled as in FlexiViT)")
+            report.adapted.append(f"{PATCH_KEY}: {tuple(out[PATCH_KEY].shape)} -> {tuple(want)}, {', '.join(steps)}")
             out[PATCH_KEY] = kernel
     for key in HEAD_KEYS:
         if key in out and (key not in own or out[key].shape != own[key].shape):
