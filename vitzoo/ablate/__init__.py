@@ -16,7 +16,6 @@ import importlib
 import importlib.util
 import itertools
 import json
-import os
 import re
 import sys
 from collections.abc import Mapping, Sequence
@@ -34,7 +33,8 @@ from vitzoo.card import count_macs
 from vitzoo.registry import create_model, load_registry_file, model_spec
 from vitzoo.spec import parse_assignment, parse_value
 from vitzoo.train import TrainConfig, build_datasets, fit
-from vitzoo.train.data import num_classes
+from vitzoo.train.data import add_data_arguments, num_classes
+from vitzoo.weights.files import write_text_atomic
 
 # pretrained_cfg keys that decide how images are prepared: variants that agree on them share datasets
 PREPROCESSING = ("input_size", "mean", "std", "interpolation", "crop_pct")
@@ -146,7 +146,7 @@ def run_ablation(config: AblationConfig, out: str | Path, progress: bool = True)
         if run is None:
             bar.set_postfix_str(f"{name} seed={seed}")
             run = {"setup": setup, **train_variant(config, name, overrides, seed, datasets, progress)}
-            _write_atomic(path, run)
+            write_text_atomic(path, json.dumps(run, indent=1))
             executed.append(path.stem)
         rows.append(run)
     bar.close()
@@ -225,22 +225,13 @@ def _read_run(path: Path, setup: dict[str, Any]) -> dict[str, Any] | None:
     return run
 
 
-def _write_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON to a temporary file and rename it, so a killed run never leaves half a result."""
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="registry name of the base model, e.g. vit_pico_patch4_32")
     p.add_argument("--grid", action="append", default=[], metavar="FIELD=V1,V2",
                    help="spec field and the values to compare (repeat for a grid); per-layer: gelu+gelu+swiglu")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="spec override for every variant, e.g. depth=2 (per-layer values comma-separated)")
-    p.add_argument("--data", default="digits", help="digits | torchvision:NAME | path to an ImageFolder tree")
-    p.add_argument("--data-root", default="data", help="where torchvision datasets are stored")
-    p.add_argument("--download", action="store_true", help="let torchvision download the dataset")
+    add_data_arguments(p)
     p.add_argument("--steps", type=int, default=200, help="optimizer steps per run")
     p.add_argument("--seeds", type=int, default=1, help="runs per variant, seeds 0..N-1")
     p.add_argument("--batch-size", type=int, default=64)

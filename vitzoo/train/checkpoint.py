@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from vitzoo.weights import WeightsError, read_state_dict, write_state_dict
+from vitzoo.weights.files import write_text_atomic
 
 LATEST = "latest"
 
@@ -42,9 +43,7 @@ def save_checkpoint(
         os.rename(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    pointer = folder / f".{LATEST}.tmp"
-    pointer.write_text(final.name)
-    os.replace(pointer, folder / LATEST)
+    write_text_atomic(folder / LATEST, final.name)
     for old in sorted(folder.glob("step_*"))[:-keep]:
         shutil.rmtree(old)
     return final

@@ -7,6 +7,7 @@ model sees images the way it was trained to see them.
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +150,13 @@ def torchvision_dataset(name: str, root: str | Path, cfg: dict[str, Any], downlo
                 cls(200, size, 10, transform=image_transforms(cfg, train=False), random_offset=1000))
     return (cls(root, train=True, download=download, transform=image_transforms(cfg, train=True)),
             cls(root, train=False, download=download, transform=image_transforms(cfg, train=False)))
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--data``, ``--data-root``, ``--download``: the dataset options every training command shares."""
+    parser.add_argument("--data", default="digits", help="digits | an ImageFolder path | torchvision:NAME")
+    parser.add_argument("--data-root", default="data", help="where torchvision datasets are stored")
+    parser.add_argument("--download", action="store_true", help="let torchvision download the dataset (internet)")
 
 
 def build_datasets(source: str, cfg: dict[str, Any], root: str | Path = "data", download: bool = False,

@@ -22,11 +22,12 @@ import torch
 
 from vitzoo.registry import create_model
 from vitzoo.spec import parse_assignment
-from vitzoo.train.data import build_datasets, num_classes
+from vitzoo.train.data import add_data_arguments, build_datasets, num_classes
 from vitzoo.train.distributed import full_state_dict, gather_strings, init_world, weights_digest
 from vitzoo.train.loop import TrainConfig, TrainResult, fit
 from vitzoo.train.recipe import freeze_backbone
 from vitzoo.vit import VisionTransformer
+from vitzoo.weights.files import write_text_atomic
 
 logger = logging.getLogger("vitzoo.finetune")
 
@@ -91,7 +92,7 @@ class RunLog:
                 writer.writeheader()
                 writer.writerows(rows)
         self._plot(result)
-        (self.folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_text_atomic(self.folder / "summary.json", json.dumps(summary, indent=2) + "\n")
 
     def _plot(self, result: TrainResult) -> None:
         import matplotlib
@@ -136,7 +137,7 @@ def finetune(config: FinetuneConfig, progress: bool = True) -> dict[str, Any]:
     log = RunLog(out, config.resume) if world.main else None
     if world.main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "run.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+        write_text_atomic(out / "run.json", json.dumps(asdict(config), indent=2) + "\n")
     result = fit(model, train_data, val_data, train, progress=progress, run_dir=out, resume=config.resume,
                  world=world, on_eval=log.row if log else None)
     digests = gather_strings(weights_digest(full_state_dict(model)), world)
@@ -173,9 +174,7 @@ def _config_from_args(args: argparse.Namespace) -> FinetuneConfig:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The fine-tuning options (shared by ``vitzoo finetune`` and ``python -m vitzoo.train``)."""
     p.add_argument("model", help="a registry name, e.g. vit_tiny_patch16_224 (see `vitzoo list`)")
-    p.add_argument("--data", default="digits", help="digits | an ImageFolder path | torchvision:NAME")
-    p.add_argument("--data-root", default="data", help="folder for torchvision datasets")
-    p.add_argument("--download", action="store_true", help="download the torchvision dataset (needs internet)")
+    add_data_arguments(p)
     p.add_argument("--val-fraction", type=float, default=0.2, help="held out per class when there is no val split")
     p.add_argument("--pretrained", nargs="?", const="hub", default=None,
                    help="start from weights: the hub's (no value) or a file / save_pretrained folder")

@@ -11,24 +11,16 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from vitzoo.spec import ViTSpec
 from vitzoo.vit import VisionTransformer
-from vitzoo.weights.files import WeightsError, read_state_dict, write_state_dict
+from vitzoo.weights.files import WeightsError, read_state_dict, write_state_dict, write_text_atomic
 from vitzoo.weights.load import load_weights
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def save_pretrained(model: VisionTransformer, folder: str | os.PathLike) -> Path:
@@ -39,7 +31,7 @@ def save_pretrained(model: VisionTransformer, folder: str | os.PathLike) -> Path
     cfg = {k: v for k, v in model.pretrained_cfg.items() if k != "file"}
     config: dict[str, Any] = {"architecture": cfg.get("architecture"), "spec": model.spec.to_dict(),
                               "pretrained_cfg": cfg}
-    _write_text_atomic(folder / CONFIG, json.dumps(config, indent=2) + "\n")
+    write_text_atomic(folder / CONFIG, json.dumps(config, indent=2) + "\n")
     return folder
 
 
