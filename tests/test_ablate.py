@@ -65,6 +65,8 @@ def test_every_slot_entry_swapped_at_creation_trains(tiny_model, slot, name):
     extra = {"class_token": False} if slot == "pool" and name not in ("token",) else {}
     if name == "linear_prenorm":  # normalizes raw patches with the spec's patch norm
         extra["patch_norm"] = True
+    if name == "diff_parallel_scaling":  # takes the differential attention apart
+        extra["attn"] = "diff"
     model = vitzoo.create_model(tiny_model, num_classes=4, **{slot: name}, **extra)
     assert getattr(model.spec, slot) in (name, (name,) * model.spec.depth)
     losses = _overfit_losses(model)

@@ -23,9 +23,14 @@ def _spec_for(slot: str, name: str) -> ViTSpec:
         changes["class_token"] = False
     if name == "linear_prenorm":  # normalizes raw patches with the spec's patch norm
         changes["patch_norm"] = True
-    reduction = getattr(slot_table(slot).get(name), "keywords", {}).get("reduction")
+    if name == "diff_parallel_scaling":  # takes the differential attention apart
+        changes["attn"] = "diff"
+    keywords = getattr(slot_table(slot).get(name), "keywords", {})
+    reduction = keywords.get("reduction")
     if reduction:  # a CNN stem: one patch per stem output stride, a 2 x 2 grid
         changes.update(patch_size=reduction, img_size=2 * reduction)
+    if keywords.get("proj") is False:  # the stem ends at the token width
+        changes["embed_dim"] = keywords["channels"]
     return ViTSpec(**SMALL).replace(**changes)
 
 
@@ -148,3 +153,21 @@ def test_patch_dropout_keeps_prefix_and_a_fraction_of_patches():
     assert torch.equal(tokens[:, :3], full[:, :3])
     assert all(any(torch.equal(t, f) for f in full[i, 3:]) for i in range(3) for t in tokens[i, 3:])
     model.train()(x).sum().backward()
+
+
+@pytest.mark.parametrize("name", ["axial", "dinov3"])
+def test_rope_scores_depend_on_relative_position_only(name):
+    """RoPE (Su et al. 2021): q.k after rotation depends on the offset between two patches, not on where
+    they are; prefix tokens are not rotated; a new grid is built on the fly."""
+    from vitzoo.blocks.rope import rotate
+
+    rope = slot_table("rope").get(name)(8, (4, 4), 1)
+    tokens = torch.randn(2, 17, 8)
+    q, k = (rotate(t.expand(17, 8), rope((4, 4))) for t in torch.randn(2, 1, 8))
+
+    def at(r: int, c: int) -> int:
+        return 1 + 4 * r + c
+
+    assert torch.allclose(q[at(0, 0)] @ k[at(1, 2)], q[at(2, 1)] @ k[at(3, 3)], atol=1e-5)
+    assert torch.equal(rotate(tokens, rope((4, 4)))[:, 0], tokens[:, 0])
+    assert rope((2, 3)).cos.shape == (1 + 6, 8)

@@ -28,6 +28,7 @@ class ViTSpec:
     patch_size: int = 16  # square patch side in pixels
     in_chans: int = 3  # image channels
     num_classes: int = 1000  # classifier outputs; 0 means no head (pooled features out)
+    crop_remainder: bool = False  # drop pixels past the last whole patch instead of refusing (timm so400m/14 at 384)
     # width and depth
     embed_dim: int = 768  # token width
     depth: int = 12  # number of encoder blocks
@@ -41,6 +42,7 @@ class ViTSpec:
     norm: str = "layernorm"  # every norm in the model
     block: LayerChoice = "prenorm"  # residual wiring, one name or one per layer
     pool: str = "token"  # readout: token | avg | max | avgmax | map | none
+    rope: str = "none"  # rotary positions on q/k inside attention: none | axial (EVA-02) | dinov3
     # prefix tokens
     class_token: bool = True  # learned [CLS] token in front
     dist_token: bool = False  # DeiT distillation token after [CLS], read by a second head
@@ -61,6 +63,12 @@ class ViTSpec:
     final_norm: bool = True  # norm after the blocks (or after pooling, see fc_norm)
     fc_norm: bool | None = None  # put the final norm after pooling; None: only for avg/max/avgmax pooling
     dynamic_img_size: bool = False  # accept any image size divisible by patch_size
+    rope_temperature: float | None = None  # RoPE frequency base; None: the rope entry's default (axial 1e4, dinov3 100)
+    rope_ref_grid: tuple[int, int] | None = None  # RoPE positions rescaled to this grid (EVA-02's pretraining grid)
+    rope_grid_offset: float = 0.0  # added to every RoPE position (Perception Encoder: 1)
+    rope_xy: bool = False  # RoPE coordinate channels ordered (x, y) instead of (y, x) (ROPE-ViT, Perception Encoder)
+    pool_num_heads: int | None = None  # heads of attention pooling ('map'); None: num_heads (Perception Encoder: 8)
+    pool_mlp_ratio: float | None = None  # MLP ratio of attention pooling ('map'); None: mlp_ratio
     # regularisation
     drop_rate: float = 0.0  # dropout before the classifier
     pos_drop_rate: float = 0.0  # dropout after adding position embeddings
@@ -73,6 +81,8 @@ class ViTSpec:
         if isinstance(self.img_size, int):
             object.__setattr__(self, "img_size", (self.img_size, self.img_size))
         object.__setattr__(self, "img_size", tuple(int(s) for s in self.img_size))
+        if self.rope_ref_grid is not None:
+            object.__setattr__(self, "rope_ref_grid", tuple(self.rope_ref_grid))
         for slot, table in SLOTS.items():  # lists -> tuples; aliases ("gap") -> the entry name ("avg")
             value = getattr(self, slot)
             if isinstance(value, list | tuple):
@@ -95,9 +105,9 @@ class ViTSpec:
         if self.embed_dim % self.num_heads:
             fail("embed_dim", f"{self.embed_dim} is not divisible by num_heads={self.num_heads}; "
                  f"pick embed_dim a multiple of num_heads (head_dim = embed_dim / num_heads)")
-        if any(s % self.patch_size for s in self.img_size):
+        if any(s % self.patch_size for s in self.img_size) and not self.crop_remainder:
             fail("img_size", f"{self.img_size} is not divisible by patch_size={self.patch_size}; "
-                 f"use a multiple of {self.patch_size} for each side")
+                 f"use a multiple of {self.patch_size} for each side, or crop_remainder=True to drop the rest")
         if self.mlp_ratio <= 0:
             fail("mlp_ratio", f"must be > 0, got {self.mlp_ratio}")
         for slot, table in SLOTS.items():
@@ -116,11 +126,28 @@ class ViTSpec:
                      "drop_path_rate"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 fail(name, f"must be in [0, 1), got {getattr(self, name)}")
-        for name in ("proj_bias", "attn_inner_norm", "mlp_inner_norm", "patch_norm", "pool_include_prefix"):
+        for name in ("proj_bias", "attn_inner_norm", "mlp_inner_norm", "patch_norm", "pool_include_prefix",
+                     "crop_remainder"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, f"must be true or false, got {getattr(self, name)!r}")
         if self.layer_scale is not None and self.layer_scale <= 0:
             fail("layer_scale", f"must be > 0 or None, got {self.layer_scale}")
+        if self.rope != "none" and (self.embed_dim // self.num_heads) % 4:
+            fail("rope", f"2-D RoPE needs head_dim = embed_dim / num_heads divisible by 4, got "
+                 f"{self.embed_dim // self.num_heads}")
+        if self.rope != "none" and self.patch_drop_rate > 0:
+            fail("patch_drop_rate", "dropping patch tokens would misalign the rotary positions; use rope='none'")
+        if self.rope_ref_grid is not None and (len(self.rope_ref_grid) != 2 or min(self.rope_ref_grid) < 1):
+            fail("rope_ref_grid", f"must be (h, w) of positive ints or None, got {self.rope_ref_grid!r}")
+        if self.rope_temperature is not None and self.rope_temperature <= 0:
+            fail("rope_temperature", f"must be > 0 or None, got {self.rope_temperature}")
+        if self.pool_num_heads is not None and (self.pool_num_heads < 1 or self.embed_dim % self.pool_num_heads):
+            fail("pool_num_heads", f"must be a positive divisor of embed_dim={self.embed_dim} or None, "
+                 f"got {self.pool_num_heads}")
+        if self.pool_mlp_ratio is not None and self.pool_mlp_ratio <= 0:
+            fail("pool_mlp_ratio", f"must be > 0 or None, got {self.pool_mlp_ratio}")
+        if not isinstance(self.rope_xy, bool):
+            fail("rope_xy", f"must be true or false, got {self.rope_xy!r}")
 
     # derived quantities -------------------------------------------------------------------------
     @property

@@ -15,6 +15,7 @@ import torch
 from timm.layers import (
     Attention,
     AttentionPoolLatent,
+    DiffAttention,
     GluMlp,
     HybridEmbed,
     LayerScale,
@@ -23,7 +24,7 @@ from timm.layers import (
     RmsNorm,
     SwiGLU,
 )
-from timm.models.vision_transformer import Block, ParallelThingsBlock, ResPostBlock
+from timm.models.vision_transformer import Block, ParallelScalingBlock, ParallelThingsBlock, ResPostBlock
 from timm.models.vision_transformer import VisionTransformer as TimmViT
 from torch import nn
 
@@ -32,7 +33,11 @@ from vitzoo.spec import ViTSpec
 from vitzoo.vit import VisionTransformer
 
 POOLS = {"token": "token", "avg": "avg", "max": "max", "avgmax": "avgmax", "map": "map", "": "none"}
-BLOCKS = {Block: "prenorm", ResPostBlock: "respost", ParallelThingsBlock: "parallel2"}
+ATTENTIONS = {Attention: "mhsa", DiffAttention: "diff"}
+BLOCKS = {
+    Block: "prenorm", ResPostBlock: "respost", ParallelThingsBlock: "parallel2",
+    ParallelScalingBlock: "parallel_scaling",
+}
 ACTIVATIONS = {"GELUTanh": "gelu_tanh", "QuickGELU": "quick_gelu", "ReLU": "relu", "SiLU": "silu"}
 PLAIN_MLPS = {"gelu": "gelu", "gelu_tanh": "gelu_tanh", "quick_gelu": "quick_gelu", "relu": "relu"}
 GATED_MLPS = {"silu": "swiglu", "gelu": "geglu"}
@@ -117,11 +122,31 @@ def _patch_embed(pe: nn.Module, in_chans: int) -> tuple[str, int]:
     raise _refuse("patch_embed", f"{type(pe).__name__} with {stem}", "embed_layer")
 
 
+def _scaling_block(where: str, block: ParallelScalingBlock, dim: int) -> dict[str, Any]:
+    """The spec fields of ViT-22B's fused parallel block (vitzoo's ``parallel_scaling``)."""
+    if block.out_proj is not None:
+        raise _refuse(f"{where}.out_proj", "one fused output projection", "fuse_out_proj")
+    act, hidden = _activation(f"{where}.mlp_act", block.mlp_act), block.in_split[0]
+    if act not in PLAIN_MLPS:
+        raise _refuse(f"{where}.mlp_act", type(block.mlp_act).__name__, "act_layer")
+    proj_bias = block.attn_out_proj.bias is not None
+    return {
+        "block": "parallel_scaling", "attn": "mhsa", "mlp": PLAIN_MLPS[act], "num_heads": block.num_heads,
+        "mlp_ratio": mlp_ratio_for(hidden, dim), "qkv_bias": block.in_proj.bias is not None,
+        "qk_norm": _present(block.q_norm), "proj_bias": proj_bias, "attn_inner_norm": False,
+        "mlp_inner_norm": False, "layer_scale": block.ls.init_values if _present(block.ls) else None,
+        "attn_drop_rate": float(block.attn_drop.p), "proj_drop_rate": float(block.mlp_drop.p),
+        "drop_path_rate": float(getattr(block.drop_path, "drop_prob", 0.0)),
+    }
+
+
 def _block(i: int, block: nn.Module, dim: int) -> dict[str, Any]:
     """The spec fields one encoder block implies; every block of a model must agree on all but slots."""
     where = f"blocks.{i}"
     if type(block) not in BLOCKS:
         raise _refuse(where, type(block).__name__, "block_fn")
+    if type(block) is ParallelScalingBlock:
+        return _scaling_block(where, block, dim)
     if type(block) is ParallelThingsBlock:
         if block.num_parallel != 2:
             raise _refuse(where, f"ParallelThingsBlock with {block.num_parallel} branches", "num_parallel")
@@ -131,7 +156,7 @@ def _block(i: int, block: nn.Module, dim: int) -> dict[str, Any]:
         attn, block_mlp = block.attn, block.mlp
         ls = [getattr(block, name, nn.Identity()) for name in ("ls1", "ls2")]
         drop_path = getattr(block, "drop_path1", nn.Identity())
-    if type(attn) is not Attention:
+    if type(attn) not in ATTENTIONS or getattr(attn, "dual_lambda", False):
         raise _refuse(f"{where}.attn", type(attn).__name__, "attn_layer")
     mlp, hidden, mlp_bias = _mlp(f"{where}.mlp", block_mlp)
     proj_bias = attn.proj.bias is not None
@@ -140,7 +165,7 @@ def _block(i: int, block: nn.Module, dim: int) -> dict[str, Any]:
     if any(_present(m) and type(m) is not LayerScale for m in ls) or _present(ls[0]) != _present(ls[1]):
         raise _refuse(f"{where}.ls1/ls2", "an unpaired or custom layer scale", "init_values")
     return {
-        "block": BLOCKS[type(block)], "mlp": mlp, "num_heads": attn.num_heads,
+        "block": BLOCKS[type(block)], "attn": ATTENTIONS[type(attn)], "mlp": mlp, "num_heads": attn.num_heads,
         "mlp_ratio": mlp_ratio_for(hidden, dim), "qkv_bias": attn.qkv.bias is not None,
         "qk_norm": _present(attn.q_norm), "proj_bias": proj_bias, "attn_inner_norm": _present(attn.norm),
         "mlp_inner_norm": _present(block_mlp.norm), "layer_scale": ls[0].init_values if _present(ls[0]) else None,
@@ -158,6 +183,7 @@ def _norms(model: TimmViT) -> dict[str, nn.Module]:
     return {
         name: m for name, m in model.named_modules()
         if "norm" in type(m).__name__.lower() and not name.startswith("patch_embed.backbone")
+        and not name.endswith("attn.sub_norm")  # differential attention's own RMSNorm, fixed in its block
     }
 
 
@@ -187,18 +213,19 @@ def spec_from_timm(model: nn.Module) -> ViTSpec:
     pe, dim = model.patch_embed, model.embed_dim
     patch_embed, patch = _patch_embed(pe, model.in_chans)
     conv = pe.proj
-    if any(side % patch for side in pe.img_size):
-        raise _refuse("patch_embed.img_size", f"{tuple(pe.img_size)}, not a multiple of the patch size {patch} "
-                      f"(timm drops the remainder)", "img_size")
+    crop = any(side % patch for side in pe.img_size)  # timm's patch conv drops the remainder; so can vitzoo
+    if crop and type(pe) is not PatchEmbed:
+        raise _refuse("patch_embed.img_size", f"{tuple(pe.img_size)}, not a multiple of the stem stride {patch}",
+                      "img_size")
     if pe.dynamic_img_pad:
         raise _refuse("patch_embed", "padding images to the patch size", "dynamic_img_pad")
     blocks = [_block(i, b, dim) for i, b in enumerate(model.blocks)]
-    fixed = {k: v for k, v in blocks[0].items() if k not in ("block", "mlp", "drop_path_rate")}
+    fixed = {k: v for k, v in blocks[0].items() if k not in ("block", "attn", "mlp", "drop_path_rate")}
     for i, fields in enumerate(blocks):
         for key, value in fixed.items():
             if fields[key] != value:
                 raise _refuse(f"blocks.{i}", f"{key}={fields[key]!r} unlike blocks.0 ({value!r})", key)
-    layers = {**fixed, "block": [b["block"] for b in blocks], "mlp": [b["mlp"] for b in blocks]}
+    layers = {**fixed, **{slot: [b[slot] for b in blocks] for slot in ("block", "attn", "mlp")}}
     kinds = {name: _norm_kind(name, m) for name, m in _norms(model).items()}
     first = next(iter(kinds.items()))
     for name, kind in kinds.items():
@@ -212,9 +239,11 @@ def spec_from_timm(model: nn.Module) -> ViTSpec:
     patch_drop = getattr(model.patch_drop, "prob", 0.0)
     return ViTSpec(
         img_size=tuple(pe.img_size), patch_size=patch, in_chans=model.in_chans, patch_embed=patch_embed,
+        crop_remainder=crop,
         num_classes=model.head.out_features if isinstance(model.head, nn.Linear) else 0,
         embed_dim=dim, depth=len(model.blocks), num_heads=layers["num_heads"], mlp_ratio=layers["mlp_ratio"],
         pos_embed="learned" if model.pos_embed is not None else "none", mlp=_per_layer(layers["mlp"]),
+        attn=_per_layer(layers["attn"]),
         norm=first[1][0], block=_per_layer(layers["block"]), pool=pool,
         class_token=model.cls_token is not None, dist_token=has_dist, reg_tokens=model.num_reg_tokens,
         no_embed_class=model.no_embed_class, norm_eps=first[1][1], qkv_bias=layers["qkv_bias"],

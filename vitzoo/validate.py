@@ -4,7 +4,8 @@ For one name: state_dict keys and shapes at full size (on the ``meta`` device, s
 numerics with timm's random weights loaded strictly: logits, ``forward_features`` and the hidden
 state after every block, so a mismatch points at the first block that differs. Models too big for
 a quick CPU run are compared at reduced depth (the same ``depth=`` on both sides). ``--all`` does
-this for every timm name whose class is ``VisionTransformer`` and writes a Markdown coverage report.
+this for every timm name whose class is ``VisionTransformer``, then for every name whose class is
+timm's ``Eva`` (EVA-02, DINOv3, ROPE-ViT, Perception Encoder...), and writes a Markdown coverage report.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ TOL = 1e-4
 FULL_DEPTH_MAX_PARAMS = 100_000_000  # above this, numerics run at AUTO_DEPTH blocks
 AUTO_DEPTH = 2
 TIMM_MODULES = ("vision_transformer", "deit", "vision_transformer_hybrid", "vitamin")
+EVA_MODULES = ("eva",)
 
 
 @dataclass
@@ -46,16 +48,40 @@ class Validation:
         return max(values) if values else None
 
 
-def timm_vit_names() -> list[str]:
-    """Every timm model name whose class is timm's ``VisionTransformer`` (DeiT's distilled subclass included)."""
-    names = sorted({n for module in TIMM_MODULES for n in timm.list_models(module=module)})
+def _timm_names(modules: tuple[str, ...], cls: type) -> list[str]:
+    names = sorted({n for module in modules for n in timm.list_models(module=module)})
     out = []
     for name in names:
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            if isinstance(timm.create_model(name), timm.models.VisionTransformer):
+            if isinstance(timm.create_model(name), cls):
                 out.append(name)
     return out
+
+
+def timm_vit_names() -> list[str]:
+    """Every timm model name whose class is timm's ``VisionTransformer`` (DeiT's distilled subclass included)."""
+    return _timm_names(TIMM_MODULES, timm.models.VisionTransformer)
+
+
+def timm_eva_names() -> list[str]:
+    """Every timm model name whose class is timm's ``Eva`` (ViTs with RoPE: EVA-02, DINOv3, PE, ...)."""
+    return _timm_names(EVA_MODULES, timm.models.eva.Eva)
+
+
+def eva_gap(model: nn.Module) -> str:
+    """The first part of a timm ``Eva`` that vitzoo has no block for (what keeps a name out of the registry)."""
+    block = model.blocks[0]
+    attn, rope = block.attn, model.rope
+    if type(block).__name__ != "EvaBlock":
+        return f"blocks.0 is {type(block).__name__}"
+    if getattr(attn, "q_proj", None) is not None and type(attn).__name__ != "EvaAttention":
+        return f"blocks.0.attn is {type(attn).__name__} with separate q/k/v projections and grouped kv heads"
+    if getattr(attn, "gate", None) is not None:
+        return "blocks.0.attn has an output gate"
+    if rope is not None and type(rope).__name__ not in ("RotaryEmbeddingCat", "RotaryEmbeddingDinoV3"):
+        return f"rope is {type(rope).__name__} (learned per-layer frequencies)"
+    return "a combination of known blocks not yet registered"
 
 
 def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
@@ -105,6 +131,9 @@ def validate(name: str, depth: int | None = None) -> Validation:
         reference = timm.create_model(name)
         result.full_depth = len(reference.blocks)
         if name not in list_models():
+            if isinstance(reference, timm.models.eva.Eva):
+                result.reason = f"{eva_gap(reference)} (not expressible)"
+                return result
             try:
                 from_timm(reference)
                 result.reason = "not in the vitzoo registry (from_timm can build it)"
@@ -119,10 +148,10 @@ def validate(name: str, depth: int | None = None) -> Validation:
     if depth is None and params > FULL_DEPTH_MAX_PARAMS:
         depth = min(AUTO_DEPTH, result.full_depth)
     _compare(name, depth, result)
-    bad = [i for i, d in enumerate(result.block_diffs) if d > TOL]
+    bad = [i for i, d in enumerate(result.block_diffs) if not d <= TOL]
     if bad:
         result.reason = f"first differing block: {bad[0]} (max |diff| {result.block_diffs[bad[0]]:.2e})"
-    elif result.worst > TOL:
+    elif not result.worst <= TOL:  # also catches NaN
         result.reason = f"outputs differ after the blocks (max |diff| {result.worst:.2e})"
     result.ok = not result.reason
     return result
@@ -138,26 +167,47 @@ def format_table(result: Validation) -> str:
     return "\n".join(lines)
 
 
-def coverage_report(results: list[Validation], command: str, seconds: float) -> str:
-    """Markdown: every timm VisionTransformer name with its verdict, worst difference and reason."""
-    passed = sum(r.ok for r in results)
+def _report_table(results: list[Validation]) -> list[str]:
+    lines = ["| model | | depth | worst diff | note |", "| --- | --- | --- | --- | --- |"]
+    for r in results:
+        depth = f"{r.depth}/{r.full_depth}" if r.depth is not None else f"-/{r.full_depth}"
+        worst = f"{r.worst:.1e}" if r.worst is not None else "-"
+        lines.append(f"| `{r.name}` | {'✓' if r.ok else '✗'} | {depth} | {worst} | {r.reason} |")
+    return lines
+
+
+def coverage_report(results: list[Validation], eva: list[Validation], command: str, seconds: float) -> str:
+    """Markdown: every timm VisionTransformer and Eva name with its verdict, worst difference and reason."""
+    passed, eva_passed = sum(r.ok for r in results), sum(r.ok for r in eva)
     lines = [
-        "# timm VisionTransformer coverage", "",
-        f"**{passed} / {len(results)}** timm {timm.__version__} names whose class is `VisionTransformer` "
-        f"(DeiT's distilled subclass included) are vitzoo registry models with timm's exact state_dict "
-        f"(strict load) and outputs within {TOL:g} in fp32 (logits, `forward_features`, every block).",
+        "# timm VisionTransformer and Eva coverage", "",
+        f"- **VisionTransformer: {passed} / {len(results)}** timm {timm.__version__} names whose class is "
+        f"`VisionTransformer` (DeiT's distilled subclass included)",
+        f"- **Eva: {eva_passed} / {len(eva)}** timm names whose class is `Eva` (EVA-02, DINOv3, ROPE-ViT, "
+        f"Perception Encoder, ...: 2-D RoPE, SwiGLU, EVA attention)", "",
+        f"are vitzoo registry models with timm's exact state_dict (strict load) and outputs within {TOL:g} in "
+        f"fp32 (logits, `forward_features`, every block).",
         "", "Generated on CPU (torch " + torch.__version__ + f") in {seconds / 60:.1f} min by:", "",
         f"```bash\n{command}\n```", "",
         f"Keys and shapes are compared at full size on the `meta` device; numerics run at full depth up "
         f"to {FULL_DEPTH_MAX_PARAMS // 1_000_000}M parameters and at {AUTO_DEPTH} blocks above "
         f"(column *depth*: compared / full).", "",
-        "| model | | depth | worst diff | note |", "| --- | --- | --- | --- | --- |",
+        "## VisionTransformer", "", *_report_table(results), "",
+        "## Eva", "", *_report_table(eva),
     ]
-    for r in results:
-        depth = f"{r.depth}/{r.full_depth}" if r.depth is not None else f"-/{r.full_depth}"
-        worst = f"{r.worst:.1e}" if r.worst is not None else "-"
-        lines.append(f"| `{r.name}` | {'✓' if r.ok else '✗'} | {depth} | {worst} | {r.reason} |")
     return "\n".join(lines) + "\n"
+
+
+def _sweep(names: list[str], depth: int | None) -> list[Validation]:
+    results = []
+    for name in names:
+        try:
+            results.append(validate(name, depth))
+        except Exception as err:  # one broken name must not hide the other results of the sweep
+            results.append(Validation(name, reason=f"{type(err).__name__}: {err}"[:200]))
+        r = results[-1]
+        print(f"{'✓' if r.ok else '✗'} {name} {r.reason}", flush=True)
+    return results
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -168,25 +218,20 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         result = validate(args.name, args.depth)
         print(format_table(result))
         return 0 if result.ok else 1
-    start, results = time.perf_counter(), []
-    for name in timm_vit_names():
-        try:
-            results.append(validate(name, args.depth))
-        except Exception as err:  # one broken name must not hide the other results of the sweep
-            results.append(Validation(name, reason=f"{type(err).__name__}: {err}"[:200]))
-        r = results[-1]
-        print(f"{'✓' if r.ok else '✗'} {name} {r.reason}", flush=True)
+    start = time.perf_counter()
+    results, eva = _sweep(timm_vit_names(), args.depth), _sweep(timm_eva_names(), args.depth)
     command = "vitzoo validate --all" + (f" --depth {args.depth}" if args.depth else "") + f" --out {args.out}"
     with open(args.out, "w") as f:
-        f.write(coverage_report(results, command, time.perf_counter() - start))
-    print(f"{sum(r.ok for r in results)} / {len(results)} covered; report written to {args.out}")
+        f.write(coverage_report(results, eva, command, time.perf_counter() - start))
+    print(f"VisionTransformer: {sum(r.ok for r in results)} / {len(results)} covered; "
+          f"Eva: {sum(r.ok for r in eva)} / {len(eva)} covered; report written to {args.out}")
     return 0
 
 
 def add_validate_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("validate", help="compare vitzoo models with timm: keys, shapes, outputs per block")
     p.add_argument("name", nargs="?", help="a model name that both timm and vitzoo know")
-    p.add_argument("--all", action="store_true", help="every timm VisionTransformer name; writes a report")
+    p.add_argument("--all", action="store_true", help="every timm VisionTransformer and Eva name; writes a report")
     p.add_argument("--depth", type=int, help="compare numerics at this many blocks (default: automatic)")
     p.add_argument("--out", default="docs/parity.md", help="where --all writes its Markdown report")
     p.set_defaults(func=_cmd_validate)

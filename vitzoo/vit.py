@@ -18,6 +18,7 @@ from vitzoo.blocks.norm import NORMS, NormFactory
 from vitzoo.blocks.patch import PATCH_EMBEDS
 from vitzoo.blocks.pooling import POOLS
 from vitzoo.blocks.position import POSITIONS
+from vitzoo.blocks.rope import ROPES, Rotation
 from vitzoo.blocks.tokens import PREFIX_TOKENS, drop_patch_tokens, make_prefix_tokens, prepend_tokens
 from vitzoo.spec import ViTSpec
 
@@ -47,6 +48,11 @@ class VisionTransformer(nn.Module):
         self.position = POSITIONS.build(spec.pos_embed, spec.grid_size, dim, positioned_prefix)
         self.pos_embed = self.position.init_table()
         self.pos_drop = nn.Dropout(spec.pos_drop_rate)
+        self.rope = ROPES.build(
+            spec.rope, dim // spec.num_heads, spec.grid_size, spec.num_prefix_tokens,
+            temperature=spec.rope_temperature, ref_grid=spec.rope_ref_grid, grid_offset=spec.rope_grid_offset,
+            xy=spec.rope_xy, num_heads=spec.num_heads, depth=spec.depth,
+        )
         self.norm_pre = norm(dim) if spec.pre_norm else nn.Identity()
         drop_path = [spec.drop_path_rate * i / max(spec.depth - 1, 1) for i in range(spec.depth)]
         self.blocks = nn.Sequential(*(self._make_block(i, norm, drop_path[i]) for i in range(spec.depth)))
@@ -69,10 +75,12 @@ class VisionTransformer(nn.Module):
 
     def _make_block(self, i: int, norm: NormFactory, drop_path: float) -> nn.Module:
         spec, dim = self.spec, self.spec.embed_dim
+        attn_name = spec.layer_choices("attn")[i]
         attn = ATTENTIONS.build(
-            spec.layer_choices("attn")[i], dim, spec.num_heads, spec.qkv_bias, norm if spec.qk_norm else None,
+            attn_name, dim, spec.num_heads, spec.qkv_bias, norm if spec.qk_norm else None,
             spec.attn_drop_rate, spec.proj_drop_rate,
-            **only_set(proj_bias=None if spec.proj_bias else False, inner_norm=norm if spec.attn_inner_norm else None),
+            **only_set(proj_bias=None if spec.proj_bias else False, inner_norm=norm if spec.attn_inner_norm else None,
+                       layer=i if getattr(ATTENTIONS.get(attn_name), "uses_layer_index", False) else None),
         )
         mlp = MLPS.build(
             spec.layer_choices("mlp")[i], dim, int(dim * spec.mlp_ratio), spec.proj_bias, spec.proj_drop_rate,
@@ -84,7 +92,8 @@ class VisionTransformer(nn.Module):
         spec = self.spec
         mlp = MLPS.get(spec.layer_choices("mlp")[-1])
         return POOLS.build(
-            spec.pool, spec.embed_dim, spec.num_heads, spec.mlp_ratio, self._norm_factory(), mlp,
+            spec.pool, spec.embed_dim, spec.pool_num_heads or spec.num_heads, spec.pool_mlp_ratio or spec.mlp_ratio,
+            self._norm_factory(), mlp,
             0 if spec.pool_include_prefix else spec.num_prefix_tokens,
         )
 
@@ -172,7 +181,7 @@ class VisionTransformer(nn.Module):
         height, width = x.shape[-2:]
         p = spec.patch_size
         if spec.dynamic_img_size:
-            if height % p or width % p:
+            if (height % p or width % p) and not spec.crop_remainder:
                 raise ValueError(
                     f"image size {height}x{width} is not a multiple of patch_size={p}; "
                     f"resize or pad each side to a multiple of {p}"
@@ -188,6 +197,8 @@ class VisionTransformer(nn.Module):
     def _embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Images -> token sequence (prefix tokens first) with positions added; also the grid."""
         grid = self._grid(images)
+        if self.spec.crop_remainder:  # timm's patch convolution ignores the pixels past the last whole patch
+            images = images[..., : grid[0] * self.spec.patch_size, : grid[1] * self.spec.patch_size]
         x = rearrange(self.patch_embed(images), "b h w d -> b (h w) d")
         pos = self.position(self.pos_embed, grid)
         tokens = [t for t in (self.cls_token, self.dist_token, self.reg_token) if t is not None]
@@ -202,16 +213,19 @@ class VisionTransformer(nn.Module):
             x = drop_patch_tokens(x, self.num_prefix_tokens, self.spec.patch_drop_rate)
         return self.norm_pre(x), grid
 
-    def _run_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def _run_block(self, i: int, x: torch.Tensor, rotation: Rotation | None) -> torch.Tensor:
+        block = self.blocks[i]
+        args = (x,) if rotation is None else (x, rotation.layer(i))  # blocks without RoPE support take x alone
         if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, x, use_reentrant=False)
-        return block(x)
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """Images ``(b, c, H, W)`` -> normalized tokens ``(b, prefix + h*w, dim)``."""
-        x, _ = self._embed(images)
-        for block in self.blocks:
-            x = self._run_block(block, x)
+        x, grid = self._embed(images)
+        rotation = self.rope(grid)
+        for i in range(len(self.blocks)):
+            x = self._run_block(i, x, rotation)
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -250,11 +264,11 @@ class VisionTransformer(nn.Module):
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         take = block_indices(len(self.blocks), indices)
-        x, (h, _) = self._embed(images)
-        blocks = self.blocks[: max(take) + 1] if stop_early else self.blocks
+        x, (h, w) = self._embed(images)
+        rotation = self.rope((h, w))
         states = []
-        for i, block in enumerate(blocks):
-            x = self._run_block(block, x)
+        for i in range(max(take) + 1 if stop_early else len(self.blocks)):
+            x = self._run_block(i, x, rotation)
             if i in take:
                 states.append(self.norm(x) if norm else x)
         n_prefix = self.num_prefix_tokens

@@ -1,7 +1,7 @@
 """Swappable building blocks, one string-keyed table per slot.
 
 The slot names are the spec fields that choose from them: ``patch_embed``, ``pos_embed``, ``attn``,
-``mlp``, ``norm``, ``block`` and ``pool``. Each table's module documents its constructor contract.
+``mlp``, ``norm``, ``block``, ``pool`` and ``rope``. Each table's module documents its constructor contract.
 """
 
 from __future__ import annotations
@@ -15,12 +15,13 @@ from vitzoo.blocks.norm import NORMS
 from vitzoo.blocks.patch import PATCH_EMBEDS
 from vitzoo.blocks.pooling import POOLS
 from vitzoo.blocks.position import POSITIONS
+from vitzoo.blocks.rope import ROPES
 from vitzoo.blocks.table import BlockContractError, BlockTable
 from vitzoo.errors import did_you_mean
 
 SLOTS: dict[str, BlockTable] = {
     table.slot: table
-    for table in (PATCH_EMBEDS, POSITIONS, ATTENTIONS, MLPS, NORMS, ENCODER_BLOCKS, POOLS)
+    for table in (PATCH_EMBEDS, POSITIONS, ATTENTIONS, MLPS, NORMS, ENCODER_BLOCKS, POOLS, ROPES)
 }
 
 

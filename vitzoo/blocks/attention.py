@@ -3,10 +3,14 @@
 Contract: ``factory(dim, num_heads, qkv_bias, qk_norm, attn_drop, proj_drop) -> nn.Module`` mapping
 ``(b, n, dim) -> (b, n, dim)``; ``qk_norm`` is a norm factory applied per head to q and k, or None.
 Two keywords are passed only when a spec asks for them: ``proj_bias=False`` (no bias on the output
-projection) and ``inner_norm`` (a norm factory applied before the output projection).
+projection) and ``inner_norm`` (a norm factory applied before the output projection). A model with
+rotary positions (spec ``rope``) calls ``forward(x, rotation)``; the entries here rotate q and k.
+A block class that sets ``uses_layer_index = True`` also gets ``layer`` (its block's index).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +18,23 @@ from einops import rearrange
 from torch import nn
 
 from vitzoo.blocks.norm import NormFactory
+from vitzoo.blocks.rope import Rotation, rotate
 from vitzoo.blocks.table import BlockTable
+
+
+def attend(
+    qkv: torch.Tensor, num_heads: int, q_norm: nn.Module, k_norm: nn.Module, dropout: float = 0.0,
+    rotation: Rotation | None = None,
+) -> torch.Tensor:
+    """Packed q, k, v ``(b, n, 3 * heads * head_dim)`` -> attended values ``(b, n, heads * head_dim)``:
+    per-head q/k norm, rotary positions, then ``F.scaled_dot_product_attention``. Shared by every
+    block that packs qkv."""
+    q, k, v = rearrange(qkv, "b n (qkv h d) -> qkv b h n d", qkv=3, h=num_heads)
+    q, k = q_norm(q), k_norm(k)
+    if rotation is not None:
+        q, k = rotate(q, rotation), rotate(k, rotation)
+    x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+    return rearrange(x, "b h n d -> b n (h d)")
 
 
 class Attention(nn.Module):
@@ -33,7 +53,7 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         head_dim = dim // num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self._make_projections(dim, qkv_bias)
         self.q_norm = qk_norm(head_dim) if qk_norm else nn.Identity()
         self.k_norm = qk_norm(head_dim) if qk_norm else nn.Identity()
         self.attn_drop = attn_drop
@@ -41,14 +61,103 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = rearrange(self.qkv(x), "b n (qkv h d) -> qkv b h n d", qkv=3, h=self.num_heads)
-        q, k = self.q_norm(q), self.k_norm(k)
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
-        return self.proj_drop(self.proj(self.norm(rearrange(x, "b h n d -> b n (h d)"))))
+    def _make_projections(self, dim: int, qkv_bias: bool) -> None:
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens -> packed q, k, v ``(b, n, 3 * dim)``."""
+        return self.qkv(x)
+
+    def forward(self, x: torch.Tensor, rotation: Rotation | None = None) -> torch.Tensor:
+        dropout = self.attn_drop if self.training else 0.0
+        x = attend(self.project(x), self.num_heads, self.q_norm, self.k_norm, dropout, rotation)
+        return self.proj_drop(self.proj(self.norm(x)))
+
+
+class EvaAttention(Attention):
+    """Attention with biases on q and v but none on k, stored as ``qkv.weight``, ``q_bias``, ``v_bias``
+    (BEiT, Bao et al. 2022; EVA and EVA-02, Fang et al. 2023; timm's ``EvaAttention``). A k bias would
+    only add a per-query constant to the logits, which softmax ignores.
+    """
+
+    def _make_projections(self, dim: int, qkv_bias: bool) -> None:
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(dim)) if qkv_bias else None
+        self.v_bias = nn.Parameter(torch.zeros(dim)) if qkv_bias else None
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        if self.q_bias is None:
+            return self.qkv(x)
+        return F.linear(x, self.qkv.weight, torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias]))
+
+
+class EvaSplitAttention(Attention):
+    """:class:`EvaAttention` with three projections ``q_proj``, ``k_proj`` (no bias), ``v_proj``, as the
+    EVA-02 base and large checkpoints store them (timm's ``EvaAttention(qkv_fused=False)``)."""
+
+    def _make_projections(self, dim: int, qkv_bias: bool) -> None:
+        self.q_proj = nn.Linear(dim, dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(dim, dim, bias=False)
+        self.v_proj = nn.Linear(dim, dim, bias=qkv_bias)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+
+
+class DiffAttention(Attention):
+    """Differential attention: two softmax maps from two halves of each head's q and k, the second
+    subtracted with a learned weight lambda, cancelling attention noise (Differential Transformer, Ye et al.
+    2025; timm's ``DiffAttention``, the ``dwee``/``dlittle`` SBB models). Each head's output is RMS-normed
+    (``sub_norm``) and scaled by ``1 - lambda_init``, where ``lambda_init`` rises with the layer index.
+    """
+
+    uses_layer_index = True
+
+    def __init__(
+        self, dim: int, num_heads: int, qkv_bias: bool = True, qk_norm: NormFactory | None = None,
+        attn_drop: float = 0.0, proj_drop: float = 0.0, *, proj_bias: bool = True,
+        inner_norm: NormFactory | None = None, layer: int = 0,
+    ) -> None:
+        half_dim = dim // num_heads // 2
+        super().__init__(dim, num_heads, qkv_bias, None, attn_drop, proj_drop, proj_bias=proj_bias,
+                         inner_norm=inner_norm)
+        self.q_norm = qk_norm(half_dim) if qk_norm else nn.Identity()
+        self.k_norm = qk_norm(half_dim) if qk_norm else nn.Identity()
+        for name in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2"):
+            setattr(self, name, nn.Parameter(nn.init.normal_(torch.empty(half_dim), std=0.1)))
+        self.sub_norm = nn.RMSNorm(2 * half_dim, eps=1e-5)
+        self.lambda_init = 0.8 - 0.6 * math.exp(-0.3 * layer)
+
+    def forward(self, x: torch.Tensor, rotation: Rotation | None = None) -> torch.Tensor:
+        if rotation is not None:
+            raise ValueError("attn='diff' does not support rotary positions; use rope='none'")
+        lambdas = (self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2)
+        x = differential_attend(self.project(x), self.num_heads, self.q_norm, self.k_norm, lambdas, self.lambda_init,
+                                self.sub_norm, self.attn_drop if self.training else 0.0)
+        return self.proj_drop(self.proj(self.norm(x)))
+
+
+def differential_attend(
+    qkv: torch.Tensor, num_heads: int, q_norm: nn.Module, k_norm: nn.Module, lambdas: tuple[torch.Tensor, ...],
+    lambda_init: float, sub_norm: nn.Module, dropout: float = 0.0,
+) -> torch.Tensor:
+    """Packed q, k, v ``(b, n, 3 * dim)`` -> differential attention values ``(b, n, dim)`` (see
+    :class:`DiffAttention`); ``lambdas`` are ``(lambda_q1, lambda_k1, lambda_q2, lambda_k2)``."""
+    q, k, v = rearrange(qkv, "b n (qkv e) -> qkv b n e", qkv=3)
+    q1, q2 = q_norm(rearrange(q, "b n (h two d) -> two b h n d", two=2, h=num_heads))
+    k1, k2 = k_norm(rearrange(k, "b n (h two d) -> two b h n d", two=2, h=num_heads))
+    v = rearrange(v, "b n (h e) -> b h n e", h=num_heads)
+    lq1, lk1, lq2, lk2 = lambdas
+    lam = torch.exp((lq1 * lk1).sum()) - torch.exp((lq2 * lk2).sum()) + lambda_init
+    out = F.scaled_dot_product_attention(q1, k1, v, dropout_p=dropout)
+    out = out - lam * F.scaled_dot_product_attention(q2, k2, v, dropout_p=dropout)
+    return rearrange(sub_norm(out) * (1 - lambda_init), "b h n e -> b n (h e)")
 
 
 ATTENTIONS: BlockTable = BlockTable(
     "attn", "factory(dim, num_heads, qkv_bias, qk_norm, attn_drop, proj_drop) -> module (b, n, dim) -> (b, n, dim)"
 )
 ATTENTIONS.register("mhsa", Attention)
+ATTENTIONS.register("eva", EvaAttention)
+ATTENTIONS.register("eva_split", EvaSplitAttention)
+ATTENTIONS.register("diff", DiffAttention)

@@ -4,7 +4,8 @@ Contract: ``factory(dim, attn, mlp, norm, layer_scale, drop_path) -> nn.Module``
 ``(b, n, dim) -> (b, n, dim)``; ``attn`` and ``mlp`` are built modules, ``norm`` a norm factory,
 ``layer_scale`` the LayerScale init value (None disables it) and ``drop_path`` this block's
 stochastic-depth rate. Parameter names follow timm's ``Block``: ``norm1``, ``attn``, ``ls1``,
-``norm2``, ``mlp``, ``ls2``.
+``norm2``, ``mlp``, ``ls2``. A model with rotary positions calls ``forward(x, rotation)`` and the block
+hands the rotation to its attention.
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ from functools import partial
 import torch
 from torch import nn
 
+from vitzoo.blocks.attention import Attention, DiffAttention, attend, differential_attend
+from vitzoo.blocks.mlp import Mlp
 from vitzoo.blocks.norm import NormFactory
+from vitzoo.blocks.rope import Rotation
 from vitzoo.blocks.table import BlockTable
 
 
@@ -46,6 +50,12 @@ class DropPath(nn.Module):
         return x * mask / keep
 
 
+def run_attn(attn: nn.Module, x: torch.Tensor, rotation: Rotation | None) -> torch.Tensor:
+    """Call an attention block, passing the rotation only when there is one (so attention blocks written
+    without RoPE still serve models without it)."""
+    return attn(x) if rotation is None else attn(x, rotation)
+
+
 class _ResidualBlock(nn.Module):
     """The parts every residual wiring shares; subclasses differ only in ``forward``."""
 
@@ -67,8 +77,8 @@ class _ResidualBlock(nn.Module):
 class PreNormBlock(_ResidualBlock):
     """x + attn(norm(x)), then x + mlp(norm(x)): the pre-norm block of ViT and timm's ``Block``."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+    def forward(self, x: torch.Tensor, rotation: Rotation | None = None) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(run_attn(self.attn, self.norm1(x), rotation)))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x
 
@@ -76,8 +86,8 @@ class PreNormBlock(_ResidualBlock):
 class PostNormBlock(_ResidualBlock):
     """norm(x + attn(x)), then norm(x + mlp(x)): the original Transformer wiring (Vaswani et al. 2017)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.norm1(x + self.drop_path1(self.ls1(self.attn(x))))
+    def forward(self, x: torch.Tensor, rotation: Rotation | None = None) -> torch.Tensor:
+        x = self.norm1(x + self.drop_path1(self.ls1(run_attn(self.attn, x, rotation))))
         x = self.norm2(x + self.drop_path2(self.ls2(self.mlp(x))))
         return x
 
@@ -85,10 +95,10 @@ class PostNormBlock(_ResidualBlock):
 class ParallelBlock(_ResidualBlock):
     """x + attn(norm(x)) + mlp(norm(x)): attention and MLP side by side (GPT-J; ViT-22B)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotation: Rotation | None = None) -> torch.Tensor:
         return (
             x
-            + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+            + self.drop_path1(self.ls1(run_attn(self.attn, self.norm1(x), rotation)))
             + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         )
 
@@ -97,10 +107,33 @@ class ResPostNormBlock(_ResidualBlock):
     """x + norm(attn(x)), then x + norm(mlp(x)): the norm closes each residual branch (res-post-norm
     of Swin V2, Liu et al. 2022; timm's ``ResPostBlock``)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path1(self.ls1(self.norm1(self.attn(x))))
+    def forward(self, x: torch.Tensor, rotation: Rotation | None = None) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.norm1(run_attn(self.attn, x, rotation))))
         x = x + self.drop_path2(self.ls2(self.norm2(self.mlp(x))))
         return x
+
+
+class EvaBlock(_ResidualBlock):
+    """The pre-norm block with its LayerScale stored as bare ``gamma_1`` / ``gamma_2`` parameters (BEiT, Bao
+    et al. 2022; EVA-02, Fang et al. 2023; DINOv3; timm's ``EvaBlock``): same computation as ``prenorm``,
+    the checkpoint layout of the Eva family."""
+
+    def __init__(
+        self, dim: int, attn: nn.Module, mlp: nn.Module, norm: NormFactory, layer_scale: float | None = None,
+        drop_path: float = 0.0,
+    ) -> None:
+        super().__init__(dim, attn, mlp, norm, None, drop_path)
+        self.gamma_1 = nn.Parameter(torch.full((dim,), float(layer_scale))) if layer_scale else None
+        self.gamma_2 = nn.Parameter(torch.full((dim,), float(layer_scale))) if layer_scale else None
+
+    def forward(self, x: torch.Tensor, rotation: Rotation | None = None) -> torch.Tensor:
+        x = x + self.drop_path1(self._scale(run_attn(self.attn, self.norm1(x), rotation), self.gamma_1))
+        x = x + self.drop_path2(self._scale(self.mlp(self.norm2(x)), self.gamma_2))
+        return x
+
+    @staticmethod
+    def _scale(x: torch.Tensor, gamma: torch.Tensor | None) -> torch.Tensor:
+        return x if gamma is None else x * gamma
 
 
 class ParallelBranchesBlock(nn.Module):
@@ -126,9 +159,92 @@ class ParallelBranchesBlock(nn.Module):
         self.attns = nn.ModuleList(branch("attn", attn if j == 0 else copy.deepcopy(attn)) for j in range(num_parallel))
         self.ffns = nn.ModuleList(branch("mlp", mlp if j == 0 else copy.deepcopy(mlp)) for j in range(num_parallel))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + sum(attn(x) for attn in self.attns)
+    def forward(self, x: torch.Tensor, rotation: Rotation | None = None) -> torch.Tensor:
+        x = x + sum(b.drop_path(b.ls(run_attn(b.attn, b.norm(x), rotation))) for b in self.attns)
         return x + sum(ffn(x) for ffn in self.ffns)
+
+
+class ParallelScalingBlock(nn.Module):
+    """x + attn_out_proj(attention) + mlp_out_proj(act(hidden)), where one ``in_proj`` matmul makes the MLP
+    hidden units and q, k, v together (rows ``[fc1 | q | k | v]``): ViT-22B's parallel block (Dehghani et
+    al. 2023; timm's ``ParallelScalingBlock``, the ``*_xp_*`` and ``pwee`` models).
+
+    It takes the slot's attention and MLP modules apart: their q/k norms, activation and output
+    projections are kept (as ``q_norm``, ``k_norm``, ``attn_out_proj``, ``mlp_out_proj``) and their
+    input projections are fused, so it needs the plain ``mhsa`` attention and a two-layer MLP. As in
+    timm, the fused projection has a bias only with ``qkv_bias``; otherwise the MLP half gets its own
+    ``mlp_bias``.
+    """
+
+    fuses: type[nn.Module] = Attention  # the attention block this block takes apart
+
+    def __init__(
+        self, dim: int, attn: nn.Module, mlp: nn.Module, norm: NormFactory, layer_scale: float | None = None,
+        drop_path: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if type(attn) is not self.fuses or type(mlp) is not Mlp or not isinstance(attn.norm, nn.Identity):
+            raise ValueError(f"this parallel block fuses {self.fuses.__name__} without inner norm with a two-layer "
+                             f"MLP (gelu, relu, ...); got {type(attn).__name__} and {type(mlp).__name__}")
+        qkv_bias = attn.qkv.bias is not None
+        self.num_heads, self.attn_drop, self.hidden_dim = attn.num_heads, attn.attn_drop, mlp.fc1.out_features
+        self.in_norm = norm(dim)
+        self.in_proj = nn.Linear(dim, self.hidden_dim + attn.qkv.out_features, bias=qkv_bias)
+        self.mlp_bias = None if qkv_bias else nn.Parameter(torch.zeros(self.hidden_dim))
+        self.q_norm, self.k_norm = attn.q_norm, attn.k_norm
+        self.mlp_act, self.mlp_drop = mlp.act, mlp.drop1
+        self._make_output(attn, mlp)
+        self.ls = LayerScale(dim, layer_scale) if layer_scale else nn.Identity()
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def _make_output(self, attn: nn.Module, mlp: nn.Module) -> None:
+        self.attn_out_proj, self.mlp_out_proj = attn.proj, mlp.fc2
+
+    def _attend(self, qkv: torch.Tensor, rotation: Rotation | None) -> torch.Tensor:
+        dropout = self.attn_drop if self.training else 0.0
+        return attend(qkv, self.num_heads, self.q_norm, self.k_norm, dropout, rotation)
+
+    def _output(self, attended: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        return self.attn_out_proj(attended) + self.mlp_out_proj(hidden)
+
+    def forward(self, x: torch.Tensor, rotation: Rotation | None = None) -> torch.Tensor:
+        hidden, qkv = self.in_proj(self.in_norm(x)).split([self.hidden_dim, 3 * x.shape[-1]], dim=-1)
+        if self.mlp_bias is not None:
+            hidden = hidden + self.mlp_bias
+        y = self._output(self._attend(qkv, rotation), self.mlp_drop(self.mlp_act(hidden)))
+        return x + self.drop_path(self.ls(y))
+
+
+class DiffParallelScalingBlock(ParallelScalingBlock):
+    """:class:`ParallelScalingBlock` with differential attention (Ye et al. 2025) and one ``out_proj`` over
+    the concatenated [attention | MLP] outputs (timm's ``DiffParallelScalingBlock``, the ``dpwee`` model).
+    Takes the ``diff`` attention apart: its lambdas and ``sub_norm`` live on the block, as in timm."""
+
+    fuses = DiffAttention
+
+    def __init__(
+        self, dim: int, attn: nn.Module, mlp: nn.Module, norm: NormFactory, layer_scale: float | None = None,
+        drop_path: float = 0.0,
+    ) -> None:
+        super().__init__(dim, attn, mlp, norm, layer_scale, drop_path)
+        self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2 = (
+            attn.lambda_q1, attn.lambda_k1, attn.lambda_q2, attn.lambda_k2,
+        )
+        self.sub_norm, self.lambda_init = attn.sub_norm, attn.lambda_init
+
+    def _make_output(self, attn: nn.Module, mlp: nn.Module) -> None:
+        self.out_proj = nn.Linear(attn.proj.in_features + mlp.fc2.in_features, attn.proj.out_features,
+                                  bias=attn.proj.bias is not None)
+
+    def _attend(self, qkv: torch.Tensor, rotation: Rotation | None) -> torch.Tensor:
+        if rotation is not None:
+            raise ValueError("block='diff_parallel_scaling' does not support rotary positions; use rope='none'")
+        lambdas = (self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2)
+        return differential_attend(qkv, self.num_heads, self.q_norm, self.k_norm, lambdas, self.lambda_init,
+                                   self.sub_norm, self.attn_drop if self.training else 0.0)
+
+    def _output(self, attended: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        return self.out_proj(torch.cat([attended, hidden], dim=-1))
 
 
 ENCODER_BLOCKS: BlockTable = BlockTable(
@@ -139,3 +255,6 @@ ENCODER_BLOCKS.register("postnorm", PostNormBlock)
 ENCODER_BLOCKS.register("parallel", ParallelBlock)
 ENCODER_BLOCKS.register("respost", ResPostNormBlock)
 ENCODER_BLOCKS.register("parallel2", partial(ParallelBranchesBlock, num_parallel=2))
+ENCODER_BLOCKS.register("parallel_scaling", ParallelScalingBlock)
+ENCODER_BLOCKS.register("diff_parallel_scaling", DiffParallelScalingBlock)
+ENCODER_BLOCKS.register("eva", EvaBlock)

@@ -93,6 +93,30 @@ class PackedGatedMlp(nn.Module):
         return self.drop2(self.fc2(self.norm(self.drop1(self.act(gate) * value))))
 
 
+class NormedGatedMlp(nn.Module):
+    """LayerNorm on the input, then act(w0 x) * w1 x -> w2: the GeGLU MLP of ViTamin (Chen et al. 2024;
+    timm's vitamin ``GeGluMlp``, whose input norm is always a LayerNorm with eps 1e-6)."""
+
+    def __init__(
+        self, dim: int, hidden_dim: int, bias: bool = True, drop: float = 0.0,
+        act: Callable[[], nn.Module] = nn.GELU, *, inner_norm: NormFactory | None = None,
+    ) -> None:
+        super().__init__()
+        if inner_norm is not None:
+            raise ValueError("mlp='geglu_normed' already normalizes its input; set mlp_inner_norm=False")
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.w0 = nn.Linear(dim, hidden_dim, bias=bias)
+        self.act = act()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=bias)
+        self.drop1 = nn.Dropout(drop)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=bias)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(x)
+        return self.drop2(self.w2(self.drop1(self.act(self.w0(x)) * self.w1(x))))
+
+
 MLPS: BlockTable = BlockTable("mlp", "factory(dim, hidden_dim, bias, drop) -> module (b, n, dim) -> (b, n, dim)")
 MLPS.register("gelu", partial(Mlp, act=nn.GELU))
 MLPS.register("gelu_tanh", partial(Mlp, act=partial(nn.GELU, approximate="tanh")))
@@ -101,3 +125,4 @@ MLPS.register("relu", partial(Mlp, act=nn.ReLU))
 MLPS.register("swiglu", partial(GatedMlp, act=nn.SiLU))
 MLPS.register("geglu", partial(GatedMlp, act=nn.GELU))
 MLPS.register("swiglu_packed", partial(PackedGatedMlp, act=nn.SiLU))
+MLPS.register("geglu_normed", partial(NormedGatedMlp, act=nn.GELU))

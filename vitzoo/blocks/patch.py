@@ -81,6 +81,25 @@ def resnetv2(in_chans: int, layers: tuple[int, ...]) -> nn.Module:
                     stem_type="same", conv_layer=conv)
 
 
+def vitamin_stem(in_chans: int, widths: tuple[int, int, int], stem_width: int) -> nn.Module:
+    """ViTamin's MobileConv stem (Chen et al. 2024): conv stem, two MBConv stages and a strided conv to the
+    token width, stride 16 in all (timm's ``MbConvStages``, so ViTamin checkpoints load as they are)."""
+    from timm.models.vitamin import MbConvStages, VitCfg, VitConvCfg
+
+    conv_cfg = VitConvCfg(norm_layer="layernorm2d", norm_eps=1e-6)
+    return MbConvStages(VitCfg(embed_dim=widths, depths=(2, 4, 1), stem_width=stem_width, conv_cfg=conv_cfg,
+                               head_type="1d"), in_chans=in_chans)
+
+
+def mobileclip_stem(in_chans: int, width: int) -> nn.Module:
+    """MobileCLIP's ViT-B stem (Vasu et al. 2024): three non-overlapping GELU convs of strides 4, 2, 2
+    (timm's ``ConvStem`` as ``vit_base_mci_224`` builds it)."""
+    from timm.models.vision_transformer_hybrid import ConvStem
+
+    return ConvStem(in_chans=in_chans, channels=(width // 4, width // 4, width), stride=(4, 2, 2),
+                    kernel_size=(4, 2, 2), padding=0, act_layer=nn.GELU)
+
+
 def timm_cnn_features(in_chans: int, name: str, stage: int) -> nn.Module:
     """One stage's feature map of a timm CNN (``features_only``), e.g. ResNet-D (He et al. 2019)."""
     import timm
@@ -94,19 +113,24 @@ class HybridPatchEmbed(nn.Module):
     ``patch_size`` is the total stride in pixels, so the patch grid is ``H / patch_size`` as for the
     other entries: the CNN reduces by ``reduction`` and ``proj`` covers ``patch_size / reduction``
     feature cells. ``backbone`` is timm's own CNN module, so timm's hybrid checkpoints load as they are.
+    With ``proj=False`` the stem itself ends at the token width (ViTamin, MobileCLIP) and each feature
+    cell is a token: ``proj`` is then an identity, as in timm's ``HybridEmbed(proj=False)``.
     """
 
     def __init__(
         self, patch_size: int, in_chans: int, dim: int, bias: bool = True, *, norm: NormFactory | None = None,
-        backbone: Callable[[int], nn.Module], channels: int, reduction: int,
+        backbone: Callable[[int], nn.Module], channels: int, reduction: int, proj: bool = True,
     ) -> None:
         super().__init__()
         if patch_size % reduction:
             raise ValueError(f"this hybrid stem reduces images {reduction}x; patch_size={patch_size} must be a "
                              f"multiple of {reduction} (patch_size counts pixels, not feature cells)")
+        if not proj and (channels != dim or patch_size != reduction):
+            raise ValueError(f"this stem ends in {channels} channels at stride {reduction} with no projection; "
+                             f"use embed_dim={channels} and patch_size={reduction}")
         self.backbone = backbone(in_chans)
         cells = patch_size // reduction
-        self.proj = nn.Conv2d(channels, dim, kernel_size=cells, stride=cells, bias=bias)
+        self.proj = nn.Conv2d(channels, dim, kernel_size=cells, stride=cells, bias=bias) if proj else nn.Identity()
         self.norm = norm(dim) if norm else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -144,3 +168,12 @@ for _name, _stage, _channels, _reduction in (("resnet26d", 4, 2048, 32), ("resne
         partial(HybridPatchEmbed, backbone=partial(timm_cnn_features, name=_name, stage=_stage),
                 channels=_channels, reduction=_reduction),
     )
+for _size, _widths in (("s", (64, 128, 384)), ("b", (128, 256, 768)), ("l", (160, 320, 1024)),
+                       ("xl", (192, 384, 1152))):
+    PATCH_EMBEDS.register(
+        f"hybrid_vitamin_{_size}",
+        partial(HybridPatchEmbed, backbone=partial(vitamin_stem, widths=_widths, stem_width=_widths[0]),
+                channels=_widths[-1], reduction=16, proj=False),
+    )
+PATCH_EMBEDS.register("hybrid_mobileclip_b", partial(HybridPatchEmbed, backbone=partial(mobileclip_stem, width=768),
+                                                     channels=768, reduction=16, proj=False))

@@ -1,0 +1,181 @@
+"""Rotary position slot: 2-D RoPE, a rotation of q and k by angles that depend on each token's position.
+
+Contract: ``factory(head_dim, grid_size, num_prefix, *, temperature, ref_grid, grid_offset, xy, num_heads,
+depth) -> nn.Module`` with ``forward(grid) -> Rotation | None`` for a patch grid ``(h, w)``.
+``temperature`` None means the entry's own default; ``ref_grid`` rescales positions to a reference grid
+(EVA-02 fine-tuned at a new size); ``grid_offset`` shifts the positions; ``xy`` orders the coordinate
+channels (x, y) instead of (y, x). The rotation covers ``num_prefix + h * w`` tokens and leaves the
+prefix tokens (class, registers) as they are, so attention applies it to the whole sequence. A rotation
+may differ per layer and head (``(depth, heads, n, head_dim)``, learned frequencies); the model hands
+block ``i`` its :meth:`Rotation.layer`. Fixed rotations store nothing in the state_dict, as in timm.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from einops import rearrange, repeat
+from torch import nn
+
+from vitzoo.blocks.table import BlockTable
+
+Grid = tuple[int, int]
+
+
+class Rotation(NamedTuple):
+    """Rotate channel ``i`` of q or k with channel ``pair[i]``: ``x * cos + x[..., pair] * sin``."""
+
+    cos: torch.Tensor  # ([depth, heads,] n, head_dim); 1 on prefix tokens
+    sin: torch.Tensor  # like cos, with the sign of the rotation folded in; 0 on prefix tokens
+    pair: torch.Tensor  # (head_dim,) the channel each channel turns with
+
+    def layer(self, i: int) -> Rotation:
+        """The rotation block ``i`` uses: its own slice when the rotation differs per layer."""
+        return Rotation(self.cos[i], self.sin[i], self.pair) if self.cos.ndim == 4 else self
+
+
+def rotate(x: torch.Tensor, rotation: Rotation) -> torch.Tensor:
+    """Apply a :class:`Rotation` to q or k ``(b, heads, n, head_dim)``."""
+    return x * rotation.cos + x[..., rotation.pair] * rotation.sin
+
+
+class AxialRope(nn.Module):
+    """Axial 2-D RoPE with one frequency ladder per image axis and interleaved channel pairs ``(2i, 2i+1)``:
+    a quarter of the head channels rotate with the row, a quarter with the column, each at
+    ``temperature ** -(j / (head_dim / 4))`` (RoFormer, Su et al. 2021, in 2-D as in EVA-02, Fang et al.
+    2023; ROPE-ViT, Heo et al. 2024; Perception Encoder, Bolya et al. 2025; timm's ``RotaryEmbeddingCat``).
+    """
+
+    default_temperature = 10000.0
+    rotate_half = False
+    learned = False  # learned frequencies: rebuilt every call so gradients reach them, never cached
+
+    def __init__(
+        self, head_dim: int, grid_size: Grid, num_prefix: int, *, temperature: float | None = None,
+        ref_grid: Grid | None = None, grid_offset: float = 0.0, xy: bool = False, num_heads: int = 1, depth: int = 1,
+    ) -> None:
+        super().__init__()
+        if head_dim % 4:
+            raise ValueError(f"2-D RoPE splits each head in 4 parts; head_dim={head_dim} is not divisible by 4")
+        self.head_dim, self.grid_size, self.num_prefix = head_dim, tuple(grid_size), num_prefix
+        self.temperature = self.default_temperature if temperature is None else float(temperature)
+        self.ref_grid, self.grid_offset, self.xy = ref_grid, grid_offset, xy
+        self.register_buffer("pair", self._pairing()[0], persistent=False)
+        self._init_frequencies(num_heads, depth)
+        self.register_buffer("cached", None if self.learned else self._build(self.grid_size), persistent=False)
+
+    def _init_frequencies(self, num_heads: int, depth: int) -> None:
+        """Fixed frequencies need no state; learned ones are created here."""
+
+    def _pairing(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The partner of each channel and the sign its partner enters with."""
+        half = self.head_dim // 2
+        if self.rotate_half:  # channel i turns with i + head_dim / 2: (-x_{i+half}, x_i)
+            return torch.arange(self.head_dim).roll(half), torch.tensor([-1.0, 1.0]).repeat_interleave(half)
+        pairs = rearrange(torch.arange(self.head_dim), "(k two) -> k two", two=2).flip(-1)  # 2i with 2i + 1
+        return rearrange(pairs, "k two -> (k two)"), torch.tensor([-1.0, 1.0]).repeat(half)
+
+    def _axis(self, size: int, ref: int | None) -> torch.Tensor:
+        t = torch.arange(size).float() + self.grid_offset
+        return t if ref is None else t / size * ref
+
+    def coords(self, grid: Grid) -> torch.Tensor:
+        """Token positions ``(h * w, 2)``, row-major, channels (y, x) or (x, y)."""
+        refs = self.ref_grid or (None, None)
+        ys, xs = torch.meshgrid(self._axis(grid[0], refs[0]), self._axis(grid[1], refs[1]), indexing="ij")
+        coords = torch.stack([xs, ys] if self.xy else [ys, xs], dim=-1)
+        return rearrange(coords, "h w c -> (h w) c")
+
+    def angles(self, coords: torch.Tensor) -> torch.Tensor:
+        """Angles ``(n, head_dim / 2)``: each coordinate at each of ``head_dim / 4`` frequencies."""
+        quarter = self.head_dim // 4
+        bands = 1.0 / self.temperature ** (torch.arange(quarter).float() / quarter)
+        return rearrange(coords[..., None] * bands.to(coords.device), "n c f -> n (c f)")
+
+    def _build(self, grid: Grid) -> torch.Tensor:
+        """cos and signed sin stacked: ``(2, [depth, heads,] num_prefix + h * w, head_dim)``."""
+        angles = self.angles(self.coords(grid).to(self.pair.device))
+        layout = "... n k -> ... n (two k)" if self.rotate_half else "... n k -> ... n (k two)"
+        sign = self._pairing()[1].to(angles.device)
+        cos, sin = repeat(angles.cos(), layout, two=2), repeat(angles.sin(), layout, two=2) * sign
+        prefix = cos.new_zeros(*cos.shape[:-2], self.num_prefix, self.head_dim)
+        return torch.stack([torch.cat([prefix + 1, cos], dim=-2), torch.cat([prefix, sin], dim=-2)])
+
+    def forward(self, grid: Grid) -> Rotation:
+        table = self.cached if self.cached is not None and tuple(grid) == self.grid_size else self._build(grid)
+        return Rotation(table[0], table[1], self.pair)
+
+
+class DinoV3Rope(AxialRope):
+    """2-D RoPE on patch centres normalized to [-1, 1], periods ``temperature ** (2j / (head_dim / 2))``, and
+    channel ``i`` paired with ``i + head_dim / 2`` (DINOv3, Siméoni et al. 2025; timm's ``RotaryEmbeddingDinoV3``).
+    Positions are relative to the image, so any grid reuses the same angles range.
+    """
+
+    default_temperature = 100.0
+    rotate_half = True
+
+    def _axis(self, size: int, ref: int | None) -> torch.Tensor:
+        return (torch.arange(0.5, size).float() + self.grid_offset) / size
+
+    def coords(self, grid: Grid) -> torch.Tensor:
+        return 2.0 * super().coords(grid) - 1.0
+
+    def angles(self, coords: torch.Tensor) -> torch.Tensor:
+        quarter = self.head_dim // 4
+        periods = self.temperature ** (2.0 * torch.arange(quarter).float() / (self.head_dim // 2))
+        return rearrange(2 * math.pi * coords[..., None] / periods.to(coords.device), "n c f -> n (c f)")
+
+
+class MixedRope(AxialRope):
+    """RoPE-Mixed: learned 2-D frequencies per layer and head, each angle a mix of x and y, so heads can
+    attend along diagonals (ROPE-ViT, Heo et al. 2024; timm's ``RotaryEmbeddingMixed``). The frequencies
+    are the model's ``rope.freqs`` ``(2, depth, heads, head_dim / 2)``, initialized as axial bands turned
+    by a random angle per head."""
+
+    default_temperature = 10.0
+    learned = True
+
+    def _init_frequencies(self, num_heads: int, depth: int) -> None:
+        magnitude = 1.0 / self.temperature ** (torch.arange(0, self.head_dim, 4).float() / self.head_dim)
+        turn = torch.rand(depth, num_heads, 1) * 2 * math.pi
+        fx = torch.cat([magnitude * torch.cos(turn), magnitude * torch.cos(turn + math.pi / 2)], dim=-1)
+        fy = torch.cat([magnitude * torch.sin(turn), magnitude * torch.sin(turn + math.pi / 2)], dim=-1)
+        self.freqs = nn.Parameter(torch.stack([fx, fy]))
+
+    def angles(self, coords: torch.Tensor) -> torch.Tensor:
+        x, y = rearrange(coords, "n c -> c n 1")
+        return x * self.freqs[0][..., None, :] + y * self.freqs[1][..., None, :]
+
+
+class NoRope(nn.Module):
+    """No rotary embedding: attention sees positions only through the position table (ViT)."""
+
+    def __init__(self, head_dim: int, grid_size: Grid, num_prefix: int, **options: object) -> None:
+        super().__init__()
+
+    def forward(self, grid: Grid) -> None:
+        return None
+
+
+def _rope_probe(module: nn.Module, args: tuple) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """``forward(grid_size)`` must rotate ``num_prefix + h * w`` tokens of ``head_dim`` channels, or be None."""
+    head_dim, grid_size, num_prefix = args[:3]
+    expected = (num_prefix + grid_size[0] * grid_size[1], head_dim)
+    out = module(tuple(grid_size))
+    if out is None:  # nothing to rotate, allowed
+        return torch.empty(expected), expected
+    return out.cos.reshape(-1, *out.cos.shape[-2:])[0], expected  # one layer's and head's table
+
+
+ROPES: BlockTable = BlockTable(
+    "rope", "factory(head_dim, grid_size, num_prefix, *, temperature, ref_grid, grid_offset, xy, num_heads, depth) "
+    "-> module with forward(grid) -> Rotation of ([depth, heads,] num_prefix + h * w, head_dim) or None",
+    probe=_rope_probe,
+)
+ROPES.register("none", NoRope)
+ROPES.register("axial", AxialRope)
+ROPES.register("dinov3", DinoV3Rope)
+ROPES.register("mixed", MixedRope)
