@@ -76,6 +76,12 @@ class TrainResult:
                 "images_per_s": self.images_per_s, "seconds": self.seconds}
 
 
+def steps_per_epoch(size: int, config: TrainConfig, world_size: int = 1) -> int:
+    """Optimizer steps in one pass over ``size`` samples: each process takes ``size // world_size``
+    of them and the tail that does not fill a step is dropped (see :class:`ResumableSampler`)."""
+    return size // world_size // (config.batch_size * config.accum_steps)
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module, dataset: Dataset, batch_size: int = 256, device: str = "cpu", world: World | None = None,
@@ -120,7 +126,7 @@ class _Run:
         self.forward = torch.compile(self.net) if config.compile else self.net
         self.sampler = ResumableSampler(len(train_data), config.seed, world.rank, world.world_size)
         self.per_step = config.batch_size * config.accum_steps
-        self.steps_per_epoch = self.sampler.per_rank // self.per_step
+        self.steps_per_epoch = steps_per_epoch(len(train_data), config, world.world_size)
         if self.steps_per_epoch == 0:
             raise ValueError(
                 f"the training set ({len(train_data)} samples over {world.world_size} process(es)) is smaller than "
