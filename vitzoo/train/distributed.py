@@ -48,6 +48,13 @@ def init_world(device: str) -> World:
     return World(dist.get_rank(), world_size, device)
 
 
+def close_world(world: World) -> None:
+    """Leave the process group together: a rank exiting with gloo still open can abort at shutdown."""
+    if world.distributed and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def wrap(model: nn.Module, world: World, strategy: str) -> nn.Module:
     """The module the training step calls: the model itself, DDP around it, or the model sharded in place.
 

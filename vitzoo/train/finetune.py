@@ -23,8 +23,8 @@ import torch
 from vitzoo.registry import create_model
 from vitzoo.spec import parse_assignment
 from vitzoo.train.data import add_data_arguments, build_datasets, num_classes
-from vitzoo.train.distributed import full_state_dict, gather_strings, init_world, weights_digest
-from vitzoo.train.loop import TrainConfig, TrainResult, fit
+from vitzoo.train.distributed import close_world, full_state_dict, gather_strings, init_world, weights_digest
+from vitzoo.train.loop import TrainConfig, TrainResult, fit, steps_per_epoch
 from vitzoo.train.recipe import freeze_backbone
 from vitzoo.vit import VisionTransformer
 from vitzoo.weights.files import write_text_atomic
@@ -122,17 +122,18 @@ def finetune(config: FinetuneConfig, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) a fine-tuning run; returns the summary that is also written to ``summary.json``."""
     world = init_world(config.train.device)
     out = Path(config.out)
-    probe = create_model(config.model, img_size=config.img_size, **config.overrides).pretrained_cfg
-    train_data, val_data = build_datasets(config.data, probe, config.data_root, config.download,
+    with torch.device("meta"):  # only the preprocessing config is needed before the data is known
+        cfg = create_model(config.model, img_size=config.img_size, **config.overrides).pretrained_cfg
+    train_data, val_data = build_datasets(config.data, cfg, config.data_root, config.download,
                                           config.val_fraction, config.train.seed)
     classes = num_classes(train_data)
     torch.manual_seed(config.train.seed)
     model = build_model(config, classes)
     train = config.train
-    steps_per_epoch = max(1, len(train_data) // (train.batch_size * train.accum_steps * world.world_size))
+    epoch_steps = max(1, steps_per_epoch(len(train_data), train, world.world_size))
     if config.epochs is not None:
-        train.steps = max(1, round(config.epochs * steps_per_epoch))
-    train.eval_every = config.eval_every or min(steps_per_epoch, train.steps)
+        train.steps = max(1, round(config.epochs * epoch_steps))
+    train.eval_every = config.eval_every or min(epoch_steps, train.steps)
     train.checkpoint_every = config.checkpoint_every or train.eval_every
     log = RunLog(out, config.resume) if world.main else None
     if world.main:
@@ -153,6 +154,7 @@ def finetune(config: FinetuneConfig, progress: bool = True) -> dict[str, Any]:
     if log:
         log.finish(result, summary)
         logger.info("summary: %s", json.dumps(summary))
+    close_world(world)
     return summary
 
 
