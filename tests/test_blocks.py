@@ -59,6 +59,48 @@ def test_patch_embed_entries_agree():
     torch.testing.assert_close(linear(x), conv(x), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_linear_patch_embed_backward_matches_autograd_and_keeps_no_patch_copy(autocast):
+    """The weight gradient re-cuts the patches from the image, so the only tensor saved for backward
+    that is as large as the image is the image itself, and gradients equal plain autograd's."""
+    from einops import rearrange
+
+    from vitzoo.blocks.patch import patchify
+
+    torch.manual_seed(0)
+    embed = slot_table("patch_embed").get("linear")(4, 3, 16, True)
+    images = torch.randn(2, 3, 32, 32, requires_grad=True)
+
+    def grads(forward):
+        saved = []
+
+        def keep(tensor):
+            saved.append(tensor)
+            return tensor
+
+        embed.zero_grad()
+        images.grad = None
+        with (torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t),
+              torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)):
+            out = forward()
+        out.float().square().sum().backward()
+        grads = [images.grad, embed.proj.weight.grad, embed.proj.bias.grad]
+        return out, [g.clone() for g in grads], saved
+
+    def plain_autograd():
+        weight = rearrange(embed.proj.weight, "d c p1 p2 -> d (c p1 p2)")
+        return torch.nn.functional.linear(patchify(images, 4), weight, embed.proj.bias)
+
+    out, got, saved = grads(lambda: embed(images))
+    ref_out, want, _ = grads(plain_autograd)
+    torch.testing.assert_close(out, ref_out, atol=0, rtol=0)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-5)
+    image_sized = [t for t in saved if t.numel() >= images.numel()]
+    assert len(image_sized) == 1 and image_sized[0].data_ptr() == images.data_ptr()
+
+
 def test_per_layer_choices_build_those_blocks():
     spec = ViTSpec(**SMALL).replace(
         depth=4, mlp=("gelu", "gelu", "swiglu", "swiglu"), block=["prenorm", "parallel", "prenorm", "postnorm"]

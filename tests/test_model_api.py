@@ -80,8 +80,9 @@ def test_torch_compile_runs_and_matches_eager():
     compiled = torch.compile(model)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), atol=1e-4, rtol=1e-4)
-    explanation = torch._dynamo.explain(model)(x)
-    assert explanation.graph_break_count == 0
+    assert torch._dynamo.explain(model)(x).graph_break_count == 0
+    torch._dynamo.reset()
+    assert torch._dynamo.explain(model.train())(x).graph_break_count == 0  # the training forward too
 
 
 def test_cli_list_and_info(capsys):

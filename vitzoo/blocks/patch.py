@@ -22,6 +22,49 @@ from vitzoo.blocks.norm import NormFactory
 from vitzoo.blocks.table import BlockTable, like_module
 
 
+def patchify(images: torch.Tensor, p: int) -> torch.Tensor:
+    """``(b, c, H, W) -> (b, h, w, c*p*p)``: each row one patch, channels outermost as in a conv kernel."""
+    return rearrange(images, "b c (h p1) (w p2) -> b h w (c p1 p2)", p1=p, p2=p)
+
+
+class PatchLinear(torch.autograd.Function):
+    """``F.linear(patchify(images), weight, bias)`` that keeps the image, not the patch copy, for backward.
+
+    Autograd through ``rearrange`` + ``F.linear`` would save the patch copy (one image-sized tensor) until
+    backward, although the image it was cut from is alive anyway: the weight gradient re-cuts the patches
+    instead, which costs one copy of the image and nothing else. Under autocast the forward runs in the
+    autocast dtype as ``F.linear`` would; the backward computes in the gradient's dtype and returns each
+    gradient in its input's dtype.
+    """
+
+    @staticmethod
+    def forward(images: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, p: int) -> torch.Tensor:
+        return F.linear(patchify(images, p), weight, bias)
+
+    @staticmethod
+    def setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: torch.Tensor) -> None:
+        images, weight, bias, p = inputs
+        ctx.save_for_backward(images, weight)
+        ctx.p = p
+        ctx.bias_dtype = None if bias is None else bias.dtype
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple:
+        images, weight = ctx.saved_tensors
+        rows = rearrange(grad, "b h w d -> (b h w) d")
+        grad_images = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_patches = grad @ weight.to(grad.dtype)
+            grad_images = rearrange(grad_patches, "b h w (c p1 p2) -> b c (h p1) (w p2)", p1=ctx.p, p2=ctx.p)
+            grad_images = grad_images.to(images.dtype)
+        if ctx.needs_input_grad[1]:
+            patches = rearrange(patchify(images, ctx.p), "b h w k -> (b h w) k").to(grad.dtype)
+            grad_weight = (rows.t() @ patches).to(weight.dtype)
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+            grad_bias = rows.sum(0).to(ctx.bias_dtype)
+        return grad_images, grad_weight, grad_bias, None
+
+
 class LinearPatchEmbed(nn.Module):
     """Cut the image into p x p patches with einops and project each with one matmul (ViT)."""
 
@@ -34,10 +77,8 @@ class LinearPatchEmbed(nn.Module):
         self.norm = norm(dim) if norm else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p = self.patch_size
-        patches = rearrange(x, "b c (h p1) (w p2) -> b h w (c p1 p2)", p1=p, p2=p)
         weight = rearrange(self.proj.weight, "d c p1 p2 -> d (c p1 p2)")
-        return self.norm(F.linear(patches, weight, self.proj.bias))
+        return self.norm(PatchLinear.apply(x, weight, self.proj.bias, self.patch_size))
 
 
 class NormedLinearPatchEmbed(LinearPatchEmbed):
@@ -55,8 +96,7 @@ class NormedLinearPatchEmbed(LinearPatchEmbed):
         self.norm_in = norm(in_chans * patch_size * patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p = self.patch_size
-        patches = self.norm_in(rearrange(x, "b c (h p1) (w p2) -> b h w (c p1 p2)", p1=p, p2=p))
+        patches = self.norm_in(patchify(x, self.patch_size))
         weight = rearrange(self.proj.weight, "d c p1 p2 -> d (c p1 p2)")
         return self.norm(F.linear(patches, weight, self.proj.bias))
 
