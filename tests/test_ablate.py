@@ -166,6 +166,8 @@ def test_grid_writes_tables_and_plots_and_resumes(tiny_model, tmp_path):
         rows = list(csv.DictReader(f))
     assert [(r["mlp"], r["norm"]) for r in rows][:2] == [("gelu", "layernorm"), ("gelu", "rmsnorm")]
     assert all(float(r["params"]) > 0 and float(r["gflops"]) > 0 and 0 <= float(r["val_acc"]) <= 1 for r in rows)
+    # measured: more than weights, gradients and AdamW's two moments (4 x the fp32 weights)
+    assert all(float(r["peak_mem_mb"]) * 2**20 > 16 * float(r["params"]) for r in rows)
     assert len(json.loads((tmp_path / "results.json").read_text())) == 4
     summary = (tmp_path / "summary.md").read_text()
     assert "| mlp=swiglu norm=rmsnorm |" in summary and "val acc (%)" in summary

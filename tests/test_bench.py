@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import vitzoo
-from vitzoo.bench import COLUMNS, Mode, graph_breaks, make_step, peak_memory
+from vitzoo.bench import COLUMNS, Mode, graph_breaks, make_step
+from vitzoo.memory import peak_rss_bytes, peak_tensor_bytes
 from vitzoo.cli import main
 
 
@@ -46,6 +47,7 @@ def test_bench_command_reports_every_column(tmp_path, capsys):
         assert float(cells["img/s"]) > 0 and float(cells["GFLOP/s"]) > 0 and float(cells["% of roof"]) > 0
         ratio, spread = cells["vs timm [range]"].split(" ", 1)
         assert float(ratio) > 0 and spread.startswith("[") and spread.endswith("]")
+        assert float(cells["tensor MiB"]) > 0 and float(cells["tensor vs timm"]) > 0
         if cells["impl"] == "timm":
             assert float(ratio) == 1.0
 
@@ -59,9 +61,27 @@ def test_training_step_updates_weights_and_memory_is_measured():
     model = vitzoo.create_model("vit_tiny_patch16_224", depth=1)
     before = model.head.weight.detach().clone()
     step = make_step(model, Mode("train", "fp32", compiled=False), torch.randn(2, 3, 224, 224))
-    peak = peak_memory(step, torch.device("cpu"))
+    tensors = peak_tensor_bytes(step, torch.device("cpu"))
     assert not torch.equal(before, model.head.weight)
-    assert peak is None or peak > 0
+    grads = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert tensors > grads  # gradients and activations are both alive after the forward
+    rss = peak_rss_bytes(step)
+    assert rss is None or rss > 0
+
+
+def test_tensor_peak_counts_new_storages_while_they_live():
+    mib = 2**18  # float32 elements in one MiB
+    at_rest = torch.zeros(mib)
+
+    def step() -> None:
+        a = torch.ones(mib)  # 1 MiB
+        b = torch.ones(2 * mib)  # 3 MiB live: the peak
+        del a
+        at_rest.view(-1, 2).t()  # views of a tensor that existed before: nothing new
+        b.add_(1)  # in place: nothing new
+        torch.ones(mib)  # 3 MiB live again, freed at once
+
+    assert peak_tensor_bytes(step, torch.device("cpu")) == 3 * 2**20
 
 
 def test_standard_vit_compiles_to_one_graph():

@@ -10,8 +10,6 @@ architecture with their own init, which does not change speed.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import importlib.util
 import math
 import os
@@ -28,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitzoo.card import count_macs
+from vitzoo.memory import peak_rss_bytes, peak_tensor_bytes
 from vitzoo.registry import create_model
 from vitzoo.spec import ViTSpec
 
@@ -39,10 +38,10 @@ TORCHVISION_TWINS = {
 }
 COLUMNS = (
     "model", "compile", "dtype", "step", "impl", "img/s", "vs timm [range]", "GFLOP/s", "% of roof",
-    "peak MiB", "mem vs timm",
+    "tensor MiB", "tensor vs timm", "RSS MiB", "RSS vs timm",
 )
 Step = Callable[[], None]
-MEMORY_ROUNDS = 3  # peak-memory measurements per contender; the median is reported
+MEMORY_ROUNDS = 3  # resident-set measurements per contender; the median is reported
 
 
 @dataclass(frozen=True)
@@ -146,38 +145,6 @@ def _timed(step: Step, iters: int, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def _proc_status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
-
-
-def peak_memory(step: Step, device: torch.device) -> int | None:
-    """Bytes one step needs above the state at rest (weights, optimizer state, inputs).
-
-    CUDA: ``max_memory_allocated`` minus ``memory_allocated`` before the step. CPU: the rise of the
-    process's peak resident set (Linux ``VmHWM``, reset through ``/proc/self/clear_refs``) over its
-    resident set before the step, after ``gc`` and ``malloc_trim`` hand freed heap pages back to the
-    OS so that memory re-used by the step counts. None where the OS offers no such counters.
-    """
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        step()
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - base
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        with open("/proc/self/clear_refs", "w") as refs:
-            refs.write("5")  # reset the peak-RSS counter
-        base = _proc_status_kib("VmRSS")
-    except OSError:
-        return None
-    step()
-    return (_proc_status_kib("VmHWM") - base) * 1024
-
-
 def gemm_roof(dtype: torch.dtype, device: torch.device, repeats: int = 10) -> float:
     """Dense matmul FLOP/s of this machine: the practical ceiling for a transformer's GEMMs."""
     n = 8192 if device.type == "cuda" else 2048
@@ -214,29 +181,38 @@ def measure(name: str, mode: Mode, args: argparse.Namespace, roof: dict[str, flo
     for _ in range(args.rounds):
         for impl, step in steps.items():
             seconds[impl].append(_timed(step, iters, device))
+    # Live tensors are counted exactly, once; a compiled graph allocates where the CPU count cannot see.
+    countable = device.type == "cuda" or not mode.compiled
+    tensors = {impl: peak_tensor_bytes(step, device) if countable else None for impl, step in steps.items()}
     samples: dict[str, list[int | None]] = {impl: [] for impl in steps}
-    for _ in range(MEMORY_ROUNDS):  # interleaved too: allocator state drifts between measurements
-        for impl, step in steps.items():
-            samples[impl].append(peak_memory(step, device))
-    memory = {impl: None if None in values else int(statistics.median(values)) for impl, values in samples.items()}
+    if device.type == "cpu":
+        for _ in range(MEMORY_ROUNDS):  # interleaved too: the heap's state drifts between measurements
+            for impl, step in steps.items():
+                samples[impl].append(peak_rss_bytes(step))
+    rss = {impl: int(statistics.median(v)) if v and None not in v else None for impl, v in samples.items()}
     rows = []
     for impl, times in seconds.items():
         speed = args.batch_size * iters / statistics.median(times)
         ratios = [t / s for s, t in zip(times, seconds["timm"], strict=True)]
-        mem, ref_mem = memory[impl], memory["timm"]
         rows.append({
             "model": name, "compile": "compiled" if mode.compiled else "eager", "dtype": mode.dtype,
             "step": mode.step, "impl": impl, "img/s": f"{speed:.1f}",
             "vs timm [range]": f"{statistics.median(ratios):.3f} [{min(ratios):.2f}-{max(ratios):.2f}]",
             "GFLOP/s": f"{speed * flops / 1e9:.0f}",
             "% of roof": f"{100 * speed * flops / roof[mode.dtype]:.0f}",
-            "peak MiB": "n/a" if mem is None else f"{mem / 2**20:.0f}",
-            "mem vs timm": f"{mem / ref_mem:.2f}" if mem and ref_mem else "n/a",
+            **_memory_cells(("tensor MiB", "tensor vs timm"), tensors[impl], tensors["timm"]),
+            **_memory_cells(("RSS MiB", "RSS vs timm"), rss[impl], rss["timm"]),
         })
     del steps, models
     if mode.compiled:
         torch._dynamo.reset()
     return rows
+
+
+def _memory_cells(columns: tuple[str, str], value: int | None, timm_value: int | None) -> dict[str, str]:
+    """A memory figure in MiB and its ratio to timm's, "n/a" where it was not measured."""
+    return {columns[0]: "n/a" if value is None else f"{value / 2**20:.1f}",
+            columns[1]: f"{value / timm_value:.2f}" if value and timm_value else "n/a"}
 
 
 def markdown_table(rows: list[dict], columns: tuple[str, ...] = COLUMNS) -> str:

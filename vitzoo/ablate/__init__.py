@@ -12,6 +12,7 @@ over seeds) and PNG plots (see :mod:`vitzoo.ablate.report`).
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import importlib.util
 import itertools
@@ -26,14 +27,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from vitzoo.ablate.report import write_report
 from vitzoo.card import count_macs
+from vitzoo.memory import peak_tensor_bytes
 from vitzoo.registry import create_model, load_registry_file, model_spec
 from vitzoo.spec import parse_assignment, parse_value
 from vitzoo.train import TrainConfig, build_datasets, fit
 from vitzoo.train.data import add_data_arguments, num_classes
+from vitzoo.train.recipe import build_optimizer
 from vitzoo.weights.files import write_text_atomic
 
 # pretrained_cfg keys that decide how images are prepared: variants that agree on them share datasets
@@ -169,9 +173,6 @@ def train_variant(config: AblationConfig, name: str, overrides: dict[str, Any], 
     train, val = datasets[key]
     model.reset_classifier(num_classes(train))
     train_config = config.train_config(seed)
-    on_cuda = torch.device(config.device).type == "cuda"
-    if on_cuda:
-        torch.cuda.reset_peak_memory_stats(config.device)
     result = fit(model, train, val, train_config, progress=progress)
     final = result.final
     input_size = model.pretrained_cfg["input_size"]
@@ -181,31 +182,31 @@ def train_variant(config: AblationConfig, name: str, overrides: dict[str, Any], 
         "gflops": 2 * count_macs(model.eval(), input_size) / 1e9,
         "train_img_s": final["images_per_s"], "train_loss": final["train_loss"],  # mean of the last 20 steps
         "val_loss": final.get("val_loss"), "val_acc": final.get("val_acc"),
-        "peak_mem_mb": (torch.cuda.max_memory_allocated(config.device) if on_cuda
-                        else training_bytes(model, train, config.batch_size)) / 2**20,
-        "peak_mem_kind": "cuda max allocated" if on_cuda else "estimate: weights, grads, AdamW state, activations",
+        "peak_mem_mb": training_bytes(model, train, train_config) / 2**20,
+        "peak_mem_kind": "weights + the live tensors of one training step at their peak (activations, "
+                         "gradients, optimizer state), measured",
         "seconds": final["seconds"], "steps": len(result.losses), "losses": result.losses,
     }
 
 
-def training_bytes(model: nn.Module, train: Any, batch_size: int) -> int:
-    """Memory one training step needs on CPU, where torch keeps no peak counter: weights, gradients and
-    AdamW's two moments (4 x the parameter bytes) plus the activations autograd saves for backward."""
-    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}
+def training_bytes(model: nn.Module, train: Any, config: TrainConfig) -> int:
+    """Memory training needs: the weights plus the most tensor bytes that one step of ``config``'s recipe
+    (forward, backward, the optimizer's first update, which creates its state) holds at once,
+    counted on a copy of the model so the trained one is left as it is."""
+    replica = copy.deepcopy(model).train()
+    optimizer = build_optimizer(replica, config.lr, config.weight_decay, config.layer_decay, config.optimizer)
+    device = next(replica.parameters()).device
+    images, labels = (t.to(device) for t in next(iter(DataLoader(train, batch_size=config.batch_size))))
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in param_storages:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return t
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp):
+            loss = F.cross_entropy(replica(images), labels)
+        loss.backward()
+        optimizer.step()
 
-    images, labels = next(iter(torch.utils.data.DataLoader(train, batch_size=batch_size)))
-    device = next(model.parameters()).device
-    with torch.random.fork_rng(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        F.cross_entropy(model.train()(images.to(device)), labels.to(device))
-    return 4 * param_bytes + sum(saved.values())
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        step_bytes = peak_tensor_bytes(step, device)
+    return sum(p.numel() * p.element_size() for p in replica.parameters()) + step_bytes
 
 
 def slug(name: str) -> str:

@@ -22,9 +22,24 @@ from vitzoo.blocks.norm import NormFactory
 from vitzoo.blocks.table import BlockTable, like_module
 
 
-def patchify(images: torch.Tensor, p: int) -> torch.Tensor:
-    """``(b, c, H, W) -> (b, h, w, c*p*p)``: each row one patch, channels outermost as in a conv kernel."""
-    return rearrange(images, "b c (h p1) (w p2) -> b h w (c p1 p2)", p1=p, p2=p)
+def patchify(images: torch.Tensor, p: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``(b, c, H, W) -> (b, h, w, c*p*p)``: each row one patch, channels outermost as in a conv kernel.
+
+    Cutting needs one copy; with ``dtype`` the copy is also the cast, so an fp32 image becomes bf16
+    patches without an fp32 patch tensor in between.
+    """
+    grid = rearrange(images, "b c (h p1) (w p2) -> b h w c p1 p2", p1=p, p2=p)  # a view: nothing copied yet
+    grid = grid.to(dtype or images.dtype, memory_format=torch.contiguous_format)
+    return rearrange(grid, "b h w c p1 p2 -> b h w (c p1 p2)")
+
+
+def matmul_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype autocast runs a matmul on ``x`` in: autocast's dtype where it is on, else ``x``'s own
+    (autocast leaves float64 alone)."""
+    device = x.device.type
+    if x.dtype == torch.float64 or not torch.amp.is_autocast_available(device):
+        return x.dtype
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
 class PatchLinear(torch.autograd.Function):
@@ -32,14 +47,14 @@ class PatchLinear(torch.autograd.Function):
 
     Autograd through ``rearrange`` + ``F.linear`` would save the patch copy (one image-sized tensor) until
     backward, although the image it was cut from is alive anyway: the weight gradient re-cuts the patches
-    instead, which costs one copy of the image and nothing else. Under autocast the forward runs in the
-    autocast dtype as ``F.linear`` would; the backward computes in the gradient's dtype and returns each
-    gradient in its input's dtype.
+    instead, which costs one copy of the image and nothing else. Under autocast the patches are cut
+    straight into the autocast dtype (as ``F.linear`` would cast them); the backward computes in the
+    gradient's dtype and returns each gradient in its input's dtype.
     """
 
     @staticmethod
     def forward(images: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, p: int) -> torch.Tensor:
-        return F.linear(patchify(images, p), weight, bias)
+        return F.linear(patchify(images, p, matmul_dtype(images)), weight, bias)
 
     @staticmethod
     def setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: torch.Tensor) -> None:
@@ -58,7 +73,7 @@ class PatchLinear(torch.autograd.Function):
             grad_images = rearrange(grad_patches, "b h w (c p1 p2) -> b c (h p1) (w p2)", p1=ctx.p, p2=ctx.p)
             grad_images = grad_images.to(images.dtype)
         if ctx.needs_input_grad[1]:
-            patches = rearrange(patchify(images, ctx.p), "b h w k -> (b h w) k").to(grad.dtype)
+            patches = rearrange(patchify(images, ctx.p, grad.dtype), "b h w k -> (b h w) k")
             grad_weight = (rows.t() @ patches).to(weight.dtype)
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
             grad_bias = rows.sum(0).to(ctx.bias_dtype)
