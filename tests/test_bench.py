@@ -7,8 +7,8 @@ import torch
 
 import vitzoo
 from vitzoo.bench import COLUMNS, Mode, graph_breaks, make_step
-from vitzoo.memory import peak_rss_bytes, peak_tensor_bytes
 from vitzoo.cli import main
+from vitzoo.memory import peak_rss_bytes, peak_tensor_bytes
 
 
 def _table(report: str) -> list[list[str]]:
@@ -69,7 +69,7 @@ def test_training_step_updates_weights_and_memory_is_measured():
     assert rss is None or rss > 0
 
 
-def test_tensor_peak_counts_new_storages_while_they_live():
+def test_tensor_peak_counts_allocations_while_they_live():
     mib = 2**18  # float32 elements in one MiB
     at_rest = torch.zeros(mib)
 

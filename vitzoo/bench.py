@@ -181,9 +181,7 @@ def measure(name: str, mode: Mode, args: argparse.Namespace, roof: dict[str, flo
     for _ in range(args.rounds):
         for impl, step in steps.items():
             seconds[impl].append(_timed(step, iters, device))
-    # Live tensors are counted exactly, once; a compiled graph allocates where the CPU count cannot see.
-    countable = device.type == "cuda" or not mode.compiled
-    tensors = {impl: peak_tensor_bytes(step, device) if countable else None for impl, step in steps.items()}
+    tensors = {impl: peak_tensor_bytes(step, device) for impl, step in steps.items()}  # exact: measured once
     samples: dict[str, list[int | None]] = {impl: [] for impl in steps}
     if device.type == "cpu":
         for _ in range(MEMORY_ROUNDS):  # interleaved too: the heap's state drifts between measurements

@@ -1,63 +1,28 @@
 """How much memory one step needs: live tensor bytes at their peak, and the process's resident set.
 
-CUDA keeps a peak counter for its allocator; CPU tensors have none, and the peak resident set of the
-process moves with glibc's heap and the OS's page reuse by a few MiB from one run to the next. The
-tensor count here is exact on every device, so two models' steps can be compared byte for byte;
-the resident set is what the machine actually had to provide.
+CUDA keeps a peak counter for its allocator; torch's CPU allocator has none, and the peak resident
+set of the process moves with glibc's heap and the OS's page reuse by a few MiB from one run to
+the next. The tensor count here is exact on every device, eager or compiled, so two models' steps
+can be compared byte for byte; the resident set is what the machine actually had to provide.
 """
 
 from __future__ import annotations
 
 import ctypes
 import gc
-import weakref
+import os
 from collections.abc import Callable
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
-
-
-class TensorPeak(TorchDispatchMode):
-    """Counts the storages that ops create while the mode is on, until each is freed.
-
-    A storage is new when no input of the op that returned it shares it (views, in-place ops and
-    tensors that existed before, such as weights and the input batch, are not counted again). It
-    leaves the count when its last reference dies, through a weak reference, so ``peak`` is the most
-    bytes the step held at once on ``device``. Kernels that allocate outside torch's dispatcher (a
-    ``torch.compile``'d graph) are not seen; measure those on CUDA or by the resident set.
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        super().__init__()
-        self.device = device
-        self.live: dict[int, weakref.ref] = {}
-        self.current = 0
-        self.peak = 0
-
-    def _freed(self, key: int, nbytes: int) -> None:
-        self.live.pop(key, None)
-        self.current -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 (torch's signature)
-        out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
-        for tensor in tree_leaves(out):
-            if not isinstance(tensor, torch.Tensor) or tensor.device != self.device:
-                continue
-            storage = tensor.untyped_storage()
-            key, nbytes = storage._cdata, storage.nbytes()
-            if key in inputs or key in self.live or not nbytes:
-                continue
-            self.live[key] = weakref.ref(storage, lambda _, key=key, nbytes=nbytes: self._freed(key, nbytes))
-            self.current += nbytes
-            self.peak = max(self.peak, self.current)
-        return out
+from torch._C._profiler import _EventType
+from torch.profiler import ProfilerActivity, profile
 
 
 def peak_tensor_bytes(step: Callable[[], None], device: torch.device) -> int:
     """The most bytes of tensors that ``step`` holds at once beyond what existed before it (weights,
-    optimizer state, input batch). CUDA: the allocator's peak counter; elsewhere :class:`TensorPeak`."""
+    optimizer state, input batch). CUDA: the caching allocator's peak counter. Elsewhere: every
+    allocation and free that torch's allocator reports to the profiler, replayed in time order, so
+    compiled graphs and kernels' own buffers count too."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -66,9 +31,21 @@ def peak_tensor_bytes(step: Callable[[], None], device: torch.device) -> int:
         step()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - base
-    with TensorPeak(device) as tracker:
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # the profiler logs every start and stop otherwise
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
         step()
-    return tracker.peak
+    changes = []
+    events = list(profiler.profiler.kineto_results.experimental_event_tree())
+    while events:
+        event = events.pop()
+        events.extend(event.children)
+        if event.tag == _EventType.Allocation and event.extra_fields.device.type == device.type:
+            changes.append((event.start_time_ns, event.extra_fields.alloc_size))  # a free is negative
+    current = peak = 0
+    for _, change in sorted(changes):
+        current += change
+        peak = max(peak, current)
+    return peak
 
 
 def _proc_status_kib(field: str) -> int:
