@@ -97,3 +97,22 @@ def test_hf_comparator_has_the_same_shape():
     hf, ours = _hf_vit(spec), vitzoo.VisionTransformer(spec)
     assert sum(p.numel() for p in hf.parameters()) == sum(p.numel() for p in ours.parameters())
     assert hf(torch.randn(1, 3, 224, 224)).shape == (1, 1000)
+
+
+def test_mfu_uses_the_given_or_datasheet_peak(monkeypatch, capsys):
+    from vitzoo.bench import bf16_peak
+
+    assert bf16_peak(torch.device("cpu")) is None
+    assert bf16_peak(torch.device("cpu"), tflops=2.0) == 2e12
+    for name, peak in (("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("Tesla T4", None)):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
+        assert bf16_peak(torch.device("cuda")) == peak
+
+    assert main([
+        "bench", "vit_tiny_patch16_224", "--batch-size", "1", "--rounds", "1", "--round-seconds", "0",
+        "--compile", "off", "--device", "cpu", "--compare", "timm", "--steps", "infer", "--peak-tflops", "1",
+    ]) == 0
+    header, _, *rows = _table(capsys.readouterr().out)
+    assert tuple(header) == (*COLUMNS, "MFU %")
+    mfu = {row[2]: row[-1] for row in rows}
+    assert mfu["fp32"] == "n/a" and float(mfu["bf16"]) > 0

@@ -40,6 +40,9 @@ COLUMNS = (
     "model", "compile", "dtype", "step", "impl", "img/s", "vs timm [range]", "GFLOP/s", "% of roof",
     "tensor MiB", "tensor vs timm", "RSS MiB", "RSS vs timm",
 )
+# Dense bf16 peak FLOP/s from the vendors' datasheets, for the MFU column; the first name that
+# torch.cuda.get_device_name contains wins, so the more specific names come first.
+DATASHEET_BF16_PEAK = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
 Step = Callable[[], None]
 MEMORY_ROUNDS = 3  # resident-set measurements per contender; the median is reported
 
@@ -164,7 +167,9 @@ def graph_breaks(model: nn.Module, input_size: tuple[int, ...]) -> tuple[int, in
     return explained.graph_count, explained.graph_break_count
 
 
-def measure(name: str, mode: Mode, args: argparse.Namespace, roof: dict[str, float]) -> list[dict]:
+def measure(
+    name: str, mode: Mode, args: argparse.Namespace, roof: dict[str, float], peak: float | None = None,
+) -> list[dict]:
     """All contenders of one model in one mode: interleaved timing rounds, then memory; one row each."""
     device = torch.device(args.device)
     models = contenders(name, args.compare, args.variants)
@@ -198,6 +203,7 @@ def measure(name: str, mode: Mode, args: argparse.Namespace, roof: dict[str, flo
             "vs timm [range]": f"{statistics.median(ratios):.3f} [{min(ratios):.2f}-{max(ratios):.2f}]",
             "GFLOP/s": f"{speed * flops / 1e9:.0f}",
             "% of roof": f"{100 * speed * flops / roof[mode.dtype]:.0f}",
+            "MFU %": f"{100 * speed * flops / peak:.1f}" if peak and mode.dtype == "bf16" else "n/a",
             **_memory_cells(("tensor MiB", "tensor vs timm"), tensors[impl], tensors["timm"]),
             **_memory_cells(("RSS MiB", "RSS vs timm"), rss[impl], rss["timm"]),
         })
@@ -235,6 +241,17 @@ def machine(device: torch.device) -> str:
     return f"{hardware}; Python {platform.python_version()}; " + ", ".join(versions)
 
 
+def bf16_peak(device: torch.device, tflops: float | None = None) -> float | None:
+    """The device's dense bf16 FLOP/s for MFU: ``tflops`` when given, else the datasheet figure of a
+    known GPU, else None (CPUs publish no such figure; their roof is the measured GEMM rate)."""
+    if tflops:
+        return tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in DATASHEET_BF16_PEAK.items() if key in name), None)
+
+
 def run(args: argparse.Namespace) -> str:
     """The whole benchmark as a Markdown report: machine, GEMM roof, results, graph breaks."""
     device = torch.device(args.device)
@@ -242,22 +259,26 @@ def run(args: argparse.Namespace) -> str:
         torch.set_num_threads(args.threads)
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     roof = {d: gemm_roof(dtypes[d], device) for d in args.dtypes}
+    peak = bf16_peak(device, args.peak_tflops)
+    result_columns = COLUMNS + ("MFU %",) if peak else COLUMNS
     compile_modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     rows = []
     for name in args.models:
         for compiled in compile_modes:
             for dtype in args.dtypes:
                 for step in args.steps:
-                    measured = measure(name, Mode(step, dtype, compiled), args, roof)
-                    print(*markdown_table(measured).splitlines()[2:], sep="\n", file=sys.stderr, flush=True)
+                    measured = measure(name, Mode(step, dtype, compiled), args, roof, peak)
+                    print(*markdown_table(measured, result_columns).splitlines()[2:], sep="\n", file=sys.stderr,
+                          flush=True)
                     rows += measured
     report = [
         f"Machine: {machine(device)}",
         "",
         "Practical roof (dense square matmul): "
-        + ", ".join(f"{d} {flops / 1e9:.0f} GFLOP/s" for d, flops in roof.items()),
+        + ", ".join(f"{d} {flops / 1e9:.0f} GFLOP/s" for d, flops in roof.items())
+        + (f"; MFU against a bf16 dense peak of {peak / 1e12:.0f} TFLOP/s" if peak else ""),
         "",
-        markdown_table(rows),
+        markdown_table(rows, result_columns),
     ]
     if args.compile != "off":
         columns = ("model", "graphs", "graph breaks")
@@ -288,6 +309,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="extra vitzoo contenders with one spec field changed, e.g. patch_embed=conv")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="dense bf16 peak of the device for an MFU column (default: datasheet figure of "
+                             "H100/H200/A100; none on CPU)")
     parser.add_argument("--out", help="also write the Markdown report to this file")
 
 
