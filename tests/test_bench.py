@@ -116,3 +116,32 @@ def test_mfu_uses_the_given_or_datasheet_peak(monkeypatch, capsys):
     assert tuple(header) == (*COLUMNS, "MFU %")
     mfu = {row[2]: row[-1] for row in rows}
     assert mfu["fp32"] == "n/a" and float(mfu["bf16"]) > 0
+
+
+def _step_peak(model, mode: Mode, batch: int = 4) -> int:
+    step = make_step(model, mode, torch.randn(batch, 3, 224, 224))
+    step()  # the optimizer's state exists from here on, as in a running training loop
+    return peak_tensor_bytes(step, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("kind", ["infer", "train"])
+def test_a_step_holds_no_more_tensor_memory_than_timm(kind, dtype):
+    """The memory half of the performance contract, as exact byte counts (speed is only benchmarked)."""
+    import timm
+
+    torch.manual_seed(0)
+    reference = timm.create_model("vit_tiny_patch16_224", depth=2)
+    ours = vitzoo.from_timm(reference)
+    ours.load_state_dict(reference.state_dict())
+    mode = Mode(kind, dtype, compiled=False)
+    assert _step_peak(ours, mode) <= _step_peak(reference, mode)
+
+
+def test_checkpointing_and_patch_dropout_cut_training_memory():
+    train = Mode("train", "fp32", compiled=False)
+    plain = _step_peak(vitzoo.create_model("vit_tiny_patch16_224", depth=4), train)
+    checkpointed = vitzoo.create_model("vit_tiny_patch16_224", depth=4)
+    checkpointed.set_grad_checkpointing(True)
+    assert _step_peak(checkpointed, train) < 0.5 * plain
+    assert _step_peak(vitzoo.create_model("vit_tiny_patch16_224", depth=4, patch_drop_rate=0.5), train) < 0.65 * plain
