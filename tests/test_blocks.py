@@ -101,6 +101,27 @@ def test_linear_patch_embed_backward_matches_autograd_and_keeps_no_patch_copy(au
     assert len(image_sized) == 1 and image_sized[0].data_ptr() == images.data_ptr()
 
 
+def test_linear_patch_embed_supports_per_sample_gradients():
+    """``torch.func.vmap(grad(...))`` over the custom backward gives the conv entry's per-sample gradients."""
+    from torch.func import functional_call, grad, vmap
+
+    torch.manual_seed(0)
+    linear = slot_table("patch_embed").get("linear")(4, 3, 8, True)
+    conv = slot_table("patch_embed").get("conv")(4, 3, 8, True)
+    conv.load_state_dict(linear.state_dict())
+    images = torch.randn(5, 3, 8, 8)
+
+    def per_sample(module):
+        def loss(params, image):
+            return functional_call(module, params, (image[None],)).square().sum()
+        return vmap(grad(loss), in_dims=(None, 0))(dict(module.named_parameters()), images)
+
+    got, want = per_sample(linear), per_sample(conv)
+    assert got["proj.weight"].shape == (5, 8, 3, 4, 4)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-4, rtol=1e-4)
+
+
 def test_per_layer_choices_build_those_blocks():
     spec = ViTSpec(**SMALL).replace(
         depth=4, mlp=("gelu", "gelu", "swiglu", "swiglu"), block=["prenorm", "parallel", "prenorm", "postnorm"]

@@ -49,8 +49,13 @@ class PatchLinear(torch.autograd.Function):
     backward, although the image it was cut from is alive anyway: the weight gradient re-cuts the patches
     instead, which costs one copy of the image and nothing else. Under autocast the patches are cut
     straight into the autocast dtype (as ``F.linear`` would cast them); the backward computes in the
-    gradient's dtype and returns each gradient in its input's dtype.
+    gradient's dtype and returns each gradient in its input's dtype. A generated vmap rule keeps
+    ``torch.func`` per-sample gradients (``vmap(grad(...))``) working. Forward-mode AD (``jvp``) is
+    not offered: dynamo cannot trace a custom ``jvp`` without breaking the graph; use
+    ``patch_embed="conv"`` for it.
     """
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(images: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, p: int) -> torch.Tensor:
