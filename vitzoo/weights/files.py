@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -62,32 +64,33 @@ def read_state_dict(path: str | os.PathLike) -> StateDict:
     return obj
 
 
-def write_state_dict(state_dict: StateDict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
-    """Write safetensors atomically: to a temporary file in the same folder, then rename over ``path``."""
-    path = Path(path)
+@contextmanager
+def _replacing(path: Path) -> Iterator[str]:
+    """A temporary file in ``path``'s folder that replaces ``path`` when the block succeeds and is
+    removed when it fails, so a reader never sees a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=metadata)
+        yield tmp
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def write_state_dict(state_dict: StateDict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
+    """Write safetensors atomically: to a temporary file in the same folder, then rename over ``path``."""
+    path = Path(path)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    with _replacing(path) as tmp:
+        save_file(tensors, tmp, metadata=metadata)
     return path
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write a text file (JSON configs, results) the same way: temporary file, then rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with _replacing(path) as tmp:
+        Path(tmp).write_text(text)
     return path
