@@ -96,9 +96,12 @@ class LinearPatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size, bias=bias)
         self.norm = norm(dim) if norm else nn.Identity()
 
+    def weight_matrix(self) -> torch.Tensor:
+        """The conv-shaped ``proj.weight`` as the ``(dim, c*p*p)`` matrix that patch rows multiply (a view)."""
+        return rearrange(self.proj.weight, "d c p1 p2 -> d (c p1 p2)")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = rearrange(self.proj.weight, "d c p1 p2 -> d (c p1 p2)")
-        return self.norm(PatchLinear.apply(x, weight, self.proj.bias, self.patch_size))
+        return self.norm(PatchLinear.apply(x, self.weight_matrix(), self.proj.bias, self.patch_size))
 
 
 class NormedLinearPatchEmbed(LinearPatchEmbed):
@@ -117,8 +120,7 @@ class NormedLinearPatchEmbed(LinearPatchEmbed):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         patches = self.norm_in(patchify(x, self.patch_size))
-        weight = rearrange(self.proj.weight, "d c p1 p2 -> d (c p1 p2)")
-        return self.norm(F.linear(patches, weight, self.proj.bias))
+        return self.norm(F.linear(patches, self.weight_matrix(), self.proj.bias))
 
 
 class ConvPatchEmbed(LinearPatchEmbed):
