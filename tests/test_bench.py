@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import vitzoo
+from tests.conftest import timm_twin
 from vitzoo.bench import COLUMNS, Mode, graph_breaks, make_step
 from vitzoo.cli import main
 from vitzoo.memory import peak_rss_bytes, peak_tensor_bytes
@@ -128,12 +129,7 @@ def _step_peak(model, mode: Mode, batch: int = 4) -> int:
 @pytest.mark.parametrize("kind", ["infer", "train"])
 def test_a_step_holds_no_more_tensor_memory_than_timm(kind, dtype):
     """The memory half of the performance contract, as exact byte counts (speed is only benchmarked)."""
-    import timm
-
-    torch.manual_seed(0)
-    reference = timm.create_model("vit_tiny_patch16_224", depth=2)
-    ours = vitzoo.from_timm(reference)
-    ours.load_state_dict(reference.state_dict())
+    reference, ours = timm_twin("vit_tiny_patch16_224", depth=2)
     mode = Mode(kind, dtype, compiled=False)
     assert _step_peak(ours, mode) <= _step_peak(reference, mode)
 

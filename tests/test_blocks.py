@@ -49,11 +49,17 @@ def test_every_table_entry_trains(slot, name):
     assert any(g.abs().sum() > 0 for g in grads)
 
 
-def test_patch_embed_entries_agree():
+def linear_and_conv(patch_size: int, in_chans: int, dim: int) -> tuple[nn.Module, nn.Module]:
+    """The ``linear`` and ``conv`` patch embeddings carrying the same weights."""
     torch.manual_seed(0)
-    linear = slot_table("patch_embed").get("linear")(8, 3, 16, True)
-    conv = slot_table("patch_embed").get("conv")(8, 3, 16, True)
+    linear = slot_table("patch_embed").get("linear")(patch_size, in_chans, dim, True)
+    conv = slot_table("patch_embed").get("conv")(patch_size, in_chans, dim, True)
     conv.load_state_dict(linear.state_dict())
+    return linear, conv
+
+
+def test_patch_embed_entries_agree():
+    linear, conv = linear_and_conv(8, 3, 16)
     x = torch.randn(2, 3, 32, 48)
     assert linear(x).shape == (2, 4, 6, 16)
     torch.testing.assert_close(linear(x), conv(x), atol=1e-5, rtol=1e-5)
@@ -102,10 +108,7 @@ def test_linear_patch_embed_supports_per_sample_gradients():
     """``torch.func.vmap(grad(...))`` over the custom backward gives the conv entry's per-sample gradients."""
     from torch.func import functional_call, grad, vmap
 
-    torch.manual_seed(0)
-    linear = slot_table("patch_embed").get("linear")(4, 3, 8, True)
-    conv = slot_table("patch_embed").get("conv")(4, 3, 8, True)
-    conv.load_state_dict(linear.state_dict())
+    linear, conv = linear_and_conv(4, 3, 8)
     images = torch.randn(5, 3, 8, 8)
 
     def per_sample(module):
