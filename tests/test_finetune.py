@@ -163,6 +163,16 @@ def test_bad_input_says_what_is_wrong(tmp_path):
         finetune(config, progress=False)
 
 
+def test_entry_points_print_bad_input_without_a_traceback(tmp_path, capsys):
+    from vitzoo.bench import main as bench_main
+    from vitzoo.train.finetune import main as finetune_main
+
+    assert finetune_main(["vit_pico_patch4_32", "--data", str(tmp_path / "missing")]) == 2
+    assert "python -m vitzoo.train: " in (err := capsys.readouterr().err) and "missing does not exist" in err
+    assert bench_main(["vit_smal_patch16_224", "--compile", "off", "--device", "cpu"]) == 2
+    assert "closest: vit_small_patch16_224" in capsys.readouterr().err
+
+
 def test_resume_refuses_another_models_checkpoint(tmp_path, digits_data):
     train, _ = digits_data
     fit(_model(), train, None, TrainConfig(steps=2, batch_size=16, warmup_steps=1), progress=False, run_dir=tmp_path)

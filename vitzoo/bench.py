@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitzoo.card import count_macs
+from vitzoo.errors import run_command
 from vitzoo.memory import peak_rss_bytes, peak_tensor_bytes
 from vitzoo.registry import create_model
 from vitzoo.spec import ViTSpec
@@ -75,9 +76,10 @@ def contenders(name: str, compare: Sequence[str], variants: Sequence[str] = ()) 
     """
     import timm
 
+    ours = create_model(name)  # first: an unknown name gets vitzoo's error with the closest names
     torch.manual_seed(0)
     reference = timm.create_model(name, pretrained=False)
-    found = {"vitzoo": create_model(name), "timm": reference}
+    found = {"vitzoo": ours, "timm": reference}
     for variant in variants:
         field, _, value = variant.partition("=")
         found[f"vitzoo {variant}"] = create_model(name, **{field: value})
@@ -331,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     """``python benchmarks/bench.py``: the same benchmark without the ``vitzoo`` command."""
     parser = argparse.ArgumentParser(description="vitzoo vs timm, side by side in one process")
     add_arguments(parser)
-    return _cmd_bench(parser.parse_args(argv))
+    return run_command("benchmarks/bench.py", lambda: _cmd_bench(parser.parse_args(argv)))
 
 
 def add_bench_command(sub: argparse._SubParsersAction) -> None:

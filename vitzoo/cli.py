@@ -9,6 +9,7 @@ import sys
 from vitzoo.ablate import add_ablate_command
 from vitzoo.bench import add_bench_command
 from vitzoo.card import format_card, model_card
+from vitzoo.errors import run_command
 from vitzoo.registry import list_models, model_entry
 from vitzoo.train.finetune import add_finetune_command
 from vitzoo.validate import add_validate_command
@@ -63,11 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except ValueError as err:
-        print(f"vitzoo: {err}", file=sys.stderr)
-        return 2
+    return run_command("vitzoo", lambda: args.func(args))
 
 
 if __name__ == "__main__":

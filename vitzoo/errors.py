@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+import sys
+from collections.abc import Callable, Iterable
+
+# Raised on purpose for bad input, each with a message that says what to do: the command-line entry
+# points print them without a traceback. Any other exception is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, FileNotFoundError)
 
 
 def did_you_mean(name: str, options: Iterable[str], limit: int = 5) -> str:
@@ -15,3 +20,12 @@ def did_you_mean(name: str, options: Iterable[str], limit: int = 5) -> str:
     if len(options) <= 12:
         return "valid: " + ", ".join(options)
     return f"{len(options)} valid names; list them with vitzoo.list_models() or `vitzoo list`"
+
+
+def run_command(prog: str, command: Callable[[], int]) -> int:
+    """Run a command-line entry point: its exit code, or 2 after printing a bad-input error's message."""
+    try:
+        return command()
+    except USER_ERRORS as err:
+        print(f"{prog}: {err}", file=sys.stderr)
+        return 2

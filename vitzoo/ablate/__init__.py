@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from vitzoo.ablate.report import write_report
 from vitzoo.card import count_macs
+from vitzoo.errors import run_command
 from vitzoo.memory import peak_tensor_bytes
 from vitzoo.registry import create_model, load_registry_file, model_spec
 from vitzoo.spec import parse_assignment, parse_value
@@ -275,8 +276,4 @@ def add_ablate_command(sub: argparse._SubParsersAction) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vitzoo.ablate", description=__doc__.splitlines()[0])
     add_arguments(parser)
-    try:
-        return run_from_args(parser.parse_args(argv))
-    except ValueError as err:
-        print(f"vitzoo ablate: {err}", file=sys.stderr)
-        return 2
+    return run_command("vitzoo ablate", lambda: run_from_args(parser.parse_args(argv)))

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from vitzoo.errors import run_command
 from vitzoo.registry import create_model
 from vitzoo.spec import parse_assignment
 from vitzoo.train.data import add_data_arguments, build_datasets, num_classes
@@ -229,7 +230,7 @@ def add_finetune_command(sub: argparse._SubParsersAction) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vitzoo.train", description=__doc__.splitlines()[0])
     add_arguments(parser)
-    return run_from_args(parser.parse_args(argv))
+    return run_command("python -m vitzoo.train", lambda: run_from_args(parser.parse_args(argv)))
 
 
 if __name__ == "__main__":
