@@ -170,3 +170,35 @@ def test_unknown_layout_names_the_closest_one():
     with pytest.raises(WeightsError, match=r"unknown checkpoint layout.*Closest known layout: torchvision \(2 of 3 "
                                            r"keys match\); keys that match none of its names: encoder.layers.0"):
         to_timm_layout(state_dict)
+
+
+def test_create_model_follows_what_a_foreign_checkpoint_implies(tmp_path, caplog):
+    """``create_model(name, pretrained=file)`` reads the file once and takes the spec fields it implies
+    (HF's 1e-12 epsilon and qkv bias; vit-pytorch's mean pooling without a class token and normed
+    patches): the model equals the source, with no hints passed by hand. An override still wins."""
+    import transformers as hf
+    from vit_pytorch import ViT
+
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    hf_model = _randomize(hf.ViTForImageClassification(hf.ViTConfig(
+        hidden_size=64, num_hidden_layers=4, num_attention_heads=2, intermediate_size=256, image_size=32,
+        patch_size=4, num_labels=10, qkv_bias=False)))
+    hf_model.save_pretrained(tmp_path / "hf")
+    lucid = _randomize(ViT(image_size=32, patch_size=4, num_classes=10, dim=64, depth=4, heads=2, dim_head=32,
+                           mlp_dim=256, pool="mean"))
+    torch.save(lucid.state_dict(), tmp_path / "lucid.pt")
+
+    with caplog.at_level("INFO", logger="vitzoo"):
+        model = vitzoo.create_model("vit_pico_patch4_32", pretrained=str(tmp_path / "hf" / "model.safetensors"),
+                                    num_classes=10).eval()
+    assert (model.spec.norm_eps, model.spec.qkv_bias) == (1e-12, False)
+    assert "vit_pico_patch4_32: norm_eps=1e-12, as the checkpoint implies" in caplog.messages
+    _assert_same_logits(model, lambda images: hf_model(pixel_values=images).logits, x)
+
+    model = vitzoo.create_model("vit_pico_patch4_32", pretrained=str(tmp_path / "lucid.pt"), num_classes=10).eval()
+    assert (model.spec.class_token, model.spec.pool, model.spec.patch_embed) == (False, "avg", "linear_prenorm")
+    _assert_same_logits(model, lucid, x)
+
+    model = vitzoo.create_model("vit_pico_patch4_32", pretrained=str(tmp_path / "lucid.pt"), num_classes=10,
+                                norm_eps=1e-6)
+    assert (model.spec.norm_eps, model.spec.class_token) == (1e-6, False)

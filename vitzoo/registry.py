@@ -20,7 +20,7 @@ from typing import Any
 from vitzoo.errors import did_you_mean
 from vitzoo.spec import ViTSpec
 from vitzoo.vit import VisionTransformer
-from vitzoo.weights import from_pretrained, load_pretrained
+from vitzoo.weights import from_pretrained, load_pretrained, read_checkpoint
 from vitzoo.weights.export import is_pretrained_folder
 from vitzoo.weights.hub import tagged_cfg
 
@@ -178,7 +178,9 @@ def create_model(
     requested spec and the adaptations are logged. With spec overrides (a swapped block, more
     tokens, another depth) the tensors that still fit load and the rest are logged as new or dropped.
     ``pretrained_cfg_overlay`` replaces entries of the preprocessing config, ``file`` included (timm's
-    way of pointing ``pretrained=True`` at a local file).
+    way of pointing ``pretrained=True`` at a local file). A checkpoint of another implementation
+    (torchvision, HF transformers, JAX, vit-pytorch) also sets what it implies and no tensor size
+    shows (HF's 1e-12 epsilon, its prefix tokens, qkv bias, pooling), unless an override says otherwise.
     """
     if is_pretrained_folder(name) and not (overrides or num_classes or img_size or pretrained):
         return from_pretrained(name)
@@ -191,9 +193,14 @@ def create_model(
         changes["num_classes"] = cfg["num_classes"] if num_classes is None else num_classes
     if img_size is not None:
         changes["img_size"] = img_size
-    spec = entry.spec.replace(**changes) if changes else entry.spec
+    checkpoint = read_checkpoint(cfg, pretrained) if pretrained else None
+    implied = {key: value for key, value in (checkpoint.hints() if checkpoint else {}).items()
+               if key not in overrides and getattr(entry.spec, key) != value}
+    for key, value in implied.items():
+        logger.info("%s: %s=%r, as the checkpoint implies", name, key, value)
+    spec = entry.spec.replace(**changes, **implied) if changes or implied else entry.spec
     model = VisionTransformer(spec, pretrained_cfg=cfg)
-    if pretrained:
-        for line in load_pretrained(model, pretrained, partial=bool(overrides)).adapted:
+    if checkpoint:
+        for line in load_pretrained(model, checkpoint, partial=bool(overrides)).adapted:
             logger.info("%s: %s", name, line)
     return model
