@@ -70,15 +70,24 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_torchrun_two_cpu_processes_end_identical(tmp_path, strategy):
-    """gloo on CPU; the ranks compare digests of their full weights at the end (summary.json)."""
+def test_torchrun_two_cpu_processes_end_identical_and_resume(tmp_path, strategy):
+    """gloo on CPU; the ranks compare digests of their full weights at the end (summary.json). Resumed
+    from its step-3 checkpoint (FSDP: each rank re-shards the full weights and optimizer state), the
+    run ends bit-identical to the straight one."""
+    out = tmp_path / strategy
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
            "vitzoo.train", "vit_tiny_patch16_224", *TINY, "--batch-size", "16", "--steps", "6",
-           "--strategy", strategy, "--out", str(tmp_path / "ddp")]
+           "--checkpoint-every", "3", "--strategy", strategy, "--out", str(out)]
     done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
-    assert summary["processes"] == 2 and summary["ranks_identical"] and summary["steps"] == 6
+    straight = json.loads((out / "summary.json").read_text())
+    assert straight["processes"] == 2 and straight["ranks_identical"] and straight["steps"] == 6
+
+    (out / "checkpoints" / "latest").write_text("step_00000003")
+    done = subprocess.run([*cmd, "--resume"], env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    resumed = json.loads((out / "summary.json").read_text())
+    assert resumed["ranks_identical"] and resumed["weights_digest"] == straight["weights_digest"]
 
 
 @pytest.fixture(scope="module")

@@ -23,12 +23,12 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from vitzoo.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from vitzoo.train.distributed import World, all_reduce_sum, full_state_dict, wrap
+from vitzoo.train.distributed import World, all_reduce_sum, full_optimizer_state, full_state_dict, load_full_state, wrap
 from vitzoo.train.ema import ModelEma
 from vitzoo.train.recipe import build_optimizer, warmup_cosine
 from vitzoo.train.sampler import ResumableSampler
 from vitzoo.vit import VisionTransformer
-from vitzoo.weights import WeightsError, load_weights
+from vitzoo.weights import WeightsError
 
 # Settings that fix the data order: a resumed run must use the ones it was started with.
 DATA_ORDER = ("seed", "batch_size", "accum_steps")
@@ -184,11 +184,11 @@ class _Run:
 
     def checkpoint(self, folder: Path) -> None:
         """Write the run's state (collective under FSDP; rank 0 writes)."""
-        weights = full_state_dict(self.model)
+        weights, optimizer = full_state_dict(self.model), full_optimizer_state(self.model, self.optimizer)
         if not self.world.main:
             return
         trainer = {
-            "step": self.step, "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
+            "step": self.step, "optimizer": optimizer, "schedule": self.schedule.state_dict(),
             "rng": torch.get_rng_state(), "losses": self.result.losses, "evals": self.result.evals,
             "config": asdict(self.config), "spec": self.model.spec.to_dict(), "world_size": self.world.world_size,
         }
@@ -209,12 +209,9 @@ class _Run:
         if changed:
             raise ValueError(f"{path} was written with other {', '.join(changed)}; the data order would differ: "
                              f"resume with the settings of the original run")
-        if self.world.distributed and self.config.strategy == "fsdp":
-            raise ValueError("resuming under strategy='fsdp' is not supported yet; resume the run with ddp")
-        load_weights(self.model, weights, adapt=False)
+        load_full_state(self.model, self.optimizer, weights, trainer["optimizer"])
         if self.ema and ema_weights is not None:
             self.ema.module.load_state_dict(ema_weights)
-        self.optimizer.load_state_dict(trainer["optimizer"])
         self.schedule.load_state_dict(trainer["schedule"])
         torch.set_rng_state(trainer["rng"])
         if "cuda_rng" in trainer and torch.cuda.is_available():
