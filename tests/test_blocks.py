@@ -25,6 +25,10 @@ def _spec_for(slot: str, name: str) -> ViTSpec:
         changes["patch_norm"] = True
     if name == "diff_parallel_scaling":  # takes the differential attention apart
         changes["attn"] = "diff"
+    if name == "gqa":  # two query heads per key/value head
+        changes["kv_heads"] = 2
+    if name == "eva_attn_scale":  # LayerScale on the attention branch only
+        changes["layer_scale"] = 0.1
     keywords = getattr(slot_table(slot).get(name), "keywords", {})
     reduction = keywords.get("reduction")
     if reduction:  # a CNN stem: one patch per stem output stride, a 2 x 2 grid

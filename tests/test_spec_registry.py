@@ -10,6 +10,7 @@ import torch
 import vitzoo
 from vitzoo.registry import REGISTRY_DIR, model_entry
 from vitzoo.spec import ViTSpec
+from vitzoo.validate import reduced_depth
 
 
 @pytest.mark.parametrize(
@@ -20,7 +21,10 @@ from vitzoo.spec import ViTSpec
         (dict(mlp="swigloo"), "ViTSpec.mlp: unknown block 'swigloo'; closest: swiglu"),
         (dict(norm="batchnorm"), "ViTSpec.norm: unknown block 'batchnorm'"),
         (dict(class_token=False), "ViTSpec.pool: 'token' reads the class token"),
-        (dict(attn=("mhsa", "mhsa")), "ViTSpec.attn: has 2 per-layer names but depth=12"),
+        (dict(attn=("mhsa", "mhsa")), "ViTSpec.attn: has 2 per-layer values but depth=12"),
+        (dict(kv_heads=4), "ViTSpec.kv_heads: applies to grouped-query attention only; set attn='gqa'"),
+        (dict(attn="gqa", kv_heads=5), "ViTSpec.kv_heads: 5 does not divide num_heads=12"),
+        (dict(attn="gqa", kv_heads=(12, 4)), "ViTSpec.kv_heads: has 2 per-layer values but depth=12"),
         (dict(drop_path_rate=1.5), r"ViTSpec.drop_path_rate: must be in \[0, 1\)"),
         (dict(depth=0), "ViTSpec.depth: must be a positive integer"),
         (dict(dist_token=True, pool="avg"), "ViTSpec.dist_token: needs class_token=True and pool='token'"),
@@ -46,7 +50,7 @@ def test_every_registry_entry_builds_and_runs(name):
     with torch.device("meta"):
         full = vitzoo.create_model(name)
     assert len(full.blocks) == full.spec.depth
-    model = vitzoo.create_model(name, depth=1).eval()
+    model = vitzoo.create_model(name, **reduced_depth(full.spec, 1)[0]).eval()
     with torch.no_grad():
         out = model(torch.randn(1, *model.pretrained_cfg["input_size"]))
     assert out.shape == (1, model.num_classes or model.num_features) and torch.isfinite(out).all()

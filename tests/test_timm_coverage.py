@@ -45,6 +45,7 @@ REPRESENTATIVES = {
     "vit_pe_core_tiny_patch16_384": 1,  # RoPE with grid offset, pre-norm, MAP pooling with its own heads
     "vit_small_patch16_rope_mixed_224": 2,  # RoPE-Mixed: learned frequencies per layer and head (rope.freqs)
     "eva02_enormous_patch14_clip_224": 1,  # res-post-norm Eva block
+    "vit_large_patch16_sapiens2": 2,  # a full-head and a grouped-query block, biased q/k/v, attention-only LayerScale
 }
 
 

@@ -52,6 +52,7 @@ class ViTSpec:
     norm_eps: float = 1e-6  # epsilon of every norm (timm 1e-6; CLIP 1e-5)
     qkv_bias: bool = True  # bias on the fused qkv projection
     qk_norm: bool = False  # normalize q and k per head (ViT-22B)
+    kv_heads: int | tuple[int, ...] | None = None  # key/value heads of attn='gqa', one or per layer; None: num_heads
     proj_bias: bool = True  # bias on the attention output projection and the MLP layers (AIMv2 has none)
     attn_inner_norm: bool = False  # norm before the attention output projection (Sub-LN, BEiT-3)
     mlp_inner_norm: bool = False  # norm on the MLP hidden activations before fc2 (Sub-LN, BEiT-3)
@@ -81,8 +82,9 @@ class ViTSpec:
         if isinstance(self.img_size, int):
             object.__setattr__(self, "img_size", (self.img_size, self.img_size))
         object.__setattr__(self, "img_size", tuple(int(s) for s in self.img_size))
-        if self.rope_ref_grid is not None:
-            object.__setattr__(self, "rope_ref_grid", tuple(self.rope_ref_grid))
+        for name in ("rope_ref_grid", "kv_heads"):  # TOML and JSON give lists
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         for slot, table in SLOTS.items():  # lists -> tuples; aliases ("gap") -> the entry name ("avg")
             value = getattr(self, slot)
             if isinstance(value, list | tuple):
@@ -114,10 +116,17 @@ class ViTSpec:
             for name in self.layer_choices(slot) if slot in PER_LAYER_SLOTS else (getattr(self, slot),):
                 if name not in table:
                     fail(slot, f"unknown block {name!r}; {did_you_mean(name, table.known_names())}")
-        for slot in PER_LAYER_SLOTS:
-            value = getattr(self, slot)
+        for name in (*PER_LAYER_SLOTS, "kv_heads"):
+            value = getattr(self, name)
             if isinstance(value, tuple) and len(value) != self.depth:
-                fail(slot, f"has {len(value)} per-layer names but depth={self.depth}; give one name or {self.depth}")
+                fail(name, f"has {len(value)} per-layer values but depth={self.depth}; give one value or {self.depth}")
+        if self.kv_heads is not None:
+            if "gqa" not in self.layer_choices("attn"):
+                fail("kv_heads", "applies to grouped-query attention only; set attn='gqa' or leave kv_heads unset")
+            bad = [h for h in self.layer_choices("kv_heads") if not isinstance(h, int) or h < 1 or self.num_heads % h]
+            if bad:
+                fail("kv_heads", f"{bad[0]!r} does not divide num_heads={self.num_heads}; each query group needs "
+                     f"the same number of heads, so use a divisor of {self.num_heads}")
         if self.pool == "token" and not self.class_token:
             fail("pool", "'token' reads the class token, but class_token=False; use pool='avg' or 'map'")
         if self.dist_token and (not self.class_token or self.pool != "token"):
@@ -165,9 +174,9 @@ class ViTSpec:
         """Whether the final norm sits after pooling (``fc_norm``) instead of before (``norm``)."""
         return self.pool in ("avg", "max", "avgmax") if self.fc_norm is None else self.fc_norm
 
-    def layer_choices(self, slot: str) -> tuple[str, ...]:
-        """The block name of ``slot`` for every layer."""
-        value = getattr(self, slot)
+    def layer_choices(self, name: str) -> tuple[Any, ...]:
+        """The value of a per-layer field for every layer: the block name of a slot, or ``kv_heads``."""
+        value = getattr(self, name)
         return value if isinstance(value, tuple) else (value,) * self.depth
 
     # data round trip ----------------------------------------------------------------------------

@@ -15,12 +15,14 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 import timm
 import torch
 from torch import nn
 
-from vitzoo.registry import create_model, list_models
+from vitzoo.registry import create_model, list_models, model_spec
+from vitzoo.spec import ViTSpec
 from vitzoo.timm_compat import from_timm
 
 TOL = 1e-4
@@ -28,6 +30,7 @@ FULL_DEPTH_MAX_PARAMS = 100_000_000  # above this, numerics run at AUTO_DEPTH bl
 AUTO_DEPTH = 2
 TIMM_MODULES = ("vision_transformer", "deit", "vision_transformer_hybrid", "vitamin")
 EVA_MODULES = ("eva",)
+PER_LAYER_TIMM_KWARGS = {"kv_heads": "num_kv_heads"}  # per-layer spec fields and timm's keyword for each
 
 
 @dataclass
@@ -75,8 +78,6 @@ def eva_gap(model: nn.Module) -> str:
     attn, rope = block.attn, model.rope
     if type(block).__name__ != "EvaBlock":
         return f"blocks.0 is {type(block).__name__}"
-    if getattr(attn, "q_proj", None) is not None and type(attn).__name__ != "EvaAttention":
-        return f"blocks.0.attn is {type(attn).__name__} with separate q/k/v projections and grouped kv heads"
     if getattr(attn, "gate", None) is not None:
         return "blocks.0.attn has an output gate"
     if rope is not None and type(rope).__name__ not in ("RotaryEmbeddingCat", "RotaryEmbeddingDinoV3"):
@@ -102,11 +103,23 @@ def _block_outputs(model: nn.Module) -> tuple[list[torch.Tensor], list]:
     return outputs, hooks
 
 
+def reduced_depth(spec: ViTSpec, depth: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(vitzoo overrides, timm keywords) that cut a model to ``depth`` blocks. Per-layer settings keep the
+    first layer of each distinct setting before any other, so the cut model still has every kind of block
+    (Sapiens2 at 2 blocks: one full-head and one grouped-query block)."""
+    per_layer = {f: spec.layer_choices(f) for f in PER_LAYER_TIMM_KWARGS if isinstance(getattr(spec, f), tuple)}
+    rows = list(zip(*per_layer.values(), strict=True)) if per_layer else [()] * spec.depth
+    firsts = sorted({row: i for i, row in reversed(list(enumerate(rows)))}.values())
+    keep = sorted((firsts + [i for i in range(spec.depth) if i not in firsts])[:depth])
+    ours = {"depth": depth, **{f: tuple(values[i] for i in keep) for f, values in per_layer.items()}}
+    return ours, {"depth": depth, **{PER_LAYER_TIMM_KWARGS[f]: ours[f] for f in per_layer}}
+
+
 def _compare(name: str, depth: int | None, result: Validation) -> None:
-    overrides = {"depth": depth} if depth else {}
+    ours, theirs = reduced_depth(model_spec(name), depth) if depth else ({}, {})
     torch.manual_seed(0)
-    reference = timm.create_model(name, pretrained=False, **overrides).eval()
-    model = create_model(name, **overrides).eval()
+    reference = timm.create_model(name, pretrained=False, **theirs).eval()
+    model = create_model(name, **ours).eval()
     model.load_state_dict(reference.state_dict(), strict=True)
     torch.manual_seed(1)
     x = torch.randn(1, *model.pretrained_cfg["input_size"])

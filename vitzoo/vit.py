@@ -76,11 +76,13 @@ class VisionTransformer(nn.Module):
     def _make_block(self, i: int, norm: NormFactory, drop_path: float) -> nn.Module:
         spec, dim = self.spec, self.spec.embed_dim
         attn_name = spec.layer_choices("attn")[i]
+        per_layer = {"layer": i, "kv_heads": spec.layer_choices("kv_heads")[i]}
+        wanted = getattr(ATTENTIONS.get(attn_name), "layer_options", ())
         attn = ATTENTIONS.build(
             attn_name, dim, spec.num_heads, spec.qkv_bias, norm if spec.qk_norm else None,
             spec.attn_drop_rate, spec.proj_drop_rate,
             **only_set(proj_bias=None if spec.proj_bias else False, inner_norm=norm if spec.attn_inner_norm else None,
-                       layer=i if getattr(ATTENTIONS.get(attn_name), "uses_layer_index", False) else None),
+                       **{k: v for k, v in per_layer.items() if k in wanted}),
         )
         mlp = MLPS.build(
             spec.layer_choices("mlp")[i], dim, int(dim * spec.mlp_ratio), spec.proj_bias, spec.proj_drop_rate,

@@ -5,7 +5,8 @@ Contract: ``factory(dim, num_heads, qkv_bias, qk_norm, attn_drop, proj_drop) -> 
 Two keywords are passed only when a spec asks for them: ``proj_bias=False`` (no bias on the output
 projection) and ``inner_norm`` (a norm factory applied before the output projection). A model with
 rotary positions (spec ``rope``) calls ``forward(x, rotation)``; the entries here rotate q and k.
-A block class that sets ``uses_layer_index = True`` also gets ``layer`` (its block's index).
+A block class may list per-layer keywords in ``layer_options``: ``"layer"`` (its block's index) and
+``"kv_heads"`` (the spec's key/value heads for that layer) are passed when listed.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
+from einops import rearrange, repeat
 from torch import nn
 
 from vitzoo.blocks.norm import NormFactory
@@ -26,13 +27,25 @@ def attend(
     qkv: torch.Tensor, num_heads: int, q_norm: nn.Module, k_norm: nn.Module, dropout: float = 0.0,
     rotation: Rotation | None = None,
 ) -> torch.Tensor:
-    """Packed q, k, v ``(b, n, 3 * heads * head_dim)`` -> attended values ``(b, n, heads * head_dim)``:
-    per-head q/k norm, rotary positions, then ``F.scaled_dot_product_attention``. Shared by every
-    block that packs qkv."""
+    """Packed q, k, v ``(b, n, 3 * heads * head_dim)`` -> attended values ``(b, n, heads * head_dim)``.
+    Shared by every block that packs qkv."""
     q, k, v = rearrange(qkv, "b n (qkv h d) -> qkv b h n d", qkv=3, h=num_heads)
+    return attend_heads(q, k, v, q_norm, k_norm, dropout, rotation)
+
+
+def attend_heads(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_norm: nn.Module, k_norm: nn.Module, dropout: float = 0.0,
+    rotation: Rotation | None = None,
+) -> torch.Tensor:
+    """Per-head q ``(b, h, n, d)`` and k, v ``(b, h_kv, n, d)`` -> ``(b, n, h * d)``: q/k norm, rotary
+    positions, each key/value head shared by ``h / h_kv`` query heads (all of them once rotated, as
+    grouped-query attention stores them), then ``F.scaled_dot_product_attention``."""
     q, k = q_norm(q), k_norm(k)
     if rotation is not None:
         q, k = rotate(q, rotation), rotate(k, rotation)
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k, v = (repeat(t, "b h n d -> b (h g) n d", g=groups) for t in (k, v))
     x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
     return rearrange(x, "b h n d -> b n (h d)")
 
@@ -104,6 +117,37 @@ class EvaSplitAttention(Attention):
         return torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
 
 
+class GroupedQueryAttention(Attention):
+    """Grouped-query attention: ``kv_heads`` key/value heads, each shared by ``num_heads / kv_heads`` query
+    heads, so k and v cost a fraction of q (GQA, Ainslie et al. 2023; Sapiens2, Khirodkar et al. 2026; timm's
+    ``AttentionRope(num_kv_heads=...)``). Separate ``q_proj`` / ``k_proj`` / ``v_proj``, each with a bias
+    when ``qkv_bias``; ``kv_heads = num_heads`` is ordinary multi-head attention in that layout.
+    """
+
+    layer_options = ("kv_heads",)
+
+    def __init__(
+        self, dim: int, num_heads: int, qkv_bias: bool = True, qk_norm: NormFactory | None = None,
+        attn_drop: float = 0.0, proj_drop: float = 0.0, *, proj_bias: bool = True,
+        inner_norm: NormFactory | None = None, kv_heads: int | None = None,
+    ) -> None:
+        self.kv_heads = kv_heads or num_heads
+        super().__init__(dim, num_heads, qkv_bias, qk_norm, attn_drop, proj_drop, proj_bias=proj_bias,
+                         inner_norm=inner_norm)
+
+    def _make_projections(self, dim: int, qkv_bias: bool) -> None:
+        kv_dim = dim // self.num_heads * self.kv_heads
+        self.q_proj = nn.Linear(dim, dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(dim, kv_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(dim, kv_dim, bias=qkv_bias)
+
+    def forward(self, x: torch.Tensor, rotation: Rotation | None = None) -> torch.Tensor:
+        q = rearrange(self.q_proj(x), "b n (h d) -> b h n d", h=self.num_heads)
+        k, v = (rearrange(proj(x), "b n (h d) -> b h n d", h=self.kv_heads) for proj in (self.k_proj, self.v_proj))
+        x = attend_heads(q, k, v, self.q_norm, self.k_norm, self.attn_drop if self.training else 0.0, rotation)
+        return self.proj_drop(self.proj(self.norm(x)))
+
+
 class DiffAttention(Attention):
     """Differential attention: two softmax maps from two halves of each head's q and k, the second
     subtracted with a learned weight lambda, cancelling attention noise (Differential Transformer, Ye et al.
@@ -111,7 +155,7 @@ class DiffAttention(Attention):
     (``sub_norm``) and scaled by ``1 - lambda_init``, where ``lambda_init`` rises with the layer index.
     """
 
-    uses_layer_index = True
+    layer_options = ("layer",)
 
     def __init__(
         self, dim: int, num_heads: int, qkv_bias: bool = True, qk_norm: NormFactory | None = None,
@@ -160,4 +204,5 @@ ATTENTIONS: BlockTable = BlockTable(
 ATTENTIONS.register("mhsa", Attention)
 ATTENTIONS.register("eva", EvaAttention)
 ATTENTIONS.register("eva_split", EvaSplitAttention)
+ATTENTIONS.register("gqa", GroupedQueryAttention)
 ATTENTIONS.register("diff", DiffAttention)

@@ -116,15 +116,16 @@ class ResPostNormBlock(_ResidualBlock):
 class EvaBlock(_ResidualBlock):
     """The pre-norm block with its LayerScale stored as bare ``gamma_1`` / ``gamma_2`` parameters (BEiT, Bao
     et al. 2022; EVA-02, Fang et al. 2023; DINOv3; timm's ``EvaBlock``): same computation as ``prenorm``,
-    the checkpoint layout of the Eva family."""
+    the checkpoint layout of the Eva family. ``scale_mlp=False`` scales the attention branch only (Sapiens2,
+    registered as ``eva_attn_scale``)."""
 
     def __init__(
         self, dim: int, attn: nn.Module, mlp: nn.Module, norm: NormFactory, layer_scale: float | None = None,
-        drop_path: float = 0.0,
+        drop_path: float = 0.0, scale_mlp: bool = True,
     ) -> None:
         super().__init__(dim, attn, mlp, norm, None, drop_path)
         self.gamma_1 = nn.Parameter(torch.full((dim,), float(layer_scale))) if layer_scale else None
-        self.gamma_2 = nn.Parameter(torch.full((dim,), float(layer_scale))) if layer_scale else None
+        self.gamma_2 = nn.Parameter(torch.full((dim,), float(layer_scale))) if layer_scale and scale_mlp else None
 
     def forward(self, x: torch.Tensor, rotation: Rotation | None = None) -> torch.Tensor:
         x = x + self.drop_path1(self._scale(run_attn(self.attn, self.norm1(x), rotation), self.gamma_1))
@@ -258,3 +259,4 @@ ENCODER_BLOCKS.register("parallel2", partial(ParallelBranchesBlock, num_parallel
 ENCODER_BLOCKS.register("parallel_scaling", ParallelScalingBlock)
 ENCODER_BLOCKS.register("diff_parallel_scaling", DiffParallelScalingBlock)
 ENCODER_BLOCKS.register("eva", EvaBlock)
+ENCODER_BLOCKS.register("eva_attn_scale", partial(EvaBlock, scale_mlp=False))
