@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import timm
@@ -202,3 +204,34 @@ def test_create_model_follows_what_a_foreign_checkpoint_implies(tmp_path, caplog
     model = vitzoo.create_model("vit_pico_patch4_32", pretrained=str(tmp_path / "lucid.pt"), num_classes=10,
                                 norm_eps=1e-6)
     assert (model.spec.norm_eps, model.spec.class_token) == (1e-6, False)
+
+
+TIMM_TO_SAPIENS2 = (  # timm's names written back in Meta's release layout (what timm's Sapiens2 loader maps)
+    (r"^reg_token$", "storage_tokens"), (r"^patch_embed\.proj\.", "patch_embed.projection."),
+    (r"\.attn\.([qkv])_proj\.", r".attn.w\1."), (r"^blocks\.(\d+)\.gamma_1$", r"blocks.\1.attn.gamma.weight"),
+    (r"\.mlp\.fc1\.", ".ffn.w12."), (r"\.mlp\.fc2\.", ".ffn.w3."),
+    (r"^blocks\.(\d+)\.norm([12])\.", r"blocks.\1.ln\2."), (r"^norm\.", "ln1."),
+)
+
+
+def test_sapiens2_release_layout_loads_like_timm(tmp_path):
+    """A checkpoint in Meta's Sapiens2 names: timm's own loader maps it back to timm's model exactly (so the
+    layout is the one timm reads), and vitzoo converts it and gives timm's features."""
+    from timm.models.eva import checkpoint_filter_fn
+
+    torch.manual_seed(0)
+    reference = _randomize(timm.create_model("vit_large_patch16_sapiens2", depth=2, num_kv_heads=(16, 8)))
+    meta = {"mask_token": torch.zeros(1, 1024), "rope.periods": torch.ones(16)}
+    for key, tensor in reference.state_dict().items():
+        for pattern, template in TIMM_TO_SAPIENS2:
+            key = re.sub(pattern, template, key)
+        meta[key] = tensor
+    timm_read = checkpoint_filter_fn(meta, reference)
+    assert all(torch.equal(timm_read[k], v) for k, v in reference.state_dict().items())
+    assert timm_read.keys() == reference.state_dict().keys()
+    write_state_dict(meta, tmp_path / "sapiens2.safetensors")
+
+    model = VisionTransformer(vitzoo.model_spec("vit_large_patch16_sapiens2", depth=2, kv_heads=(16, 8))).eval()
+    report = load_pretrained(model, str(tmp_path / "sapiens2.safetensors")).adapted
+    assert report[0] == "converted from the Meta Sapiens2 layout; dropped mask_token, rope.periods"
+    _assert_same_logits(model.forward_features, reference.forward_features, torch.randn(1, 3, 64, 48))

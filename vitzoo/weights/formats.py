@@ -2,10 +2,11 @@
 
 Supported: torchvision ``vit_*``, Hugging Face transformers ``ViT*``/``DeiT*`` (the hub's on-disk
 layout and transformers 5's in-memory one), the original JAX/Flax ``.npz`` files of the ViT and
-AugReg papers (big_vision layout), and lucidrains' vit-pytorch ``ViT``. The format is detected from
-the keys. Each converter renames tensors by rules, fuses separate q/k/v projections into timm's
-packed ``qkv`` and moves JAX kernels to PyTorch's ``(out, in)`` order with einops; tensors with no
-vitzoo counterpart (HF's pooler, a JAX pre-logits layer) are dropped and reported.
+AugReg papers (big_vision layout), lucidrains' vit-pytorch ``ViT`` and Meta's Sapiens2 release (the
+names timm's Sapiens2 loader maps). The format is detected from the keys. Each converter renames
+tensors by rules, fuses separate q/k/v projections into timm's packed ``qkv`` and moves JAX kernels
+to PyTorch's ``(out, in)`` order with einops; tensors with no vitzoo counterpart (HF's pooler, a JAX
+pre-logits layer) are dropped and reported.
 
 A converted checkpoint fits a vitzoo model whose spec matches the source model: :func:`spec_hints`
 gives the fields besides the sizes (prefix tokens, qkv bias, pooling without a class token, and the
@@ -233,8 +234,25 @@ FORMATS: dict[str, Format] = {
             (r"mlp_head\.(\w+)", r"head.\1"),
         ),
     ),
+    "sapiens2": Format(
+        "Meta Sapiens2",
+        r"blocks\.\d+\.(attn\.(w[qkv]|gamma)|ffn|ln[12])\..*|storage_tokens|patch_embed\.projection\..*",
+        rules=(
+            (r"cls_token", "cls_token"),
+            (r"storage_tokens", "reg_token"),
+            (r"patch_embed\.projection\.(\w+)", r"patch_embed.proj.\1"),
+            (r"blocks\.(\d+)\.attn\.w([qkv])\.(\w+)", r"blocks.\1.attn.\2_proj.\3"),
+            (r"blocks\.(\d+)\.attn\.gamma\.weight", r"blocks.\1.gamma_1"),  # LayerScale, attention branch only
+            (r"blocks\.(\d+)\.attn\.(proj|q_norm|k_norm)\.(\w+)", r"blocks.\1.attn.\2.\3"),
+            (r"blocks\.(\d+)\.ffn\.w12\.(\w+)", r"blocks.\1.mlp.fc1.\2"),
+            (r"blocks\.(\d+)\.ffn\.w3\.(\w+)", r"blocks.\1.mlp.fc2.\2"),
+            (r"blocks\.(\d+)\.ln([12])\.(\w+)", r"blocks.\1.norm\2.\3"),
+            (r"ln1\.(\w+)", r"norm.\1"),
+            (r"head\.(\w+)", r"head.\1"),
+        ),
+        drop=r"mask_token|rope\..*",  # pretraining only; RoPE tables are recomputed
+    ),
 }
-
 
 
 SOURCE_HINTS: dict[str, dict[str, object]] = {  # what a source implies that no tensor shows
@@ -251,7 +269,8 @@ def spec_hints(name: str, converted: StateDict) -> dict[str, object]:
     (vit-pytorch's ``pool="mean"``, big_vision's ``gap``): ``pool="avg"`` with the norm before pooling.
     """
     hints: dict[str, object] = {
-        "dist_token": "dist_token" in converted, "qkv_bias": "blocks.0.attn.qkv.bias" in converted,
+        "dist_token": "dist_token" in converted,
+        "qkv_bias": any(f"blocks.0.attn.{b}" in converted for b in ("qkv.bias", "q_proj.bias", "q_bias")),
         "reg_tokens": converted["reg_token"].shape[1] if "reg_token" in converted else 0, **SOURCE_HINTS.get(name, {}),
     }
     if name != "timm" and "cls_token" not in converted:
@@ -269,7 +288,8 @@ def _hits(rules: Rules, keys: list[str]) -> int:
 def detect_format(state_dict: StateDict) -> str:
     """``"timm"`` or a key of :data:`FORMATS`, judged by which layout's keys the checkpoint holds."""
     keys = list(state_dict)
-    counts = {"timm": sum(bool(re.fullmatch(TIMM_MARKER, k)) for k in keys)}
+    foreign = "|".join(f"(?:{f.marker})" for f in FORMATS.values())  # a key a foreign layout claims is not timm's
+    counts = {"timm": sum(bool(re.fullmatch(TIMM_MARKER, k)) and not re.fullmatch(foreign, k) for k in keys)}
     counts.update({name: sum(bool(re.fullmatch(f.marker, k)) for k in keys) for name, f in FORMATS.items()})
     best = max(counts, key=counts.get)
     if counts[best]:
