@@ -80,7 +80,7 @@ def test_per_layer_choices_build_each_layer_and_train(tiny_model):
     assert hasattr(model.blocks[0].mlp, "fc1") and hasattr(model.blocks[1].mlp, "fc1_g")
     losses = _overfit_losses(model)
     assert losses[-1] < losses[0]
-    with pytest.raises(ValueError, match="has 3 per-layer names but depth=2"):
+    with pytest.raises(ValueError, match="has 3 per-layer values but depth=2"):
         vitzoo.create_model(tiny_model, mlp=["gelu"] * 3)
 
 
