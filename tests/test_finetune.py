@@ -19,6 +19,7 @@ import vitzoo
 from vitzoo.train import TrainConfig, fit
 from vitzoo.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from vitzoo.train.data import build_datasets, num_classes
+from vitzoo.train.distributed import weights_digest
 from vitzoo.train.finetune import FinetuneConfig, finetune
 from vitzoo.weights import WeightsError, read_state_dict
 
@@ -71,23 +72,28 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_torchrun_two_cpu_processes_end_identical_and_resume(tmp_path, strategy):
-    """gloo on CPU; the ranks compare digests of their full weights at the end (summary.json). Resumed
-    from its step-3 checkpoint (FSDP: each rank re-shards the full weights and optimizer state), the
-    run ends bit-identical to the straight one."""
+    """gloo on CPU, with an EMA of the weights (sharded like the model under FSDP); the ranks compare
+    digests of their full weights at the end (summary.json). Resumed from its step-3 checkpoint (FSDP:
+    each rank re-shards the full weights, optimizer state and EMA), the run ends bit-identical to the
+    straight one, its EMA too."""
     out = tmp_path / strategy
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
            "vitzoo.train", "vit_tiny_patch16_224", *TINY, "--batch-size", "16", "--steps", "6",
-           "--checkpoint-every", "3", "--strategy", strategy, "--out", str(out)]
+           "--checkpoint-every", "3", "--eval-every", "3", "--ema-decay", "0.9", "--strategy", strategy,
+           "--out", str(out)]
     done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     straight = json.loads((out / "summary.json").read_text())
     assert straight["processes"] == 2 and straight["ranks_identical"] and straight["steps"] == 6
+    assert straight["ema_val_acc"] is not None
+    straight_ema = weights_digest(read_state_dict(out / "checkpoints" / "step_00000006" / "ema.safetensors"))
 
     (out / "checkpoints" / "latest").write_text("step_00000003")
     done = subprocess.run([*cmd, "--resume"], env=_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     resumed = json.loads((out / "summary.json").read_text())
     assert resumed["ranks_identical"] and resumed["weights_digest"] == straight["weights_digest"]
+    assert weights_digest(read_state_dict(out / "checkpoints" / "step_00000006" / "ema.safetensors")) == straight_ema
 
 
 @pytest.fixture(scope="module")

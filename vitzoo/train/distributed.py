@@ -90,17 +90,18 @@ def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
     return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def load_full_state(
-    model: nn.Module, optimizer: torch.optim.Optimizer, weights: dict[str, torch.Tensor],
-    optimizer_state: dict[str, Any],
-) -> None:
-    """Load unsharded weights and :func:`full_optimizer_state` into a model and its optimizer; under
-    FSDP every rank keeps only its shard of both."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+def load_full_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Load unsharded weights into a model (or its EMA copy); under FSDP every rank keeps its shard."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    options = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, weights, options=options)
-    set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
+
+
+def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Load :func:`full_optimizer_state` into the optimizer of ``model``; under FSDP every rank keeps its shard."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
 def all_reduce_sum(values: torch.Tensor, world: World) -> torch.Tensor:

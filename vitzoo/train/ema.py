@@ -6,6 +6,7 @@ import copy
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 
 class ModelEma(nn.Module):
@@ -24,8 +25,9 @@ class ModelEma(nn.Module):
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        ema = list(self.module.state_dict().values())
-        current = list(model.state_dict().values())
+        """One averaging step; under FSDP both are sharded alike and each rank averages its own shard."""
+        ema = [_local(t) for t in self.module.state_dict().values()]
+        current = [_local(t) for t in model.state_dict().values()]
         floats = [(e, c) for e, c in zip(ema, current, strict=True) if e.is_floating_point()]
         torch._foreach_lerp_([e for e, _ in floats], [c.detach() for _, c in floats], 1.0 - self.decay)
         for e, c in zip(ema, current, strict=True):
@@ -34,3 +36,8 @@ class ModelEma(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.module(x)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a sharded (FSDP) tensor, sharing its storage; a plain tensor as it is."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor

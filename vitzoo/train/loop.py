@@ -23,7 +23,15 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from vitzoo.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from vitzoo.train.distributed import World, all_reduce_sum, full_optimizer_state, full_state_dict, load_full_state, wrap
+from vitzoo.train.distributed import (
+    World,
+    all_reduce_sum,
+    full_optimizer_state,
+    full_state_dict,
+    load_full_optimizer_state,
+    load_full_weights,
+    wrap,
+)
 from vitzoo.train.ema import ModelEma
 from vitzoo.train.recipe import build_optimizer, warmup_cosine
 from vitzoo.train.sampler import ResumableSampler
@@ -116,10 +124,10 @@ class _Run:
     def __init__(self, model: VisionTransformer, train_data: Dataset, config: TrainConfig, world: World) -> None:
         self.model, self.config, self.world = model, config, world
         self.ema = ModelEma(model, config.ema_decay) if config.ema_decay else None
-        if self.ema and config.strategy == "fsdp" and world.distributed:
-            raise ValueError("ema_decay with strategy='fsdp' is not supported; use ddp or drop the EMA")
         self.net = wrap(model, world, config.strategy)
         sharded = world.distributed and config.strategy == "fsdp"
+        if self.ema and sharded:  # the average is sharded like the model: each rank averages its own shard
+            wrap(self.ema.module, world, config.strategy)
         self.optimizer = build_optimizer(model, config.lr, config.weight_decay, config.layer_decay, config.optimizer,
                                          fused=not sharded)
         self.schedule = warmup_cosine(self.optimizer, config.warmup_steps, config.steps)
@@ -185,6 +193,7 @@ class _Run:
     def checkpoint(self, folder: Path) -> None:
         """Write the run's state (collective under FSDP; rank 0 writes)."""
         weights, optimizer = full_state_dict(self.model), full_optimizer_state(self.model, self.optimizer)
+        ema = full_state_dict(self.ema.module) if self.ema else None
         if not self.world.main:
             return
         trainer = {
@@ -194,7 +203,7 @@ class _Run:
         }
         if torch.cuda.is_available():
             trainer["cuda_rng"] = torch.cuda.get_rng_state()
-        save_checkpoint(folder, self.step, weights, trainer, self.ema.module.state_dict() if self.ema else None)
+        save_checkpoint(folder, self.step, weights, trainer, ema)
 
     def restore(self, path: Path) -> None:
         """Continue from a checkpoint written by the same model and data order."""
@@ -209,9 +218,10 @@ class _Run:
         if changed:
             raise ValueError(f"{path} was written with other {', '.join(changed)}; the data order would differ: "
                              f"resume with the settings of the original run")
-        load_full_state(self.model, self.optimizer, weights, trainer["optimizer"])
+        load_full_weights(self.model, weights)
+        load_full_optimizer_state(self.model, self.optimizer, trainer["optimizer"])
         if self.ema and ema_weights is not None:
-            self.ema.module.load_state_dict(ema_weights)
+            load_full_weights(self.ema.module, ema_weights)
         self.schedule.load_state_dict(trainer["schedule"])
         torch.set_rng_state(trainer["rng"])
         if "cuda_rng" in trainer and torch.cuda.is_available():
