@@ -205,7 +205,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-every", type=int, help="steps between evaluations (default: once per epoch)")
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default: each evaluation)")
     p.add_argument("--strategy", choices=("ddp", "fsdp"), help="multi-process strategy under torchrun")
-    p.add_argument("--workers", dest="num_workers", type=int, help="data-loading processes (default 0)")
+    p.add_argument("--workers", dest="num_workers", type=int, help="data-loading processes (default 0; same results)")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--out", default="runs/finetune", help="run folder: metrics, plot, checkpoints")

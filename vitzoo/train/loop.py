@@ -34,7 +34,7 @@ from vitzoo.train.distributed import (
 )
 from vitzoo.train.ema import ModelEma
 from vitzoo.train.recipe import build_optimizer, warmup_cosine
-from vitzoo.train.sampler import ResumableSampler
+from vitzoo.train.sampler import ResumableSampler, SeededSamples
 from vitzoo.vit import VisionTransformer
 from vitzoo.weights import WeightsError
 
@@ -64,7 +64,7 @@ class TrainConfig:
     ema_decay: float | None = None  # keep and evaluate an EMA of the weights, None = off
     checkpoint_every: int = 0  # steps between checkpoints when a run folder is given (0: at the end only)
     strategy: str = "ddp"  # with several processes: ddp | fsdp
-    num_workers: int = 0  # data-loading processes (0 makes augmentation exactly resumable)
+    num_workers: int = 0  # data-loading processes (any number resumes exactly)
 
 
 @dataclass
@@ -152,8 +152,9 @@ class _Run:
         while True:
             epoch, done = divmod(self.step, self.steps_per_epoch)
             self.sampler.set_epoch(epoch, done * self.per_step)
+            samples = SeededSamples(self.train_data, self.config.seed, epoch)
             # a private generator: creating the iterator must not draw from the global RNG (dropout's)
-            loader = DataLoader(self.train_data, batch_size=self.config.batch_size, sampler=self.sampler,
+            loader = DataLoader(samples, batch_size=self.config.batch_size, sampler=self.sampler,
                                 drop_last=True, num_workers=self.config.num_workers,
                                 generator=torch.Generator().manual_seed(self.config.seed * 100_003 + epoch))
             loader_iter = iter(loader)

@@ -1,16 +1,19 @@
-"""A data order that depends only on (seed, epoch) and can start in the middle of an epoch.
+"""A data order, and an augmentation, that depend only on (seed, epoch, sample).
 
 Resuming a killed run must feed the same batches in the same order as the uninterrupted run; a
 ``RandomSampler`` drawing from a generator that has advanced an unknown amount cannot. Each epoch is
-one permutation seeded by ``(seed, epoch)``, split across ranks like ``DistributedSampler``.
+one permutation seeded by ``(seed, epoch)``, split across ranks like ``DistributedSampler``. The random
+transforms of each sample draw from a generator seeded by ``(seed, epoch, index)``
+(:class:`SeededSamples`), so they too are the same after a resume, with any number of loader workers.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import Dataset, Sampler
 
 
 class ResumableSampler(Sampler[int]):
@@ -33,3 +36,22 @@ class ResumableSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.per_rank - self.skip
+
+
+class SeededSamples(Dataset):
+    """``dataset`` whose item ``index`` in ``epoch`` is read with torch's random state seeded by
+    ``(seed, epoch, index)`` and restored afterwards: random transforms give the same result whichever
+    worker process reads the sample and whatever ran before, and the caller's random stream (dropout's,
+    with no workers) is left as it was. Transforms must draw from torch's generator (torchvision's do).
+    """
+
+    def __init__(self, dataset: Dataset, seed: int, epoch: int) -> None:
+        self.dataset, self.seed, self.epoch = dataset, seed, epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index) % 2**63)
+            return self.dataset[index]
