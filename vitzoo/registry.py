@@ -179,8 +179,9 @@ def create_model(
     tokens, another depth) the tensors that still fit load and the rest are logged as new or dropped.
     ``pretrained_cfg_overlay`` replaces entries of the preprocessing config, ``file`` included (timm's
     way of pointing ``pretrained=True`` at a local file). A checkpoint of another implementation
-    (torchvision, HF transformers, JAX, vit-pytorch) also sets what it implies and no tensor size
-    shows (HF's 1e-12 epsilon, its prefix tokens, qkv bias, pooling), unless an override says otherwise.
+    (torchvision, HF transformers, JAX, vit-pytorch, Meta's Sapiens2) also sets what it implies and no
+    tensor size shows (HF's 1e-12 epsilon, its prefix tokens, qkv bias, pooling), unless an override
+    says otherwise.
     """
     if is_pretrained_folder(name) and not (overrides or num_classes or img_size or pretrained):
         return from_pretrained(name)

@@ -3,10 +3,10 @@
 A checkpoint is a folder ``step_NNNNNNNN/`` holding the weights (``model.safetensors``, and
 ``ema.safetensors`` when averaging) and ``trainer.pt`` (optimizer state unsharded and keyed by
 parameter name, schedule, RNG, position in the data order, curves so far; plain tensors and numbers,
-read with ``weights_only=True``). The folder is
-written under a temporary name and renamed into place, then the ``latest`` pointer is replaced
-atomically: a crash at any moment leaves the previous checkpoint intact and pointed to. The weights
-file is timm's layout, so ``create_model(name, pretrained="<run>/checkpoints/step_.../")`` loads it.
+read with ``weights_only=True``). The folder is written under a temporary name and renamed into
+place, then the ``latest`` pointer is replaced atomically: a crash at any moment leaves the previous
+checkpoint intact and pointed to. The weights file is timm's layout, so ``create_model(name,
+pretrained="<run>/checkpoints/step_.../")`` loads it.
 """
 
 from __future__ import annotations

@@ -39,10 +39,10 @@ def load_pretrained(
 ) -> LoadReport:
     """Load the weights ``pretrained`` names, or an already read :class:`Checkpoint`, into ``model``.
 
-    Checkpoints of torchvision, HF transformers, JAX ``.npz`` or vit-pytorch are converted to timm's
-    layout first (:mod:`vitzoo.weights.formats`). ``partial`` loads only the tensors that still fit a
-    model whose blocks were swapped, and reports the rest as new or dropped; otherwise a mismatch is
-    refused and the model left unchanged.
+    Checkpoints of torchvision, HF transformers, JAX ``.npz``, vit-pytorch or Meta's Sapiens2 are
+    converted to timm's layout first (:mod:`vitzoo.weights.formats`). ``partial`` loads only the
+    tensors that still fit a model whose blocks were swapped, and reports the rest as new or
+    dropped; otherwise a mismatch is refused and the model left unchanged.
     """
     ckpt = pretrained if isinstance(pretrained, Checkpoint) else read_checkpoint(model.pretrained_cfg, pretrained)
     report = (load_weights_partial if partial else load_weights)(model, ckpt.state_dict)
