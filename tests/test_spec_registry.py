@@ -25,6 +25,7 @@ from vitzoo.validate import reduced_depth
         (dict(kv_heads=4), "ViTSpec.kv_heads: applies to grouped-query attention only; set attn='gqa'"),
         (dict(attn="gqa", kv_heads=5), "ViTSpec.kv_heads: 5 does not divide num_heads=12"),
         (dict(attn="gqa", kv_heads=(12, 4)), "ViTSpec.kv_heads: has 2 per-layer values but depth=12"),
+        (dict(rope_rescale=2.0), "ViTSpec.rope_rescale: must be >= 1 .* got 2.0 with rope='none'"),
         (dict(drop_path_rate=1.5), r"ViTSpec.drop_path_rate: must be in \[0, 1\)"),
         (dict(depth=0), "ViTSpec.depth: must be a positive integer"),
         (dict(dist_token=True, pool="avg"), "ViTSpec.dist_token: needs class_token=True and pool='token'"),

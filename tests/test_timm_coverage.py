@@ -56,6 +56,25 @@ def test_representative_names_match_timm(name):
     assert result.worst <= TOL and len(result.block_diffs) == REPRESENTATIVES[name]
 
 
+def test_sapiens2_training_mode_rescales_positions_like_timm():
+    """In training, Sapiens2 multiplies its RoPE positions by one random factor per forward; drawn from the
+    same seed, vitzoo's and timm's factors and features agree, and another seed gives other features."""
+    name = "vit_large_patch16_sapiens2"
+    torch.manual_seed(0)
+    reference = timm.create_model(name, depth=2, num_kv_heads=(16, 8)).train()
+    model = vitzoo.create_model(name, depth=2, kv_heads=(16, 8)).train()
+    model.load_state_dict(reference.state_dict(), strict=True)
+    x = torch.randn(2, 3, 64, 48)
+
+    def features(net: torch.nn.Module, seed: int) -> torch.Tensor:
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            return net.forward_features(x)
+
+    assert (features(reference, 5) - features(model, 5)).abs().max() <= TOL
+    assert (features(model, 5) - features(model, 6)).abs().max() > 0.1
+
+
 KWARGS = [
     dict(global_pool="avg", class_token=False, fc_norm=True, reg_tokens=2, no_embed_class=True),
     dict(init_values=1e-4, qk_norm=True, norm_layer="rmsnorm", act_layer="gelu_tanh", pre_norm=True),

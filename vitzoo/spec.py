@@ -68,6 +68,7 @@ class ViTSpec:
     rope_ref_grid: tuple[int, int] | None = None  # RoPE positions rescaled to this grid (EVA-02's pretraining grid)
     rope_grid_offset: float = 0.0  # added to every RoPE position (Perception Encoder: 1)
     rope_xy: bool = False  # RoPE coordinate channels ordered (x, y) instead of (y, x) (ROPE-ViT, Perception Encoder)
+    rope_rescale: float | None = None  # training only: RoPE positions times one random factor in [1/R, R] (Sapiens2)
     pool_num_heads: int | None = None  # heads of attention pooling ('map'); None: num_heads (Perception Encoder: 8)
     pool_mlp_ratio: float | None = None  # MLP ratio of attention pooling ('map'); None: mlp_ratio
     # regularisation
@@ -148,6 +149,9 @@ class ViTSpec:
             fail("patch_drop_rate", "dropping patch tokens would misalign the rotary positions; use rope='none'")
         if self.rope_ref_grid is not None and (len(self.rope_ref_grid) != 2 or min(self.rope_ref_grid) < 1):
             fail("rope_ref_grid", f"must be (h, w) of positive ints or None, got {self.rope_ref_grid!r}")
+        if self.rope_rescale is not None and (self.rope == "none" or self.rope_rescale < 1):
+            fail("rope_rescale", f"must be >= 1 (the largest scale factor) with a rope, or None; "
+                 f"got {self.rope_rescale} with rope={self.rope!r}")
         if self.rope_temperature is not None and self.rope_temperature <= 0:
             fail("rope_temperature", f"must be > 0 or None, got {self.rope_temperature}")
         if self.pool_num_heads is not None and (self.pool_num_heads < 1 or self.embed_dim % self.pool_num_heads):

@@ -51,7 +51,7 @@ class VisionTransformer(nn.Module):
         self.rope = ROPES.build(
             spec.rope, dim // spec.num_heads, spec.grid_size, spec.num_prefix_tokens,
             temperature=spec.rope_temperature, ref_grid=spec.rope_ref_grid, grid_offset=spec.rope_grid_offset,
-            xy=spec.rope_xy, num_heads=spec.num_heads, depth=spec.depth,
+            xy=spec.rope_xy, num_heads=spec.num_heads, depth=spec.depth, **only_set(rescale=spec.rope_rescale),
         )
         self.norm_pre = norm(dim) if spec.pre_norm else nn.Identity()
         drop_path = [spec.drop_path_rate * i / max(spec.depth - 1, 1) for i in range(spec.depth)]

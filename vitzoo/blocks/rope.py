@@ -4,7 +4,9 @@ Contract: ``factory(head_dim, grid_size, num_prefix, *, temperature, ref_grid, g
 depth) -> nn.Module`` with ``forward(grid) -> Rotation | None`` for a patch grid ``(h, w)``.
 ``temperature`` None means the entry's own default; ``ref_grid`` rescales positions to a reference grid
 (EVA-02 fine-tuned at a new size); ``grid_offset`` shifts the positions; ``xy`` orders the coordinate
-channels (x, y) instead of (y, x). The rotation covers ``num_prefix + h * w`` tokens and leaves the
+channels (x, y) instead of (y, x); ``rescale`` (passed only when a spec sets it) multiplies the positions
+by one random factor, log-uniform in ``[1 / rescale, rescale]``, at every call in training mode. The
+rotation covers ``num_prefix + h * w`` tokens and leaves the
 prefix tokens (class, registers) as they are, so attention applies it to the whole sequence. A rotation
 may differ per layer and head (``(depth, heads, n, head_dim)``, learned frequencies); the model hands
 block ``i`` its :meth:`Rotation.layer`. Fixed rotations store nothing in the state_dict, as in timm.
@@ -55,13 +57,14 @@ class AxialRope(nn.Module):
     def __init__(
         self, head_dim: int, grid_size: Grid, num_prefix: int, *, temperature: float | None = None,
         ref_grid: Grid | None = None, grid_offset: float = 0.0, xy: bool = False, num_heads: int = 1, depth: int = 1,
+        rescale: float | None = None,
     ) -> None:
         super().__init__()
         if head_dim % 4:
             raise ValueError(f"2-D RoPE splits each head in 4 parts; head_dim={head_dim} is not divisible by 4")
         self.head_dim, self.grid_size, self.num_prefix = head_dim, tuple(grid_size), num_prefix
         self.temperature = self.default_temperature if temperature is None else float(temperature)
-        self.ref_grid, self.grid_offset, self.xy = ref_grid, grid_offset, xy
+        self.ref_grid, self.grid_offset, self.xy, self.rescale = ref_grid, grid_offset, xy, rescale
         self.register_buffer("pair", self._pairing()[0], persistent=False)
         self._init_frequencies(num_heads, depth)
         self.register_buffer("cached", None if self.learned else self._build(self.grid_size), persistent=False)
@@ -94,9 +97,9 @@ class AxialRope(nn.Module):
         bands = 1.0 / self.temperature ** (torch.arange(quarter).float() / quarter)
         return rearrange(coords[..., None] * bands.to(coords.device), "n c f -> n (c f)")
 
-    def _build(self, grid: Grid) -> torch.Tensor:
+    def _build(self, grid: Grid, scale: torch.Tensor | float = 1.0) -> torch.Tensor:
         """cos and signed sin stacked: ``(2, [depth, heads,] num_prefix + h * w, head_dim)``."""
-        angles = self.angles(self.coords(grid).to(self.pair.device))
+        angles = self.angles(self.coords(grid).to(self.pair.device) * scale)
         layout = "... n k -> ... n (two k)" if self.rotate_half else "... n k -> ... n (k two)"
         sign = self._pairing()[1].to(angles.device)
         cos, sin = repeat(angles.cos(), layout, two=2), repeat(angles.sin(), layout, two=2) * sign
@@ -104,7 +107,13 @@ class AxialRope(nn.Module):
         return torch.stack([torch.cat([prefix + 1, cos], dim=-2), torch.cat([prefix, sin], dim=-2)])
 
     def forward(self, grid: Grid) -> Rotation:
-        table = self.cached if self.cached is not None and tuple(grid) == self.grid_size else self._build(grid)
+        if self.training and self.rescale:  # DINOv3's training-time position augmentation
+            bound = math.log(self.rescale)
+            table = self._build(grid, torch.empty(1, device=self.pair.device).uniform_(-bound, bound).exp())
+        elif self.cached is not None and tuple(grid) == self.grid_size:
+            table = self.cached
+        else:
+            table = self._build(grid)
         return Rotation(table[0], table[1], self.pair)
 
 
