@@ -175,26 +175,9 @@ class VisionTransformer(nn.Module):
     # forward ------------------------------------------------------------------------------------
     def _grid(self, x: torch.Tensor) -> tuple[int, int]:
         """Patch grid for a batch of images, with an actionable error for a wrong shape."""
-        spec = self.spec
-        if x.ndim != 4 or x.shape[1] != spec.in_chans:
-            raise ValueError(
-                f"expected images of shape (B, {spec.in_chans}, H, W), got {tuple(x.shape)}"
-            )
-        height, width = x.shape[-2:]
-        p = spec.patch_size
-        if spec.dynamic_img_size:
-            if (height % p or width % p) and not spec.crop_remainder:
-                raise ValueError(
-                    f"image size {height}x{width} is not a multiple of patch_size={p}; "
-                    f"resize or pad each side to a multiple of {p}"
-                )
-        elif (height, width) != spec.img_size:
-            raise ValueError(
-                f"this model expects {spec.img_size[0]}x{spec.img_size[1]} images, got {height}x{width}; "
-                f"resize the input, build the model with img_size=({height}, {width}), "
-                f"or pass dynamic_img_size=True to accept any multiple of {p}"
-            )
-        return height // p, width // p
+        if x.ndim != 4 or x.shape[1] != self.spec.in_chans:
+            raise ValueError(f"expected images of shape (B, {self.spec.in_chans}, H, W), got {tuple(x.shape)}")
+        return self.spec.patch_grid(*x.shape[-2:])
 
     def _embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Images -> token sequence (prefix tokens first) with positions added; also the grid."""
