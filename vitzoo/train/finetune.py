@@ -198,6 +198,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--optimizer", choices=("adamw", "adam"))
     p.add_argument("--warmup-steps", type=int)
     p.add_argument("--label-smoothing", type=float)
+    p.add_argument("--mixup", type=float, help="Mixup Beta concentration, e.g. 0.8 (DeiT); off by default")
+    p.add_argument("--cutmix", type=float, help="CutMix Beta concentration, e.g. 1.0; with --mixup, one per batch")
     p.add_argument("--grad-clip", type=float, help="max gradient norm (0 disables)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")

@@ -33,6 +33,7 @@ from vitzoo.train.distributed import (
     wrap,
 )
 from vitzoo.train.ema import ModelEma
+from vitzoo.train.mix import mix_batch
 from vitzoo.train.recipe import build_optimizer, warmup_cosine
 from vitzoo.train.sampler import ResumableSampler, SeededSamples
 from vitzoo.vit import VisionTransformer
@@ -55,6 +56,8 @@ class TrainConfig:
     optimizer: str = "adamw"  # adamw | adam
     warmup_steps: int = 30
     label_smoothing: float = 0.0
+    mixup: float = 0.0  # Beta concentration for blending image pairs (e.g. 0.8), 0 = off
+    cutmix: float = 0.0  # Beta concentration for pasting boxes between image pairs (e.g. 1.0), 0 = off
     grad_clip: float | None = 1.0  # max global grad norm, None = off
     eval_every: int = 100  # steps between validation passes (and one at the end)
     seed: int = 0  # model init is the caller's; this seeds data order, augmentation and dropout
@@ -65,6 +68,11 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps between checkpoints when a run folder is given (0: at the end only)
     strategy: str = "ddp"  # with several processes: ddp | fsdp
     num_workers: int = 0  # data-loading processes (any number resumes exactly)
+
+    def __post_init__(self) -> None:
+        for name in ("label_smoothing", "mixup", "cutmix"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0 turns it off), got {getattr(self, name)}")
 
 
 @dataclass
@@ -174,11 +182,14 @@ class _Run:
         total, seen = 0.0, 0
         for micro in range(config.accum_steps):
             images, labels = (t.to(device, non_blocking=True) for t in next(batches))
+            targets = labels
+            if config.mixup or config.cutmix:
+                images, targets = mix_batch(images, labels, self.model.num_classes, config.mixup, config.cutmix)
             with self._sync_gradients(micro == config.accum_steps - 1), torch.autocast(
                 device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=config.amp
             ):
                 logits = self.forward(images)
-                loss = F.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing)
+                loss = F.cross_entropy(logits.float(), targets, label_smoothing=config.label_smoothing)
                 (loss / config.accum_steps).backward()
             total += loss.item() / config.accum_steps
             seen += len(labels)
