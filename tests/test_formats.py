@@ -76,10 +76,32 @@ def test_huggingface_vit_and_deit(tmp_path, images, model_class, config_class, e
         if path.name == "memory.safetensors":  # transformers' in-memory layout, as a user's state_dict
             write_state_dict(source.state_dict(), path)
         model, report = _vitzoo_from(path)
-        assert report[0].startswith("converted from the Hugging Face ViT/DeiT layout")
+        assert report[0].startswith("converted from the Hugging Face ViT/DeiT/DINOv2 layout")
         assert (model.spec.dist_token, model.spec.reg_tokens, model.spec.qkv_bias) == (
             tokens.get("dist_token", False), tokens.get("reg_tokens", 0), extra.get("qkv_bias", True))
         _assert_same_logits(model, lambda x: source(pixel_values=x).logits, images)
+
+
+@pytest.mark.parametrize(("model_class", "extra", "changes"), [
+    ("Dinov2Model", {}, {"mlp_ratio": 4.0}),
+    ("Dinov2WithRegistersModel", {"num_register_tokens": 4, "use_swiglu_ffn": True},
+     {"mlp": "swiglu_packed", "mlp_ratio": 5.5}),  # HF's SwiGLU hidden width: 88, packed as 176
+], ids=["dinov2", "dinov2_reg_swiglu"])
+def test_huggingface_dinov2(tmp_path, images, model_class, extra, changes):
+    """HF DINOv2 backbones (LayerScale, registers, SwiGLU): the hub layout and the in-memory one convert, the
+    hints give DINOv2's 1e-6 epsilon and its registers, and the normed tokens equal ``last_hidden_state``."""
+    import transformers as hf
+
+    config_class = getattr(hf, model_class.replace("Model", "Config"))
+    source = _randomize(getattr(hf, model_class)(config_class(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8, **extra)))
+    source.save_pretrained(tmp_path / "hf")
+    write_state_dict(source.state_dict(), tmp_path / "memory.safetensors")
+    for path in (tmp_path / "hf" / "model.safetensors", tmp_path / "memory.safetensors"):
+        model, report = _vitzoo_from(path, num_classes=0, layer_scale=1.0, **changes)
+        assert report[0] == "converted from the Hugging Face ViT/DeiT/DINOv2 layout; dropped embeddings.mask_token"
+        assert (model.spec.norm_eps, model.spec.reg_tokens) == (1e-6, extra.get("num_register_tokens", 0))
+        _assert_same_logits(model.forward_features, lambda x: source(pixel_values=x).last_hidden_state, images)
 
 
 def test_huggingface_vit_model_without_head(tmp_path, images):
@@ -235,3 +257,17 @@ def test_sapiens2_release_layout_loads_like_timm(tmp_path):
     report = load_pretrained(model, str(tmp_path / "sapiens2.safetensors")).adapted
     assert report[0] == "converted from the Meta Sapiens2 layout; dropped mask_token, rope.periods"
     _assert_same_logits(model.forward_features, reference.forward_features, torch.randn(1, 3, 64, 48))
+
+
+def test_huggingface_dinov2_with_registers_loads_by_name(tmp_path):
+    """The registry's DINOv2-with-registers model takes HF's checkpoint of the same size as it is: no
+    overrides, strict load, and the normed tokens equal HF's ``last_hidden_state``."""
+    import transformers as hf
+
+    source = _randomize(hf.Dinov2WithRegistersModel(hf.Dinov2WithRegistersConfig(
+        hidden_size=384, num_hidden_layers=12, num_attention_heads=6, image_size=518, patch_size=14,
+        num_register_tokens=4)))
+    source.save_pretrained(tmp_path / "hf")
+    model = vitzoo.create_model("vit_small_patch14_reg4_dinov2", pretrained=str(tmp_path / "hf")).eval()
+    x = torch.randn(1, 3, 518, 518)
+    _assert_same_logits(model.forward_features, lambda images: source(pixel_values=images).last_hidden_state, x)

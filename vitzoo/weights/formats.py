@@ -1,17 +1,17 @@
 """Checkpoints of other ViT implementations, converted to timm's layout (vitzoo's own).
 
-Supported: torchvision ``vit_*``, Hugging Face transformers ``ViT*``/``DeiT*`` (the hub's on-disk
-layout and transformers 5's in-memory one), the original JAX/Flax ``.npz`` files of the ViT and
-AugReg papers (big_vision layout), lucidrains' vit-pytorch ``ViT`` and Meta's Sapiens2 release (the
-names timm's Sapiens2 loader maps). The format is detected from the keys. Each converter renames
-tensors by rules, fuses separate q/k/v projections into timm's packed ``qkv`` and moves JAX kernels
-to PyTorch's ``(out, in)`` order with einops; tensors with no vitzoo counterpart (HF's pooler, a JAX
-pre-logits layer) are dropped and reported.
+Supported: torchvision ``vit_*``, Hugging Face transformers ``ViT*``/``DeiT*``/``Dinov2*`` (the
+hub's on-disk layout and transformers 5's in-memory one), the original JAX/Flax ``.npz`` files of
+the ViT and AugReg papers (big_vision layout), lucidrains' vit-pytorch ``ViT`` and Meta's Sapiens2
+release (the names timm's Sapiens2 loader maps). The format is detected from the keys. Each
+converter renames tensors by rules, fuses separate q/k/v projections into timm's packed ``qkv`` and
+moves JAX kernels to PyTorch's ``(out, in)`` order with einops; tensors with no vitzoo counterpart
+(HF's pooler, a JAX pre-logits layer) are dropped and reported.
 
 A converted checkpoint fits a vitzoo model whose spec matches the source model: :func:`spec_hints`
 gives the fields besides the sizes (prefix tokens, qkv bias, pooling without a class token, and the
-norm epsilon no tensor shows: HF 1e-12, vit-pytorch 1e-5). What vitzoo cannot express (vit-pytorch
-heads narrower than ``dim / heads``) is refused, never approximated.
+norm epsilon no tensor shows: HF 1e-12 but DINOv2 1e-6, vit-pytorch 1e-5). What vitzoo cannot
+express (vit-pytorch heads narrower than ``dim / heads``) is refused, never approximated.
 """
 
 from __future__ import annotations
@@ -58,40 +58,60 @@ class Format:
         return out, dropped
 
 
-def _fuse_qkv(pattern: str) -> Callable[[StateDict], StateDict]:
-    """Concatenate separate q, k, v projections (``pattern`` has groups prefix, q/k/v name, suffix)."""
-    names = {"query": 0, "key": 1, "value": 2, "q_proj": 0, "k_proj": 1, "v_proj": 2}
+def _concat_parts(pattern: str, order: dict[str, int], fused: str) -> Callable[[StateDict], StateDict]:
+    """Concatenate separately stored projections into one: ``pattern`` has groups prefix, part name, suffix;
+    ``order`` gives each part's place, ``fused`` the name of the result."""
 
     def fuse(state_dict: StateDict) -> StateDict:
         out, parts = {}, {}
         for key, tensor in state_dict.items():
             match = re.fullmatch(pattern, key)
-            if match and match.group(2) in names:
-                parts.setdefault((match.group(1), match.group(3)), [None] * 3)[names[match.group(2)]] = tensor
+            if match and match.group(2) in order:
+                parts.setdefault((match.group(1), match.group(3)), {})[order[match.group(2)]] = tensor
             else:
                 out[key] = tensor
-        for (prefix, suffix), (q, k, v) in parts.items():
-            out[f"{prefix}qkv{suffix}"] = torch.cat([q, k, v])
+        for (prefix, suffix), tensors in parts.items():
+            out[f"{prefix}{fused}{suffix}"] = torch.cat([tensors[place] for place in sorted(tensors)])
         return out
 
     return fuse
 
 
-_fuse_hf_qkv = _fuse_qkv(r"((?:vit\.|deit\.)?(?:encoder\.layer|layers)\.\d+\.attention\.(?:attention\.)?)"
-                         r"(query|key|value|q_proj|k_proj|v_proj)(\.\w+)")
+HF = r"(?:vit\.|deit\.|dinov2\.|dinov2_with_registers\.)?"  # the backbone's prefix in HF's task models
+HF_LAYER = HF + r"(?:encoder\.layer|layers)\.(\d+)\."  # one encoder layer; group 1 is its index
+_fuse_hf_qkv = _concat_parts(rf"({HF}(?:encoder\.layer|layers)\.\d+\.attention\.(?:attention\.)?)(\w+)(\.\w+)",
+                             {"query": 0, "key": 1, "value": 2, "q_proj": 0, "k_proj": 1, "v_proj": 2}, "qkv")
+# transformers 5 keeps DINOv2's SwiGLU as gate_proj / up_proj; the hub file packs them (gate first) as weights_in
+_pack_hf_swiglu = _concat_parts(rf"({HF}(?:encoder\.layer|layers)\.\d+\.mlp\.)(\w+)(\.\w+)",
+                                {"gate_proj": 0, "up_proj": 1}, "weights_in")
 
 
 def _hf_layout(state_dict: StateDict) -> StateDict:
-    """Fused qkv; and a DeiT distillation token that no distillation head reads becomes a register.
+    """Fused qkv, and register tokens in timm's ``no_embed_class`` layout.
 
-    ``DeiTForImageClassification`` and ``DeiTModel`` keep the token but classify from [CLS] alone: the
-    token is only attended to, which is what a register token is. vitzoo's ``dist_token`` would feed
-    a second head and average the two, so mapping it there would silently change the logits.
+    DINOv2 with registers inserts its ``register_tokens`` after adding the positions, which cover [CLS]
+    and the patches. ``DeiTForImageClassification`` and ``DeiTModel`` keep the distillation token but
+    classify from [CLS] alone: the token is only attended to, which is what a register token is (vitzoo's
+    ``dist_token`` would feed a second head and average the two, silently changing the logits). Either
+    way the prefix tokens' positions are added to the tokens themselves and the table keeps the patches'
+    (as timm converts DINOv2's own checkpoints), so every register model loads as ``no_embed_class``.
     """
-    out = _fuse_hf_qkv(state_dict)
-    if not any(k.startswith("distillation_classifier.") for k in out):
-        for key in [k for k in out if k.endswith("embeddings.distillation_token")]:
-            out["reg_token"] = out.pop(key)
+    out = _pack_hf_swiglu(_fuse_hf_qkv(state_dict))
+
+    def find(suffix: str) -> str | None:
+        return next((k for k in out if k.endswith(suffix)), None)
+
+    cls, dist = find("embeddings.cls_token"), find("embeddings.distillation_token")
+    pos = find("embeddings.position_embeddings")
+    registers, positioned = find("embeddings.register_tokens"), [cls]
+    if dist and not any(k.startswith("distillation_classifier.") for k in out):
+        registers, positioned = dist, [cls, dist]
+    if registers:
+        table = out[pos]
+        for i, key in enumerate(positioned):
+            out[key] = out[key] + table[:, i : i + 1]
+        out[pos] = table[:, len(positioned) :]
+        out["reg_token"] = out.pop(registers)
     return out
 
 
@@ -171,29 +191,26 @@ FORMATS: dict[str, Format] = {
         ),
     ),
     "huggingface": Format(
-        "Hugging Face ViT/DeiT", r"(vit\.|deit\.)?(embeddings\.patch_embeddings|encoder\.layer\.\d+|layers\.\d+)\..*",
+        "Hugging Face ViT/DeiT/DINOv2", rf"{HF}(embeddings\.patch_embeddings|encoder\.layer\.\d+|layers\.\d+)\..*",
         prepare=_hf_layout,
         rules=(
-            (r"(?:vit\.|deit\.)?embeddings\.cls_token", "cls_token"),
-            (r"(?:vit\.|deit\.)?embeddings\.distillation_token", "dist_token"),
+            (rf"{HF}embeddings\.cls_token", "cls_token"),
+            (rf"{HF}embeddings\.distillation_token", "dist_token"),
             (r"reg_token", "reg_token"),
-            (r"(?:vit\.|deit\.)?embeddings\.position_embeddings", "pos_embed"),
-            (r"(?:vit\.|deit\.)?embeddings\.patch_embeddings\.projection\.(\w+)", r"patch_embed.proj.\1"),
-            (r"(?:vit\.|deit\.)?(?:encoder\.layer|layers)\.(\d+)\.attention\.(?:attention\.)?qkv\.(\w+)",
-             r"blocks.\1.attn.qkv.\2"),
-            (r"(?:vit\.|deit\.)?(?:encoder\.layer|layers)\.(\d+)\.attention\.(?:output\.dense|o_proj)\.(\w+)",
-             r"blocks.\1.attn.proj.\2"),
-            (r"(?:vit\.|deit\.)?(?:encoder\.layer|layers)\.(\d+)\.(?:intermediate\.dense|mlp\.fc1)\.(\w+)",
-             r"blocks.\1.mlp.fc1.\2"),
-            (r"(?:vit\.|deit\.)?(?:encoder\.layer|layers)\.(\d+)\.(?:output\.dense|mlp\.fc2)\.(\w+)",
-             r"blocks.\1.mlp.fc2.\2"),
-            (r"(?:vit\.|deit\.)?(?:encoder\.layer|layers)\.(\d+)\.layernorm_before\.(\w+)", r"blocks.\1.norm1.\2"),
-            (r"(?:vit\.|deit\.)?(?:encoder\.layer|layers)\.(\d+)\.layernorm_after\.(\w+)", r"blocks.\1.norm2.\2"),
-            (r"(?:vit\.|deit\.)?layernorm\.(\w+)", r"norm.\1"),
+            (rf"{HF}embeddings\.position_embeddings", "pos_embed"),
+            (rf"{HF}embeddings\.patch_embeddings\.projection\.(\w+)", r"patch_embed.proj.\1"),
+            (rf"{HF_LAYER}attention\.(?:attention\.)?qkv\.(\w+)", r"blocks.\1.attn.qkv.\2"),
+            (rf"{HF_LAYER}attention\.(?:output\.dense|o_proj)\.(\w+)", r"blocks.\1.attn.proj.\2"),
+            (rf"{HF_LAYER}(?:intermediate\.dense|mlp\.fc1|mlp\.weights_in)\.(\w+)", r"blocks.\1.mlp.fc1.\2"),
+            (rf"{HF_LAYER}(?:output\.dense|mlp\.fc2|mlp\.weights_out|mlp\.down_proj)\.(\w+)", r"blocks.\1.mlp.fc2.\2"),
+            (rf"{HF_LAYER}(?:layernorm_before|norm1)\.(\w+)", r"blocks.\1.norm1.\2"),
+            (rf"{HF_LAYER}(?:layernorm_after|norm2)\.(\w+)", r"blocks.\1.norm2.\2"),
+            (rf"{HF_LAYER}layer_scale([12])\.lambda1", r"blocks.\1.ls\2.gamma"),  # DINOv2
+            (rf"{HF}layernorm\.(\w+)", r"norm.\1"),
             (r"(?:classifier|cls_classifier)\.(\w+)", r"head.\1"),
             (r"distillation_classifier\.(\w+)", r"head_dist.\1"),
         ),
-        drop=r"(?:vit\.|deit\.)?(pooler\..*|embeddings\.mask_token)",
+        drop=rf"{HF}(pooler\..*|embeddings\.mask_token)",
     ),
     "big_vision": Format(
         "JAX/Flax big_vision .npz", r"(opt/target/)?Transformer/encoderblock_\d+/.*",
@@ -273,6 +290,10 @@ def spec_hints(name: str, converted: StateDict) -> dict[str, object]:
         "qkv_bias": any(f"blocks.0.attn.{b}" in converted for b in ("qkv.bias", "q_proj.bias", "q_bias")),
         "reg_tokens": converted["reg_token"].shape[1] if "reg_token" in converted else 0, **SOURCE_HINTS.get(name, {}),
     }
+    if name == "huggingface" and "blocks.0.ls1.gamma" in converted:  # DINOv2, HF's one ViT with LayerScale
+        hints["norm_eps"] = 1e-6
+    if name == "huggingface" and "reg_token" in converted:  # see _hf_layout
+        hints["no_embed_class"] = True
     if name != "timm" and "cls_token" not in converted:
         hints.update(class_token=False, pool="avg", fc_norm=False)
     return hints
