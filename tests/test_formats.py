@@ -104,6 +104,30 @@ def test_huggingface_dinov2(tmp_path, images, model_class, extra, changes):
         _assert_same_logits(model.forward_features, lambda x: source(pixel_values=x).last_hidden_state, images)
 
 
+def test_huggingface_clip_and_siglip_image_towers(tmp_path, images):
+    """HF CLIP's image tower with its projection (class token, pre-norm, no patch bias, 1e-5) and SigLIP's
+    (no class token, attention-pooling head, 1e-6): the converted model's output equals HF's image
+    embedding / pooled output, and its tokens SigLIP's ``last_hidden_state``."""
+    import transformers as hf
+
+    sizes = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                 patch_size=8)
+    clip = _randomize(hf.CLIPVisionModelWithProjection(hf.CLIPVisionConfig(projection_dim=5, **sizes)))
+    clip.save_pretrained(tmp_path / "clip")
+    model, report = _vitzoo_from(tmp_path / "clip" / "model.safetensors", mlp="quick_gelu")
+    assert report[0] == "converted from the Hugging Face CLIP/SigLIP vision tower layout"
+    assert (model.spec.pre_norm, model.spec.patch_bias, model.spec.norm_eps) == (True, False, 1e-5)
+    _assert_same_logits(model, lambda x: clip(pixel_values=x).image_embeds, images)
+
+    siglip = _randomize(hf.SiglipVisionModel(hf.SiglipVisionConfig(**sizes)))
+    siglip.save_pretrained(tmp_path / "siglip")
+    model, _ = _vitzoo_from(tmp_path / "siglip" / "model.safetensors", num_classes=0)
+    assert (model.spec.class_token, model.spec.pool, model.spec.norm_eps, model.spec.mlp) == (False, "map", 1e-6,
+                                                                                             "gelu_tanh")
+    _assert_same_logits(model, lambda x: siglip(pixel_values=x).pooler_output, images)
+    _assert_same_logits(model.forward_features, lambda x: siglip(pixel_values=x).last_hidden_state, images)
+
+
 def test_huggingface_vit_model_without_head(tmp_path, images):
     """A headless ``ViTModel``: its pooler has no vitzoo counterpart and is dropped (and reported); the
     normed tokens equal HF's ``last_hidden_state``."""
@@ -271,3 +295,22 @@ def test_huggingface_dinov2_with_registers_loads_by_name(tmp_path):
     model = vitzoo.create_model("vit_small_patch14_reg4_dinov2", pretrained=str(tmp_path / "hf")).eval()
     x = torch.randn(1, 3, 518, 518)
     _assert_same_logits(model.forward_features, lambda images: source(pixel_values=images).last_hidden_state, x)
+
+
+def test_huggingface_siglip_full_model_loads_by_name(tmp_path, caplog):
+    """A whole HF ``SiglipModel`` file (text tower included) builds the registry's SigLIP image tower: the text
+    tower is dropped (summarised in the log), the tanh GELU comes from the hints, and the pooled output
+    equals HF's image features."""
+    import transformers as hf
+
+    source = _randomize(hf.SiglipModel(hf.SiglipConfig(
+        vision_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                           image_size=224, patch_size=16),
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2))))
+    source.save_pretrained(tmp_path / "hf")
+    with caplog.at_level("INFO", logger="vitzoo"):
+        model = vitzoo.create_model("vit_base_patch16_siglip_224", pretrained=str(tmp_path / "hf")).eval()
+    assert "vit_base_patch16_siglip_224: mlp='gelu_tanh', as the checkpoint implies" in caplog.messages
+    assert any("; dropped logit_bias, logit_scale, text_model." in m and m.endswith("in all)") for m in caplog.messages)
+    x = torch.randn(1, 3, 224, 224)
+    _assert_same_logits(model, lambda images: source.vision_model(pixel_values=images).pooler_output, x)

@@ -47,8 +47,9 @@ def load_pretrained(
     ckpt = pretrained if isinstance(pretrained, Checkpoint) else read_checkpoint(model.pretrained_cfg, pretrained)
     report = (load_weights_partial if partial else load_weights)(model, ckpt.state_dict)
     if ckpt.source != "timm":
+        dropped = ", ".join(ckpt.dropped[:8]) + (f" ... ({len(ckpt.dropped)} in all)" if len(ckpt.dropped) > 8 else "")
         report.adapted.insert(0, f"converted from the {FORMATS[ckpt.source].name} layout"
-                                 + (f"; dropped {', '.join(ckpt.dropped)}" if ckpt.dropped else ""))
+                                 + (f"; dropped {dropped}" if ckpt.dropped else ""))
     model.pretrained_cfg["file"] = str(ckpt.path)
     return report
 

@@ -1,12 +1,12 @@
 """Checkpoints of other ViT implementations, converted to timm's layout (vitzoo's own).
 
-Supported: torchvision ``vit_*``, Hugging Face transformers ``ViT*``/``DeiT*``/``Dinov2*`` (the
-hub's on-disk layout and transformers 5's in-memory one), the original JAX/Flax ``.npz`` files of
-the ViT and AugReg papers (big_vision layout), lucidrains' vit-pytorch ``ViT`` and Meta's Sapiens2
-release (the names timm's Sapiens2 loader maps). The format is detected from the keys. Each
-converter renames tensors by rules, fuses separate q/k/v projections into timm's packed ``qkv`` and
-moves JAX kernels to PyTorch's ``(out, in)`` order with einops; tensors with no vitzoo counterpart
-(HF's pooler, a JAX pre-logits layer) are dropped and reported.
+Supported: torchvision ``vit_*``, Hugging Face transformers ``ViT*``/``DeiT*``/``Dinov2*`` and the
+CLIP/SigLIP image towers (the hub's on-disk layout and transformers 5's in-memory one), the original
+JAX/Flax ``.npz`` files of the ViT and AugReg papers (big_vision layout), lucidrains' vit-pytorch
+``ViT`` and Meta's Sapiens2 release (the names timm's Sapiens2 loader maps). The format is detected
+from the keys. Each converter renames tensors by rules, fuses separate q/k/v projections into timm's
+packed ``qkv`` and moves JAX kernels to PyTorch's ``(out, in)`` order with einops; tensors with no
+vitzoo counterpart (HF's pooler, a JAX pre-logits layer) are dropped and reported.
 
 A converted checkpoint fits a vitzoo model whose spec matches the source model: :func:`spec_hints`
 gives the fields besides the sizes (prefix tokens, qkv bias, pooling without a class token, and the
@@ -115,6 +115,31 @@ def _hf_layout(state_dict: StateDict) -> StateDict:
     return out
 
 
+V = r"(?:vision_model\.)?"  # the image tower's prefix in HF's CLIPModel / SiglipModel
+_fuse_hf_tower_qkv = _concat_parts(rf"({V}encoder\.layers\.\d+\.self_attn\.)(\w+)(\.\w+)",
+                                   {"q_proj": 0, "k_proj": 1, "v_proj": 2}, "qkv")
+
+
+def _hf_tower_layout(state_dict: StateDict) -> StateDict:
+    """HF CLIP / SigLIP image towers: fused qkv; CLIP's class embedding and projection (a linear head
+    without bias: a zero bias is added) and tables of timm's shapes; SigLIP's attention-pooling head
+    (``nn.MultiheadAttention`` packs q, k, v; timm's ``AttentionPoolLatent`` keeps q and kv)."""
+    out = _fuse_hf_tower_qkv(state_dict)
+    for key in list(out):
+        tensor = out[key]
+        if key.endswith("embeddings.class_embedding"):
+            out[key] = rearrange(tensor, "d -> 1 1 d")
+        elif key.endswith("embeddings.position_embedding.weight"):
+            out[key] = rearrange(tensor, "n d -> 1 n d")
+        elif key.endswith("head.attention.in_proj_weight") or key.endswith("head.attention.in_proj_bias"):
+            prefix, _, leaf = key.rpartition(".in_proj_")
+            q, kv = out.pop(key).split([tensor.shape[0] // 3, 2 * tensor.shape[0] // 3])
+            out[f"{prefix}.q.{leaf}"], out[f"{prefix}.kv.{leaf}"] = q, kv
+        elif key == "visual_projection.weight":
+            out["visual_projection.bias"] = tensor.new_zeros(tensor.shape[0])
+    return out
+
+
 def _jax_layout(state_dict: StateDict) -> StateDict:
     """big_vision arrays to PyTorch's: kernels ``(in, out)`` -> ``(out, in)``, per-head q/k/v fused."""
     state_dict = {k.removeprefix("opt/target/"): v for k, v in state_dict.items()}
@@ -212,6 +237,28 @@ FORMATS: dict[str, Format] = {
         ),
         drop=rf"{HF}(pooler\..*|embeddings\.mask_token)",
     ),
+    "huggingface_tower": Format(
+        "Hugging Face CLIP/SigLIP vision tower", rf"{V}encoder\.layers\.\d+\.self_attn\..*",
+        prepare=_hf_tower_layout,
+        rules=(
+            (rf"{V}embeddings\.class_embedding", "cls_token"),
+            (rf"{V}embeddings\.patch_embedding\.(\w+)", r"patch_embed.proj.\1"),
+            (rf"{V}embeddings\.position_embedding\.weight", "pos_embed"),
+            (rf"{V}pre_layrnorm\.(\w+)", r"norm_pre.\1"),
+            (rf"{V}encoder\.layers\.(\d+)\.self_attn\.qkv\.(\w+)", r"blocks.\1.attn.qkv.\2"),
+            (rf"{V}encoder\.layers\.(\d+)\.self_attn\.out_proj\.(\w+)", r"blocks.\1.attn.proj.\2"),
+            (rf"{V}encoder\.layers\.(\d+)\.layer_norm([12])\.(\w+)", r"blocks.\1.norm\2.\3"),
+            (rf"{V}encoder\.layers\.(\d+)\.mlp\.(fc[12])\.(\w+)", r"blocks.\1.mlp.\2.\3"),
+            (rf"{V}post_layernorm\.(\w+)", r"norm.\1"),
+            (rf"{V}head\.probe", "attn_pool.latent"),
+            (rf"{V}head\.attention\.(q|kv)\.(\w+)", r"attn_pool.\1.\2"),
+            (rf"{V}head\.attention\.out_proj\.(\w+)", r"attn_pool.proj.\1"),
+            (rf"{V}head\.layernorm\.(\w+)", r"attn_pool.norm.\1"),
+            (rf"{V}head\.mlp\.(fc[12])\.(\w+)", r"attn_pool.mlp.\1.\2"),
+            (r"visual_projection\.(\w+)", r"head.\1"),
+        ),
+        drop=rf"text_model\..*|text_projection\..*|logit_scale|logit_bias|{V}embeddings\.position_ids",
+    ),
     "big_vision": Format(
         "JAX/Flax big_vision .npz", r"(opt/target/)?Transformer/encoderblock_\d+/.*",
         prepare=_jax_layout,
@@ -282,11 +329,12 @@ def spec_hints(name: str, converted: StateDict) -> dict[str, object]:
     """Spec fields a converted checkpoint implies besides the sizes: its prefix tokens and qkv bias
     (read from the tensors) and what its source implies that no tensor shows (norm epsilon).
 
-    Without a class token every foreign source pools by the mean of the normed patch tokens
-    (vit-pytorch's ``pool="mean"``, big_vision's ``gap``): ``pool="avg"`` with the norm before pooling.
+    Without a class token a foreign source pools by attention when it has an attention-pooling head
+    (SigLIP's, ``pool="map"``), else by the mean of the normed patch tokens (vit-pytorch's
+    ``pool="mean"``, big_vision's ``gap``): ``pool="avg"`` with the norm before pooling.
     """
     hints: dict[str, object] = {
-        "dist_token": "dist_token" in converted,
+        "dist_token": "dist_token" in converted, "patch_bias": "patch_embed.proj.bias" in converted,
         "qkv_bias": any(f"blocks.0.attn.{b}" in converted for b in ("qkv.bias", "q_proj.bias", "q_bias")),
         "reg_tokens": converted["reg_token"].shape[1] if "reg_token" in converted else 0, **SOURCE_HINTS.get(name, {}),
     }
@@ -294,8 +342,11 @@ def spec_hints(name: str, converted: StateDict) -> dict[str, object]:
         hints["norm_eps"] = 1e-6
     if name == "huggingface" and "reg_token" in converted:  # see _hf_layout
         hints["no_embed_class"] = True
+    if name == "huggingface_tower":  # CLIP: a class token and a norm before the blocks; SigLIP: neither, tanh GELU
+        clip = "cls_token" in converted
+        hints.update({"norm_eps": 1e-5, "pre_norm": True} if clip else {"norm_eps": 1e-6, "mlp": "gelu_tanh"})
     if name != "timm" and "cls_token" not in converted:
-        hints.update(class_token=False, pool="avg", fc_norm=False)
+        hints.update(class_token=False, pool="map" if "attn_pool.latent" in converted else "avg", fc_norm=False)
     return hints
 
 
