@@ -314,3 +314,40 @@ def test_huggingface_siglip_full_model_loads_by_name(tmp_path, caplog):
     assert any("; dropped logit_bias, logit_scale, text_model." in m and m.endswith("in all)") for m in caplog.messages)
     x = torch.randn(1, 3, 224, 224)
     _assert_same_logits(model, lambda images: source.vision_model(pixel_values=images).pooler_output, x)
+
+
+TIMM_TO_OPENAI_CLIP = (  # timm's names written back in OpenAI CLIP's (what timm's own CLIP loader maps)
+    (r"^patch_embed\.proj\.", "conv1."), (r"^pos_embed$", "positional_embedding"), (r"^norm_pre\.", "ln_pre."),
+    (r"^norm\.", "ln_post."), (r"^cls_token$", "class_embedding"), (r"^blocks\.", "transformer.resblocks."),
+    (r"\.norm([12])\.", r".ln_\1."), (r"\.attn\.qkv\.", ".attn.in_proj_"), (r"\.attn\.proj\.", ".attn.out_proj."),
+    (r"\.mlp\.fc1\.", ".mlp.c_fc."), (r"\.mlp\.fc2\.", ".mlp.c_proj."),
+)
+
+
+def test_openai_clip_layout_loads_like_timm(tmp_path, images):
+    """An OpenAI CLIP / OpenCLIP checkpoint (image tower under ``visual.``, plus a text tower): timm's own
+    CLIP loader maps it back to timm's model exactly, and vitzoo converts it, drops the text tower and
+    gives timm's image embedding."""
+    from timm.models.vision_transformer import _convert_openai_clip
+
+    reference = _randomize(timm.create_model("vit_base_patch16_clip_224", **SMALL, pre_norm=True))
+    openai = {"positional_embedding": torch.zeros(77, 8), "logit_scale": torch.ones(())}  # text-tower keys
+    for key, tensor in reference.state_dict().items():
+        if key == "head.bias":
+            continue
+        for pattern, template in TIMM_TO_OPENAI_CLIP:
+            key = re.sub(pattern, template, key)
+        openai[f"visual.{key}"] = tensor
+    openai["visual.proj"] = openai.pop("visual.head.weight").T.contiguous()
+    openai["visual.class_embedding"] = openai["visual.class_embedding"].reshape(-1)
+    openai["visual.positional_embedding"] = openai["visual.positional_embedding"][0]
+    with torch.no_grad():
+        reference.head.bias.zero_()
+    timm_read = _convert_openai_clip(openai, reference)
+    assert all(torch.equal(timm_read[k], v) for k, v in reference.state_dict().items())
+    torch.save(openai, tmp_path / "open_clip_pytorch_model.bin")
+
+    model, report = _vitzoo_from(tmp_path / "open_clip_pytorch_model.bin")
+    assert report[0] == "converted from the OpenAI CLIP / OpenCLIP layout; dropped positional_embedding, logit_scale"
+    assert (model.spec.pre_norm, model.spec.patch_bias, model.spec.norm_eps) == (True, False, 1e-5)
+    _assert_same_logits(model, reference, images)

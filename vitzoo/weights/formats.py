@@ -140,6 +140,20 @@ def _hf_tower_layout(state_dict: StateDict) -> StateDict:
     return out
 
 
+def _openai_clip_layout(state_dict: StateDict) -> StateDict:
+    """OpenAI CLIP / OpenCLIP image tower: tables of timm's shapes, and the projection ``visual.proj``
+    ``(dim, embed)``, applied as ``x @ proj``, as a linear head ``(embed, dim)`` with a zero bias."""
+    out = dict(state_dict)
+    if "visual.class_embedding" in out:
+        out["visual.class_embedding"] = rearrange(out["visual.class_embedding"], "d -> 1 1 d")
+    if "visual.positional_embedding" in out:
+        out["visual.positional_embedding"] = rearrange(out["visual.positional_embedding"], "n d -> 1 n d")
+    if "visual.proj" in out:
+        out["visual.proj"] = rearrange(out["visual.proj"], "d e -> e d")
+        out["visual.proj_bias"] = out["visual.proj"].new_zeros(out["visual.proj"].shape[0])
+    return out
+
+
 def _jax_layout(state_dict: StateDict) -> StateDict:
     """big_vision arrays to PyTorch's: kernels ``(in, out)`` -> ``(out, in)``, per-head q/k/v fused."""
     state_dict = {k.removeprefix("opt/target/"): v for k, v in state_dict.items()}
@@ -259,6 +273,26 @@ FORMATS: dict[str, Format] = {
         ),
         drop=rf"text_model\..*|text_projection\..*|logit_scale|logit_bias|{V}embeddings\.position_ids",
     ),
+    "openai_clip": Format(
+        "OpenAI CLIP / OpenCLIP", r"visual\.transformer\.resblocks\.\d+\..*",
+        prepare=_openai_clip_layout,
+        rules=(
+            (r"visual\.class_embedding", "cls_token"),
+            (r"visual\.positional_embedding", "pos_embed"),
+            (r"visual\.conv1\.weight", "patch_embed.proj.weight"),
+            (r"visual\.ln_pre\.(\w+)", r"norm_pre.\1"),
+            (r"visual\.transformer\.resblocks\.(\d+)\.ln_([12])\.(\w+)", r"blocks.\1.norm\2.\3"),
+            (r"visual\.transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)", r"blocks.\1.attn.qkv.\2"),
+            (r"visual\.transformer\.resblocks\.(\d+)\.attn\.out_proj\.(\w+)", r"blocks.\1.attn.proj.\2"),
+            (r"visual\.transformer\.resblocks\.(\d+)\.ls_([12])\.gamma", r"blocks.\1.ls\2.gamma"),
+            (r"visual\.transformer\.resblocks\.(\d+)\.mlp\.c_fc\.(\w+)", r"blocks.\1.mlp.fc1.\2"),
+            (r"visual\.transformer\.resblocks\.(\d+)\.mlp\.c_proj\.(\w+)", r"blocks.\1.mlp.fc2.\2"),
+            (r"visual\.ln_post\.(\w+)", r"norm.\1"),
+            (r"visual\.proj", "head.weight"),
+            (r"visual\.proj_bias", "head.bias"),
+        ),
+        drop=r"(?!visual\.).*",  # the text tower, logit scale and anything else outside the image tower
+    ),
     "big_vision": Format(
         "JAX/Flax big_vision .npz", r"(opt/target/)?Transformer/encoderblock_\d+/.*",
         prepare=_jax_layout,
@@ -321,6 +355,7 @@ FORMATS: dict[str, Format] = {
 
 SOURCE_HINTS: dict[str, dict[str, object]] = {  # what a source implies that no tensor shows
     "huggingface": {"norm_eps": 1e-12},
+    "openai_clip": {"norm_eps": 1e-5, "pre_norm": True},
     "vit_pytorch": {"norm_eps": 1e-5, "patch_embed": "linear_prenorm", "patch_norm": True},
 }
 
