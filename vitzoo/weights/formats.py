@@ -5,9 +5,9 @@ CLIP/SigLIP image towers (the hub's on-disk layout and transformers 5's in-memor
 JAX/Flax ``.npz`` files of the ViT and AugReg papers (big_vision layout), OpenAI CLIP / OpenCLIP
 image towers, lucidrains' vit-pytorch ``ViT`` and Meta's Sapiens2 release (the names timm's Sapiens2
 loader maps). The format is detected from the keys. Each converter renames tensors by rules, fuses
-separate q/k/v projections into timm's packed ``qkv`` and moves JAX kernels to PyTorch's ``(out,
-in)`` order with einops; tensors with no vitzoo counterpart (HF's pooler, a JAX pre-logits layer)
-are dropped and reported.
+separate q/k/v projections into timm's packed ``qkv`` and moves JAX kernels to PyTorch's
+``(out, in)`` order with einops; tensors with no vitzoo counterpart (HF's pooler, a JAX pre-logits
+layer) are dropped and reported.
 
 A converted checkpoint fits a vitzoo model whose spec matches the source model: :func:`spec_hints`
 gives the fields besides the sizes (prefix tokens, qkv bias, pooling without a class token, and the
