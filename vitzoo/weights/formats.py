@@ -28,6 +28,7 @@ from einops import rearrange
 from vitzoo.weights.files import StateDict, WeightsError
 
 Rules = tuple[tuple[str, str], ...]  # (regex on the source key, timm key template)
+Hints = dict[str, object]  # ViTSpec fields and values
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class Format:
     rules: Rules
     prepare: Callable[[StateDict], StateDict] = dict  # whole-dict steps before renaming (fusing, transposing)
     drop: str = r"$^"  # keys with no vitzoo counterpart
+    hints: Callable[[StateDict], Hints] = lambda converted: {}  # what the source implies that no tensor shows
 
     def convert(self, state_dict: StateDict) -> tuple[StateDict, list[str]]:
         out, dropped, unknown = {}, [], []
@@ -213,6 +215,21 @@ def _vit_pytorch_layout(state_dict: StateDict) -> StateDict:
     return out
 
 
+def _hf_hints(converted: StateDict) -> Hints:
+    """HF ViT/DeiT normalise with epsilon 1e-12, DINOv2 (HF's one ViT with LayerScale) with 1e-6; register
+    tokens come in the ``no_embed_class`` layout (see :func:`_hf_layout`)."""
+    hints: Hints = {"norm_eps": 1e-6 if "blocks.0.ls1.gamma" in converted else 1e-12}
+    return {**hints, "no_embed_class": True} if "reg_token" in converted else hints
+
+
+def _hf_tower_hints(converted: StateDict) -> Hints:
+    """CLIP has a class token, a norm before the blocks and epsilon 1e-5; SigLIP neither of the first two,
+    epsilon 1e-6 and GELU in its tanh approximation."""
+    if "cls_token" in converted:
+        return {"norm_eps": 1e-5, "pre_norm": True}
+    return {"norm_eps": 1e-6, "mlp": "gelu_tanh"}
+
+
 FORMATS: dict[str, Format] = {
     "torchvision": Format(
         "torchvision", r"encoder\.layers\.encoder_layer_\d+\..*",
@@ -251,6 +268,7 @@ FORMATS: dict[str, Format] = {
             (r"distillation_classifier\.(\w+)", r"head_dist.\1"),
         ),
         drop=rf"{HF}(pooler\..*|embeddings\.mask_token)",
+        hints=_hf_hints,
     ),
     "huggingface_tower": Format(
         "Hugging Face CLIP/SigLIP vision tower", rf"{V}encoder\.layers\.\d+\.self_attn\..*",
@@ -273,6 +291,7 @@ FORMATS: dict[str, Format] = {
             (r"visual_projection\.(\w+)", r"head.\1"),
         ),
         drop=rf"text_model\..*|text_projection\..*|logit_scale|logit_bias|{V}embeddings\.position_ids",
+        hints=_hf_tower_hints,
     ),
     "openai_clip": Format(
         "OpenAI CLIP / OpenCLIP", r"visual\.transformer\.resblocks\.\d+\..*",
@@ -293,6 +312,7 @@ FORMATS: dict[str, Format] = {
             (r"visual\.proj_bias", "head.bias"),
         ),
         drop=r"(?!visual\.).*",  # the text tower, logit scale and anything else outside the image tower
+        hints=lambda converted: {"norm_eps": 1e-5, "pre_norm": True},
     ),
     "big_vision": Format(
         "JAX/Flax big_vision .npz", r"(opt/target/)?Transformer/encoderblock_\d+/.*",
@@ -332,6 +352,7 @@ FORMATS: dict[str, Format] = {
             (r"transformer\.norm\.(\w+)", r"norm.\1"),
             (r"mlp_head\.(\w+)", r"head.\1"),
         ),
+        hints=lambda converted: {"norm_eps": 1e-5, "patch_embed": "linear_prenorm", "patch_norm": True},
     ),
     "sapiens2": Format(
         "Meta Sapiens2",
@@ -354,33 +375,22 @@ FORMATS: dict[str, Format] = {
 }
 
 
-SOURCE_HINTS: dict[str, dict[str, object]] = {  # what a source implies that no tensor shows
-    "huggingface": {"norm_eps": 1e-12},
-    "openai_clip": {"norm_eps": 1e-5, "pre_norm": True},
-    "vit_pytorch": {"norm_eps": 1e-5, "patch_embed": "linear_prenorm", "patch_norm": True},
-}
-
-
-def spec_hints(name: str, converted: StateDict) -> dict[str, object]:
-    """Spec fields a converted checkpoint implies besides the sizes: its prefix tokens and qkv bias
-    (read from the tensors) and what its source implies that no tensor shows (norm epsilon).
+def spec_hints(name: str, converted: StateDict) -> Hints:
+    """Spec fields a converted checkpoint implies besides the sizes: its prefix tokens, qkv and patch biases
+    (read from the tensors) and what its source implies that no tensor shows (the format's ``hints``:
+    norm epsilon, activation...).
 
     Without a class token a foreign source pools by attention when it has an attention-pooling head
     (SigLIP's, ``pool="map"``), else by the mean of the normed patch tokens (vit-pytorch's
     ``pool="mean"``, big_vision's ``gap``): ``pool="avg"`` with the norm before pooling.
     """
-    hints: dict[str, object] = {
+    hints: Hints = {
         "dist_token": "dist_token" in converted, "patch_bias": "patch_embed.proj.bias" in converted,
         "qkv_bias": any(f"blocks.0.attn.{b}" in converted for b in ("qkv.bias", "q_proj.bias", "q_bias")),
-        "reg_tokens": converted["reg_token"].shape[1] if "reg_token" in converted else 0, **SOURCE_HINTS.get(name, {}),
+        "reg_tokens": converted["reg_token"].shape[1] if "reg_token" in converted else 0,
     }
-    if name == "huggingface" and "blocks.0.ls1.gamma" in converted:  # DINOv2, HF's one ViT with LayerScale
-        hints["norm_eps"] = 1e-6
-    if name == "huggingface" and "reg_token" in converted:  # see _hf_layout
-        hints["no_embed_class"] = True
-    if name == "huggingface_tower":  # CLIP: a class token and a norm before the blocks; SigLIP: neither, tanh GELU
-        clip = "cls_token" in converted
-        hints.update({"norm_eps": 1e-5, "pre_norm": True} if clip else {"norm_eps": 1e-6, "mlp": "gelu_tanh"})
+    if name != "timm":
+        hints.update(FORMATS[name].hints(converted))
     if name != "timm" and "cls_token" not in converted:
         hints.update(class_token=False, pool="map" if "attn_pool.latent" in converted else "avg", fc_norm=False)
     return hints
