@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from functools import partial
 
 import numpy as np
 import pytest
@@ -351,3 +352,20 @@ def test_openai_clip_layout_loads_like_timm(tmp_path, images):
     assert report[0] == "converted from the OpenAI CLIP / OpenCLIP layout; dropped positional_embedding, logit_scale"
     assert (model.spec.pre_norm, model.spec.patch_bias, model.spec.norm_eps) == (True, False, 1e-5)
     _assert_same_logits(model, reference, images)
+
+
+def test_open_clip_timm_tower_loads(tmp_path, images):
+    """OpenCLIP with a timm image tower (SigLIP-style: attention pooling, a bias-free projection): the trunk
+    keys load as they are, the projection becomes the head, the text tower is dropped."""
+    reference = _randomize(timm.create_model("vit_base_patch16_siglip_224", **{**SMALL, "num_classes": 0}))
+    proj = torch.randn(5, 32)
+    checkpoint = {f"visual.trunk.{k}": v for k, v in reference.state_dict().items()}
+    checkpoint |= {"visual.head.proj.weight": proj, "text.token_embedding.weight": torch.zeros(10, 8),
+                   "logit_scale": torch.ones(())}
+    write_state_dict(checkpoint, tmp_path / "open_clip_model.safetensors")
+    model, report = _vitzoo_from(tmp_path / "open_clip_model.safetensors")
+    assert report[0] == ("converted from the OpenCLIP with a timm image tower layout; "
+                         "dropped logit_scale, text.token_embedding.weight")
+    assert (model.spec.class_token, model.spec.pool) == (False, "map")
+    pooled = partial(reference.forward_head, pre_logits=True)
+    _assert_same_logits(model, lambda x: pooled(reference.forward_features(x)) @ proj.T, images)

@@ -1,13 +1,13 @@
 """Checkpoints of other ViT implementations, converted to timm's layout (vitzoo's own).
 
-Supported: torchvision ``vit_*``, Hugging Face transformers ``ViT*``/``DeiT*``/``Dinov2*`` and the
-CLIP/SigLIP image towers (the hub's on-disk layout and transformers 5's in-memory one), the original
-JAX/Flax ``.npz`` files of the ViT and AugReg papers (big_vision layout), OpenAI CLIP / OpenCLIP
-image towers, lucidrains' vit-pytorch ``ViT`` and Meta's Sapiens2 release (the names timm's Sapiens2
-loader maps). The format is detected from the keys. Each converter renames tensors by rules, fuses
-separate q/k/v projections into timm's packed ``qkv`` and moves JAX kernels to PyTorch's
-``(out, in)`` order with einops; tensors with no vitzoo counterpart (HF's pooler, a JAX pre-logits
-layer) are dropped and reported.
+Supported: torchvision ``vit_*``; Hugging Face transformers ``ViT*``/``DeiT*``/``Dinov2*`` and the
+CLIP/SigLIP image towers (the hub's on-disk layout and transformers 5's in-memory one); the original
+JAX/Flax ``.npz`` files of the ViT and AugReg papers (big_vision layout); the OpenAI CLIP / OpenCLIP
+image tower (OpenCLIP's own or a timm trunk); lucidrains' vit-pytorch ``ViT``; Meta's Sapiens2
+release (the names timm's Sapiens2 loader maps). The format is detected from the keys. Each
+converter renames tensors by rules, fuses separate q/k/v projections into timm's packed ``qkv`` and
+moves JAX kernels to PyTorch's ``(out, in)`` order with einops; tensors with no vitzoo counterpart
+(HF's pooler, a JAX pre-logits layer, a text tower) are dropped and reported.
 
 A converted checkpoint fits a vitzoo model whose spec matches the source model: :func:`spec_hints`
 gives the fields besides the sizes (prefix tokens, qkv bias, pooling without a class token, and the
@@ -154,6 +154,15 @@ def _openai_clip_layout(state_dict: StateDict) -> StateDict:
     if "visual.proj" in out:
         out["visual.proj"] = rearrange(out["visual.proj"], "d e -> e d")
         out["visual.proj_bias"] = out["visual.proj"].new_zeros(out["visual.proj"].shape[0])
+    return out
+
+
+def _open_clip_timm_layout(state_dict: StateDict) -> StateDict:
+    """OpenCLIP with a timm image tower: the trunk is timm's model as it is; its linear projection
+    ``visual.head.proj`` (no bias) becomes the head, with a zero bias."""
+    out = dict(state_dict)
+    if "visual.head.proj.weight" in out and "visual.head.proj.bias" not in out:
+        out["visual.head.proj.bias"] = out["visual.head.proj.weight"].new_zeros(out["visual.head.proj.weight"].shape[0])
     return out
 
 
@@ -313,6 +322,12 @@ FORMATS: dict[str, Format] = {
         ),
         drop=r"(?!visual\.).*",  # the text tower, logit scale and anything else outside the image tower
         hints=lambda converted: {"norm_eps": 1e-5, "pre_norm": True},
+    ),
+    "open_clip_timm": Format(
+        "OpenCLIP with a timm image tower", r"visual\.trunk\.(blocks\.\d+|patch_embed)\..*",
+        prepare=_open_clip_timm_layout,
+        rules=((r"visual\.head\.proj\.(weight|bias)", r"head.\1"), (r"visual\.trunk\.(.+)", r"\1")),
+        drop=r"(?!visual\.).*",  # the text tower, logit scale and anything else outside the image tower
     ),
     "big_vision": Format(
         "JAX/Flax big_vision .npz", r"(opt/target/)?Transformer/encoderblock_\d+/.*",
