@@ -118,6 +118,11 @@ def _hf_layout(state_dict: StateDict) -> StateDict:
     return out
 
 
+def _zero_bias(weight: torch.Tensor) -> torch.Tensor:
+    """Zeros for a bias-free projection that becomes a linear head (timm's heads carry a bias)."""
+    return weight.new_zeros(weight.shape[0])
+
+
 V = r"(?:vision_model\.)?"  # the image tower's prefix in HF's CLIPModel / SiglipModel
 _fuse_hf_tower_qkv = _concat_parts(rf"({V}encoder\.layers\.\d+\.self_attn\.)(\w+)(\.\w+)",
                                    {"q_proj": 0, "k_proj": 1, "v_proj": 2}, "qkv")
@@ -139,7 +144,7 @@ def _hf_tower_layout(state_dict: StateDict) -> StateDict:
             q, kv = out.pop(key).split([tensor.shape[0] // 3, 2 * tensor.shape[0] // 3])
             out[f"{prefix}.q.{leaf}"], out[f"{prefix}.kv.{leaf}"] = q, kv
         elif key == "visual_projection.weight":
-            out["visual_projection.bias"] = tensor.new_zeros(tensor.shape[0])
+            out["visual_projection.bias"] = _zero_bias(tensor)
     return out
 
 
@@ -153,7 +158,7 @@ def _openai_clip_layout(state_dict: StateDict) -> StateDict:
         out["visual.positional_embedding"] = rearrange(out["visual.positional_embedding"], "n d -> 1 n d")
     if "visual.proj" in out:
         out["visual.proj"] = rearrange(out["visual.proj"], "d e -> e d")
-        out["visual.proj_bias"] = out["visual.proj"].new_zeros(out["visual.proj"].shape[0])
+        out["visual.proj_bias"] = _zero_bias(out["visual.proj"])
     return out
 
 
@@ -162,7 +167,7 @@ def _open_clip_timm_layout(state_dict: StateDict) -> StateDict:
     ``visual.head.proj`` (no bias) becomes the head, with a zero bias."""
     out = dict(state_dict)
     if "visual.head.proj.weight" in out and "visual.head.proj.bias" not in out:
-        out["visual.head.proj.bias"] = out["visual.head.proj.weight"].new_zeros(out["visual.head.proj.weight"].shape[0])
+        out["visual.head.proj.bias"] = _zero_bias(out["visual.head.proj.weight"])
     return out
 
 
