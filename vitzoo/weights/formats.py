@@ -58,7 +58,17 @@ class Format:
         if unknown:
             raise WeightsError(f"{len(unknown)} keys of this {self.name} checkpoint have no vitzoo counterpart: "
                                f"{', '.join(unknown[:8])}{' ...' if len(unknown) > 8 else ''}")
-        return out, dropped
+        return {key: _batched(t) if key in TOKEN_TABLES else t for key, t in out.items()}, dropped
+
+
+TOKEN_TABLES = ("cls_token", "dist_token", "reg_token", "pos_embed")  # timm keeps them as (1, n, dim)
+
+
+def _batched(table: torch.Tensor) -> torch.Tensor:
+    """A token or position table as timm stores it, ``(1, n, dim)``; sources keep ``(dim,)`` or ``(n, dim)``."""
+    while table.ndim < 3:
+        table = rearrange(table, "... -> 1 ...")
+    return table
 
 
 def _concat_parts(pattern: str, order: dict[str, int], fused: str) -> Callable[[StateDict], StateDict]:
@@ -81,12 +91,12 @@ def _concat_parts(pattern: str, order: dict[str, int], fused: str) -> Callable[[
 
 
 HF = r"(?:vit\.|deit\.|dinov2\.|dinov2_with_registers\.)?"  # the backbone's prefix in HF's task models
-HF_LAYER = HF + r"(?:encoder\.layer|layers)\.(\d+)\."  # one encoder layer; group 1 is its index
-_fuse_hf_qkv = _concat_parts(rf"({HF}(?:encoder\.layer|layers)\.\d+\.attention\.(?:attention\.)?)(\w+)(\.\w+)",
+HF_LAYERS = HF + r"(?:encoder\.layer|layers)\."  # the encoder layers: the hub's names, transformers 5's
+HF_LAYER = HF_LAYERS + r"(\d+)\."  # one encoder layer; group 1 is its index
+_fuse_hf_qkv = _concat_parts(rf"({HF_LAYERS}\d+\.attention\.(?:attention\.)?)(\w+)(\.\w+)",
                              {"query": 0, "key": 1, "value": 2, "q_proj": 0, "k_proj": 1, "v_proj": 2}, "qkv")
 # transformers 5 keeps DINOv2's SwiGLU as gate_proj / up_proj; the hub file packs them (gate first) as weights_in
-_pack_hf_swiglu = _concat_parts(rf"({HF}(?:encoder\.layer|layers)\.\d+\.mlp\.)(\w+)(\.\w+)",
-                                {"gate_proj": 0, "up_proj": 1}, "weights_in")
+_pack_hf_swiglu = _concat_parts(rf"({HF_LAYERS}\d+\.mlp\.)(\w+)(\.\w+)", {"gate_proj": 0, "up_proj": 1}, "weights_in")
 
 
 def _hf_layout(state_dict: StateDict) -> StateDict:
@@ -129,17 +139,13 @@ _fuse_hf_tower_qkv = _concat_parts(rf"({V}encoder\.layers\.\d+\.self_attn\.)(\w+
 
 
 def _hf_tower_layout(state_dict: StateDict) -> StateDict:
-    """HF CLIP / SigLIP image towers: fused qkv; CLIP's class embedding and projection (a linear head
-    without bias: a zero bias is added) and tables of timm's shapes; SigLIP's attention-pooling head
-    (``nn.MultiheadAttention`` packs q, k, v; timm's ``AttentionPoolLatent`` keeps q and kv)."""
+    """HF CLIP / SigLIP image towers: fused qkv; CLIP's projection (a linear head without bias: a zero
+    bias is added); SigLIP's attention-pooling head (``nn.MultiheadAttention`` packs q, k, v; timm's
+    ``AttentionPoolLatent`` keeps q and kv)."""
     out = _fuse_hf_tower_qkv(state_dict)
     for key in list(out):
         tensor = out[key]
-        if key.endswith("embeddings.class_embedding"):
-            out[key] = rearrange(tensor, "d -> 1 1 d")
-        elif key.endswith("embeddings.position_embedding.weight"):
-            out[key] = rearrange(tensor, "n d -> 1 n d")
-        elif key.endswith("head.attention.in_proj_weight") or key.endswith("head.attention.in_proj_bias"):
+        if key.endswith("head.attention.in_proj_weight") or key.endswith("head.attention.in_proj_bias"):
             prefix, _, leaf = key.rpartition(".in_proj_")
             q, kv = out.pop(key).split([tensor.shape[0] // 3, 2 * tensor.shape[0] // 3])
             out[f"{prefix}.q.{leaf}"], out[f"{prefix}.kv.{leaf}"] = q, kv
@@ -149,13 +155,9 @@ def _hf_tower_layout(state_dict: StateDict) -> StateDict:
 
 
 def _openai_clip_layout(state_dict: StateDict) -> StateDict:
-    """OpenAI CLIP / OpenCLIP image tower: tables of timm's shapes, and the projection ``visual.proj``
-    ``(dim, embed)``, applied as ``x @ proj``, as a linear head ``(embed, dim)`` with a zero bias."""
+    """OpenAI CLIP / OpenCLIP image tower: the projection ``visual.proj`` ``(dim, embed)``, applied as
+    ``x @ proj``, as a linear head ``(embed, dim)`` with a zero bias."""
     out = dict(state_dict)
-    if "visual.class_embedding" in out:
-        out["visual.class_embedding"] = rearrange(out["visual.class_embedding"], "d -> 1 1 d")
-    if "visual.positional_embedding" in out:
-        out["visual.positional_embedding"] = rearrange(out["visual.positional_embedding"], "n d -> 1 n d")
     if "visual.proj" in out:
         out["visual.proj"] = rearrange(out["visual.proj"], "d e -> e d")
         out["visual.proj_bias"] = _zero_bias(out["visual.proj"])
@@ -196,8 +198,8 @@ def _jax_layout(state_dict: StateDict) -> StateDict:
 
 
 def _vit_pytorch_layout(state_dict: StateDict) -> StateDict:
-    """vit-pytorch's flat patch vectors ``(p1 p2 c)`` to timm's ``(c, p1, p2)`` kernel order; tokens
-    and positions get their batch axis; an empty class token (mean pooling) is dropped.
+    """vit-pytorch's flat patch vectors ``(p1 p2 c)`` to timm's ``(c, p1, p2)`` kernel order; an empty
+    class token (mean pooling) is dropped.
 
     Its attention is vitzoo's only when ``heads * dim_head == dim``; with one head of width ``dim`` it
     has no output projection, which is the identity projection here.
@@ -222,10 +224,9 @@ def _vit_pytorch_layout(state_dict: StateDict) -> StateDict:
     out["to_patch_embedding.2.weight"] = rearrange(weight, "d (p1 p2 c) -> d c p1 p2", p1=p, p2=p, c=chans)
     for key in ("to_patch_embedding.1.weight", "to_patch_embedding.1.bias"):
         out[key] = rearrange(out[key], "(p1 p2 c) -> (c p1 p2)", p1=p, p2=p, c=chans)
-    out["pos_embedding"] = rearrange(out["pos_embedding"], "n d -> 1 n d")
     cls = out.pop("cls_token")
     if cls.numel():
-        out["cls_token"] = rearrange(cls, "n d -> 1 n d")
+        out["cls_token"] = cls
     return out
 
 
@@ -411,8 +412,8 @@ def spec_hints(name: str, converted: StateDict) -> Hints:
     }
     if name != "timm":
         hints.update(FORMATS[name].hints(converted))
-    if name != "timm" and "cls_token" not in converted:
-        hints.update(class_token=False, pool="map" if "attn_pool.latent" in converted else "avg", fc_norm=False)
+        if "cls_token" not in converted:
+            hints.update(class_token=False, pool="map" if "attn_pool.latent" in converted else "avg", fc_norm=False)
     return hints
 
 
