@@ -33,11 +33,19 @@ def patchify(images: torch.Tensor, p: int, dtype: torch.dtype | None = None) -> 
     return rearrange(grid, "b h w c p1 p2 -> b h w (c p1 p2)")
 
 
+# Device types that autocast knows, found once: dynamo cannot trace ``torch.amp.is_autocast_available``
+# (torch 2.11 breaks the compiled graph there), while a lookup in a constant set compiles away.
+_DEVICE_KINDS = ("cpu", "cuda", "xpu", "mps", "hpu", "mtia", "maia", "xla", "ipu")
+AUTOCAST_DEVICES = frozenset(
+    kind for kind in (*_DEVICE_KINDS, torch._C._get_privateuse1_backend_name()) if torch.amp.is_autocast_available(kind)
+)
+
+
 def matmul_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype autocast runs a matmul on ``x`` in: autocast's dtype where it is on, else ``x``'s own
     (autocast leaves float64 alone)."""
     device = x.device.type
-    if x.dtype == torch.float64 or not torch.amp.is_autocast_available(device):
+    if x.dtype == torch.float64 or device not in AUTOCAST_DEVICES:
         return x.dtype
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
