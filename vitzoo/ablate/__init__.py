@@ -4,7 +4,9 @@
 --seeds 2`` (or :func:`ablate`) trains each variant for each seed with the same data split, data
 order, initialisation seed and optimizer recipe, so the only difference between two runs of a seed
 is the swapped block. Each finished run is a JSON file under ``OUT/runs/`` written atomically; a
-rerun of the same command skips them, so an interrupted grid resumes where it stopped. The folder
+rerun of the same command skips them, so an interrupted grid resumes where it stopped (more seeds add
+runs). A folder holding an ablation of other settings, or a fine-tuning run, is refused unless
+``overwrite`` moves it aside, and one process at a time holds it (:mod:`vitzoo.train.runfolder`). The folder
 gets ``results.csv``/``results.json`` (one row per variant and seed), ``summary.md`` (mean ± std
 over seeds) and PNG plots (see :mod:`vitzoo.ablate.report`).
 """
@@ -31,14 +33,16 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from vitzoo.ablate.report import write_report
+from vitzoo.arguments import device, non_negative_float, non_negative_int, positive_float, positive_int
 from vitzoo.card import count_macs
 from vitzoo.errors import run_command
 from vitzoo.memory import peak_tensor_bytes
 from vitzoo.registry import create_model, load_registry_file, model_spec
 from vitzoo.spec import parse_assignment, parse_value
 from vitzoo.train import TrainConfig, build_datasets, fit
-from vitzoo.train.data import add_data_arguments, num_classes
+from vitzoo.train.data import add_data_arguments, check_images, num_classes
 from vitzoo.train.recipe import build_optimizer
+from vitzoo.train.runfolder import claim_run_folder, run_files
 from vitzoo.weights.files import write_text_atomic
 
 # pretrained_cfg keys that decide how images are prepared: variants that agree on them share datasets
@@ -121,42 +125,58 @@ def import_plugin(target: str) -> None:
 
 
 def ablate(model: str, grid: Mapping[str, Sequence[Any]], out: str | Path = "ablation", *,
-           seeds: int | Sequence[int] = 1, progress: bool = True, **settings: Any) -> AblationResult:
+           seeds: int | Sequence[int] = 1, progress: bool = True, overwrite: bool = False,
+           **settings: Any) -> AblationResult:
     """Train every variant of ``grid`` on ``model`` for each seed and write the results folder ``out``.
 
     ``seeds`` is a count (seeds 0..n-1) or a list; ``settings`` are the other :class:`AblationConfig`
     fields (``data``, ``steps``, ``overrides``, ``batch_size``, ``lr``, ...). Runs already in ``out``
-    are kept, so calling again after an interruption finishes the grid.
+    are kept, so calling again after an interruption finishes the grid; ``overwrite`` moves an ablation
+    of other settings found in ``out`` to ``<out>.old-<time>`` instead of refusing to start.
     """
     seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
     config = AblationConfig(model=model, grid={k: list(v) for k, v in grid.items()}, seeds=seed_list, **settings)
-    return run_ablation(config, out, progress)
+    return run_ablation(config, out, progress, overwrite)
 
 
-def run_ablation(config: AblationConfig, out: str | Path, progress: bool = True) -> AblationResult:
+def run_ablation(config: AblationConfig, out: str | Path, progress: bool = True,
+                 overwrite: bool = False) -> AblationResult:
     """Run the grid of ``config`` into the folder ``out`` (see :func:`ablate`)."""
-    out = Path(out)
-    runs_dir = out / "runs"
-    runs_dir.mkdir(parents=True, exist_ok=True)
     variants = config.variants()
     for _, overrides in variants:  # fail on a bad field or block name before hours of training
         model_spec(config.model, **overrides)
-    setup = {k: v for k, v in asdict(config).items() if k != "seeds"}
+    setup = json.loads(json.dumps({k: v for k, v in asdict(config).items() if k != "seeds"}))  # as files hold it
     jobs = [(name, overrides, seed) for seed in config.seeds for name, overrides in variants]
     rows, executed, datasets = [], [], {}
-    bar = tqdm(jobs, disable=not progress, unit="run", desc="ablation")
-    for name, overrides, seed in bar:
-        path = runs_dir / f"{slug(name)}__seed{seed}.json"
-        run = _read_run(path, setup)
-        if run is None:
-            bar.set_postfix_str(f"{name} seed={seed}")
-            run = {"setup": setup, **train_variant(config, name, overrides, seed, datasets, progress)}
-            write_text_atomic(path, json.dumps(run, indent=1))
-            executed.append(path.stem)
-        rows.append(run)
-    bar.close()
-    write_report(out, config, rows)
+    with claim_run_folder(out, lambda folder: _other_run(folder, setup), overwrite) as out:
+        runs_dir = out / "runs"
+        runs_dir.mkdir(exist_ok=True)
+        bar = tqdm(jobs, disable=not progress, unit="run", desc="ablation")
+        for name, overrides, seed in bar:
+            path = runs_dir / f"{slug(name)}__seed{seed}.json"
+            run = json.loads(path.read_text()) if path.is_file() else None
+            if run is None:
+                bar.set_postfix_str(f"{name} seed={seed}")
+                run = {"setup": setup, **train_variant(config, name, overrides, seed, datasets, progress)}
+                write_text_atomic(path, json.dumps(run, indent=1))
+                executed.append(path.stem)
+            rows.append(run)
+        bar.close()
+        write_report(out, config, rows)
     return AblationResult(rows=rows, executed=executed, out=out)
+
+
+def _other_run(folder: Path, setup: dict[str, Any]) -> str | None:
+    """What in ``folder`` an ablation of ``setup`` would mix with: a fine-tuning run, or runs of other settings."""
+    finetune = [name for name in run_files(folder) if name not in ("runs", "results.json")]
+    if finetune:
+        return f"a fine-tuning run ({', '.join(finetune)})"
+    setups = [json.loads(path.read_text())["setup"] for path in (folder / "runs").glob("*.json")]
+    changed = sorted({k for other in setups for k in setup.keys() | other.keys() if other.get(k) != setup.get(k)})
+    if changed:
+        return (f"an ablation written with other settings ({', '.join(changed)}); rerun with the original settings "
+                f"to resume it")
+    return None
 
 
 def train_variant(config: AblationConfig, name: str, overrides: dict[str, Any], seed: int,
@@ -215,18 +235,6 @@ def slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9.+-]+", "_", name.replace("=", "-"))
 
 
-def _read_run(path: Path, setup: dict[str, Any]) -> dict[str, Any] | None:
-    """A finished run of this setup, or None when it has not run; another setup's run is an error."""
-    if not path.is_file():
-        return None
-    run = json.loads(path.read_text())
-    if run["setup"] != json.loads(json.dumps(setup)):
-        changed = sorted(k for k in setup if run["setup"].get(k) != json.loads(json.dumps(setup[k])))
-        raise ValueError(f"{path} was written with other settings ({', '.join(changed)}); rerun with the "
-                         f"original settings to resume, or pass another --out for a new ablation")
-    return run
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="registry name of the base model, e.g. vit_pico_patch4_32")
     p.add_argument("--grid", action="append", default=[], metavar="FIELD=V1,V2",
@@ -234,14 +242,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="spec override for every variant, e.g. depth=2 (per-layer values comma-separated)")
     add_data_arguments(p)
-    p.add_argument("--steps", type=int, default=200, help="optimizer steps per run")
-    p.add_argument("--seeds", type=int, default=1, help="runs per variant, seeds 0..N-1")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--warmup-steps", type=int, default=None, help="default: a tenth of the steps, at most 30")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--steps", type=positive_int, default=200, help="optimizer steps per run")
+    p.add_argument("--seeds", type=positive_int, default=1, help="runs per variant, seeds 0..N-1")
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--lr", type=positive_float, default=1e-3)
+    p.add_argument("--weight-decay", type=non_negative_float, default=0.05)
+    p.add_argument("--warmup-steps", type=non_negative_int, default=None,
+                   help="default: a tenth of the steps, at most 30")
+    p.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None, help="results folder (default: ablations/MODEL); rerun to resume")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start anew although --out holds another ablation: it is moved to <out>.old-<time>")
     p.add_argument("--plugin", action="append", default=[], metavar="FILE.py|MODULE",
                    help="import a user file or module first, e.g. one that calls vitzoo.register_block")
     p.add_argument("--registry", action="append", default=[], metavar="FILE.toml",
@@ -255,13 +266,16 @@ def run_from_args(args: argparse.Namespace) -> int:
         import_plugin(target)
     for path in args.registry:
         load_registry_file(path)
+    if args.check_images:
+        check_images(args.data)
     config = AblationConfig(
         model=args.model, grid=dict(map(parse_grid, args.grid)), overrides=dict(map(parse_assignment, args.set)),
         data=args.data, steps=args.steps, seeds=list(range(args.seeds)), batch_size=args.batch_size, lr=args.lr,
         weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, device=args.device,
         data_root=args.data_root, download=args.download,
     )
-    result = run_ablation(config, args.out or Path("ablations") / args.model, progress=not args.no_progress)
+    result = run_ablation(config, args.out or Path("ablations") / args.model, progress=not args.no_progress,
+                          overwrite=args.overwrite)
     print(f"{len(result.executed)} run(s) trained, {len(result.rows) - len(result.executed)} reused; "
           f"results in {result.out} (summary.md, results.csv, results.json, *.png)")
     return 0

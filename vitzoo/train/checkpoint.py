@@ -5,23 +5,32 @@ A checkpoint is a folder ``step_NNNNNNNN/`` holding the weights (``model.safeten
 parameter name, schedule, RNG, position in the data order, curves so far; plain tensors and numbers,
 read with ``weights_only=True``). The folder is written under a temporary name and renamed into
 place, then the ``latest`` pointer is replaced atomically: a crash at any moment leaves the previous
-checkpoint intact and pointed to. The weights file is timm's layout, so ``create_model(name,
+checkpoint intact and pointed to. Damage from elsewhere (a disk error, a file cut short by hand) is
+caught on resume: an unreadable newest checkpoint gives way to the previous one, with a warning.
+The weights file is timm's layout, so ``create_model(name,
 pretrained="<run>/checkpoints/step_.../")`` loads it.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 
 from vitzoo.weights import WeightsError, read_state_dict, write_state_dict
 from vitzoo.weights.files import write_text_atomic
 
+logger = logging.getLogger("vitzoo.checkpoint")
+
 LATEST = "latest"
+STEP_NAME = re.compile(r"step_\d+")
 
 
 def save_checkpoint(
@@ -51,9 +60,62 @@ def save_checkpoint(
 
 
 def latest_checkpoint(folder: str | os.PathLike) -> Path | None:
-    """The checkpoint ``latest`` points to in ``folder`` (a run's ``checkpoints/``), or None."""
-    pointer = Path(folder) / LATEST
-    return Path(folder) / pointer.read_text().strip() if pointer.is_file() else None
+    """The newest readable checkpoint in ``folder`` (a run's ``checkpoints/``), or None when it has none.
+
+    That is the one ``latest`` names, or when it cannot be read, the newest older one that can (with a
+    warning), so a damaged file costs the steps since the previous checkpoint instead of the run.
+    ``latest`` must name a ``step_N`` folder of ``folder`` itself, never a link: a resume reads no file
+    outside the run folder.
+    """
+    folder = Path(folder)
+    pointer = folder / LATEST
+    if not pointer.is_file():
+        return None
+    name = pointer.read_text().strip()
+    if not _own(folder / name):
+        raise WeightsError(f"{pointer} names {name!r}, which is not a checkpoint folder of {folder}; write the "
+                           f"name of one of its step_NNNNNNNN folders into it")
+    older = sorted((p for p in folder.glob("step_*") if _own(p) and p.name < name), reverse=True)
+    damaged = []
+    for path in [folder / name, *older]:
+        problem = _unreadable(path)
+        if problem is None:
+            if damaged:
+                logger.warning("cannot read %s; resuming from %s instead", "; ".join(damaged), path.name)
+            return path
+        damaged.append(f"{path.name} ({problem})")
+    raise WeightsError(f"no checkpoint in {folder} can be read: {'; '.join(damaged)}; start the run anew "
+                       f"(--overwrite moves this one aside)")
+
+
+def _own(path: Path) -> bool:
+    """Whether ``path`` is named like a checkpoint of its folder and is not a link to somewhere else."""
+    return STEP_NAME.fullmatch(path.name) is not None and not path.is_symlink()
+
+
+def _unreadable(path: Path) -> str | None:
+    """Why the checkpoint ``path`` cannot be read, or None; reads its files' structure, not their tensors."""
+    files = [path / "model.safetensors", path / "trainer.pt", *path.glob("ema.safetensors")]
+    if any(p.is_symlink() for p in files):
+        return "it holds links instead of files"
+    for file in files:
+        try:
+            if file.suffix == ".safetensors":
+                with safe_open(file, "pt"):
+                    pass
+            elif not zipfile.is_zipfile(file):
+                return f"{file.name}: not an archive written by torch.save"
+            else:
+                torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as err:  # a missing file, a cut-short archive, a garbled pickle or safetensors header
+            return f"{file.name}: {_reason(err)}"
+    return None
+
+
+def _reason(err: BaseException) -> str:
+    """An exception as one short line: its type and the start of its message."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0][:120]}" if lines else type(err).__name__
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[dict, dict[str, Any], dict | None]:
@@ -62,6 +124,10 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict, dict[str, Any], dict
     if not (path / "trainer.pt").is_file():
         raise WeightsError(f"{path} is not a training checkpoint (no trainer.pt); pass a run's checkpoint folder, "
                            f"e.g. <out>/checkpoints/step_00000100, or the run folder itself with --resume")
-    trainer = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
+    try:
+        trainer = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError or EOFError depending on the damage
+        raise WeightsError(f"{path / 'trainer.pt'} cannot be read ({_reason(err)}); resume from an older "
+                           f"checkpoint of the run, or start it anew") from None
     ema = read_state_dict(path / "ema.safetensors") if (path / "ema.safetensors").is_file() else None
     return read_state_dict(path / "model.safetensors"), trainer, ema

@@ -8,6 +8,7 @@ model sees images the way it was trained to see them.
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,8 @@ from torchvision import datasets
 from torchvision.transforms import v2 as T
 
 from vitzoo.errors import did_you_mean
+
+logger = logging.getLogger("vitzoo.data")
 
 INTERPOLATION = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR,
                  "nearest": T.InterpolationMode.NEAREST}
@@ -101,14 +104,50 @@ def read_image(path: str) -> Image.Image:
         raise ValueError(f"cannot read image {path} ({type(err).__name__}: {err}); delete or replace it") from None
 
 
-def _folder(root: Path, cfg: dict[str, Any], train: bool) -> datasets.ImageFolder:
+def _class_folders(root: Path) -> None:
+    """Refuse a folder that is not an ImageFolder tree before torchvision's terser errors do."""
     if not root.is_dir():
         raise FileNotFoundError(f"{root} does not exist; an ImageFolder dataset is a folder of class folders "
                                 f"(<root>/<class>/*.jpg), optionally split into <root>/train and <root>/val")
     empty = sorted(d.name for d in root.iterdir() if d.is_dir() and not any(p.is_file() for p in d.rglob("*")))
     if empty:
         raise ValueError(f"class folders without images in {root}: {', '.join(empty)}; add images or remove them")
+
+
+def _folder(root: Path, cfg: dict[str, Any], train: bool) -> datasets.ImageFolder:
+    _class_folders(root)
     return datasets.ImageFolder(root, transform=image_transforms(cfg, train=train), loader=read_image)
+
+
+def _split_roots(root: Path) -> list[Path]:
+    """``[root/train, root/val]`` for a tree split on disk, else ``[root]`` (split per class when loaded)."""
+    return [root / "train", root / "val"] if (root / "train").is_dir() else [root]
+
+
+def check_images(source: str) -> int:
+    """Decode every image of the ImageFolder ``source`` now; the number checked.
+
+    A damaged file otherwise stops training when the sampler first reaches it, possibly hours in;
+    here every bad file is named at once. Uses the reader training uses, so what passes here loads there.
+    """
+    if source == "digits" or source.startswith("torchvision:"):
+        raise ValueError(f"--check-images checks the files of an ImageFolder; --data {source} has none to check")
+    paths = []
+    for root in _split_roots(Path(source)):
+        _class_folders(root)
+        paths += [path for path, _ in datasets.ImageFolder(root, loader=read_image).samples]
+    bad = []
+    for path in paths:
+        try:
+            read_image(path)
+        except ValueError:
+            bad.append(path)
+    if bad:
+        shown = ", ".join(bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+        raise ValueError(f"{len(bad)} of {len(paths)} images in {source} cannot be read: {shown}; "
+                         f"delete or replace them")
+    logger.info("checked %d images in %s: all readable", len(paths), source)
+    return len(paths)
 
 
 def image_folder(root: str | Path, cfg: dict[str, Any], val_fraction: float = 0.2,
@@ -116,8 +155,9 @@ def image_folder(root: str | Path, cfg: dict[str, Any], val_fraction: float = 0.
     """``root/train/<class>/*`` and ``root/val/<class>/*``; or ``root/<class>/*`` split per class
     (``val_fraction`` of each class held out, fixed by ``seed``)."""
     root = Path(root)
-    if (root / "train").is_dir():
-        train, val = _folder(root / "train", cfg, True), _folder(root / "val", cfg, False)
+    roots = _split_roots(root)
+    if len(roots) == 2:
+        train, val = _folder(roots[0], cfg, True), _folder(roots[1], cfg, False)
         if train.classes != val.classes:
             raise ValueError(f"train and val classes differ in {root}: {train.classes} vs {val.classes}")
         return train, val
@@ -148,8 +188,14 @@ def torchvision_dataset(name: str, root: str | Path, cfg: dict[str, Any], downlo
         size = cfg["input_size"]
         return (cls(1000, size, 10, transform=image_transforms(cfg, train=True), random_offset=0),
                 cls(200, size, 10, transform=image_transforms(cfg, train=False), random_offset=1000))
-    return (cls(root, train=True, download=download, transform=image_transforms(cfg, train=True)),
-            cls(root, train=False, download=download, transform=image_transforms(cfg, train=False)))
+    try:
+        return (cls(root, train=True, download=download, transform=image_transforms(cfg, train=True)),
+                cls(root, train=False, download=download, transform=image_transforms(cfg, train=False)))
+    except RuntimeError as err:  # torchvision's "Dataset not found ... You can use download=True ..."
+        if download or "download=True" not in str(err):
+            raise
+        raise FileNotFoundError(f"torchvision dataset {name} is not in {root}; pass --download on a machine with "
+                                f"internet access (or copy it into --data-root)") from None
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
@@ -157,13 +203,20 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default="digits", help="digits | an ImageFolder path | torchvision:NAME")
     parser.add_argument("--data-root", default="data", help="where torchvision datasets are stored")
     parser.add_argument("--download", action="store_true", help="let torchvision download the dataset (internet)")
+    parser.add_argument("--check-images", action="store_true",
+                        help="decode every image of an ImageFolder before training and list the unreadable ones")
 
 
 def build_datasets(source: str, cfg: dict[str, Any], root: str | Path = "data", download: bool = False,
                    val_fraction: float = 0.2, seed: int = 0) -> tuple[Dataset, Dataset]:
-    """``"digits"``, ``"torchvision:NAME"``, or a path to an ImageFolder tree."""
+    """``"digits"``, ``"torchvision:NAME"``, or a path to an ImageFolder tree; at least two classes."""
     if source == "digits":
-        return digits(cfg, val_fraction, seed)
-    if source.startswith("torchvision:"):
-        return torchvision_dataset(source.split(":", 1)[1], root, cfg, download)
-    return image_folder(source, cfg, val_fraction, seed)
+        train, val = digits(cfg, val_fraction, seed)
+    elif source.startswith("torchvision:"):
+        train, val = torchvision_dataset(source.split(":", 1)[1], root, cfg, download)
+    else:
+        train, val = image_folder(source, cfg, val_fraction, seed)
+    if num_classes(train) < 2:
+        raise ValueError(f"{source} has only one class, so there is nothing to learn; a classifier needs at "
+                         f"least two (an ImageFolder: one folder of images per class)")
+    return train, val

@@ -2,9 +2,10 @@
 
 One run folder holds everything a run produces: ``run.json`` (the options), ``metrics.jsonl`` and
 ``metrics.csv`` (one row per evaluation), ``curves.png``, ``summary.json`` and ``checkpoints/``.
-``--resume`` continues the run in that folder exactly where its last checkpoint left it. Under
-``torchrun`` every process trains its share of each batch (DDP, or FSDP with ``--strategy fsdp``)
-and rank 0 writes the folder.
+``--resume`` continues the run in that folder exactly where its last checkpoint left it; a new run
+refuses a folder that holds another one (``--overwrite`` moves it aside), and one process at a time
+holds the folder (:mod:`vitzoo.train.runfolder`). Under ``torchrun`` every process trains its share of
+each batch (DDP, or FSDP with ``--strategy fsdp``) and rank 0 holds and writes the folder.
 """
 
 from __future__ import annotations
@@ -14,19 +15,22 @@ import csv
 import json
 import logging
 import sys
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from vitzoo.arguments import device, non_negative_float, non_negative_int, positive_float, positive_int
 from vitzoo.errors import run_command
 from vitzoo.registry import create_model
 from vitzoo.spec import parse_assignment
-from vitzoo.train.data import add_data_arguments, build_datasets, num_classes
-from vitzoo.train.distributed import close_world, full_state_dict, gather_strings, init_world, weights_digest
+from vitzoo.train.data import add_data_arguments, build_datasets, check_images, num_classes
+from vitzoo.train.distributed import World, close_world, full_state_dict, gather_strings, init_world, weights_digest
 from vitzoo.train.loop import TrainConfig, TrainResult, fit, steps_per_epoch
 from vitzoo.train.recipe import freeze_backbone
+from vitzoo.train.runfolder import claim_run_folder, run_files
 from vitzoo.vit import VisionTransformer
 from vitzoo.weights.files import write_text_atomic
 
@@ -53,6 +57,7 @@ class FinetuneConfig:
     checkpoint_every: int | None = None  # steps between checkpoints; None: at each evaluation
     out: str = "runs/finetune"
     resume: bool = False
+    overwrite: bool = False  # move another run found in out to <out>.old-<time> instead of refusing to start
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
@@ -120,8 +125,23 @@ class RunLog:
 
 
 def finetune(config: FinetuneConfig, progress: bool = True) -> dict[str, Any]:
-    """Run (or resume) a fine-tuning run; returns the summary that is also written to ``summary.json``."""
+    """Run (or resume) a fine-tuning run; returns the summary that is also written to ``summary.json``.
+
+    Rank 0 holds the run folder from before the first write to the end (see :func:`claim_run_folder`).
+    """
     world = init_world(config.train.device)
+    with claim_run_folder(config.out, lambda folder: _other_run(folder, config.resume),
+                          config.overwrite) if world.main else nullcontext():
+        return _train(config, world, progress)
+
+
+def _other_run(folder: Path, resume: bool) -> str | None:
+    """The run already in ``folder`` that a new run would mix with (none when resuming it)."""
+    found = [] if resume else run_files(folder)
+    return f"another run ({', '.join(found)}); continue it with --resume" if found else None
+
+
+def _train(config: FinetuneConfig, world: World, progress: bool) -> dict[str, Any]:
     out = Path(config.out)
     with torch.device("meta"):  # only the preprocessing config is needed before the data is known
         cfg = create_model(config.model, img_size=config.img_size, **config.overrides).pretrained_cfg
@@ -154,7 +174,7 @@ def finetune(config: FinetuneConfig, progress: bool = True) -> dict[str, Any]:
     }
     if log:
         log.finish(result, summary)
-        logger.info("summary: %s", json.dumps(summary))
+        print(json.dumps(summary), flush=True)  # the result on stdout; progress and logs are on stderr
     close_world(world)
     return summary
 
@@ -170,7 +190,7 @@ def _config_from_args(args: argparse.Namespace) -> FinetuneConfig:
         val_fraction=args.val_fraction, pretrained=pretrained, num_classes=args.num_classes, img_size=args.img_size,
         overrides=dict(parse_assignment(text) for text in args.set), freeze=args.freeze,
         grad_checkpointing=args.grad_checkpointing, epochs=args.epochs, eval_every=args.eval_every,
-        checkpoint_every=args.checkpoint_every, out=args.out, resume=args.resume, train=train,
+        checkpoint_every=args.checkpoint_every, out=args.out, resume=args.resume, overwrite=args.overwrite, train=train,
     )
 
 
@@ -181,42 +201,51 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-fraction", type=float, default=0.2, help="held out per class when there is no val split")
     p.add_argument("--pretrained", nargs="?", const="hub", default=None,
                    help="start from weights: the hub's (no value) or a file / save_pretrained folder")
-    p.add_argument("--num-classes", type=int, help="checked against the data (default: the data's classes)")
-    p.add_argument("--img-size", type=int, help="train at this size (position embedding resampled)")
+    p.add_argument("--num-classes", type=positive_int, help="checked against the data (default: the data's classes)")
+    p.add_argument("--img-size", type=positive_int, help="train at this size (position embedding resampled)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a spec field, e.g. --set mlp=swiglu --set drop_rate=0.1 (repeatable)")
     p.add_argument("--freeze", action="store_true", help="linear probe: train the head only")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations in backward")
     length = p.add_mutually_exclusive_group()
-    length.add_argument("--epochs", type=float, help="passes over the training data")
-    length.add_argument("--steps", type=int, help="optimizer steps (default 300)")
-    p.add_argument("--batch-size", type=int, help="images per process per micro-batch (default 64)")
-    p.add_argument("--accum-steps", type=int, help="micro-batches per optimizer step (default 1)")
-    p.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")
-    p.add_argument("--weight-decay", type=float, help="AdamW decoupled decay; norms, biases, tokens skip it")
-    p.add_argument("--layer-decay", type=float, help="layer-wise lr decay, e.g. 0.75")
+    length.add_argument("--epochs", type=positive_float, help="passes over the training data")
+    length.add_argument("--steps", type=positive_int, help="optimizer steps (default 300)")
+    p.add_argument("--batch-size", type=positive_int, help="images per process per micro-batch (default 64)")
+    p.add_argument("--accum-steps", type=positive_int, help="micro-batches per optimizer step (default 1)")
+    p.add_argument("--lr", type=positive_float, help="peak learning rate (default 1e-3)")
+    p.add_argument("--weight-decay", type=non_negative_float,
+                   help="AdamW decoupled decay; norms, biases, tokens skip it")
+    p.add_argument("--layer-decay", type=positive_float, help="layer-wise lr decay, e.g. 0.75")
     p.add_argument("--optimizer", choices=("adamw", "adam"))
-    p.add_argument("--warmup-steps", type=int)
-    p.add_argument("--label-smoothing", type=float)
-    p.add_argument("--mixup", type=float, help="Mixup Beta concentration, e.g. 0.8 (DeiT); off by default")
-    p.add_argument("--cutmix", type=float, help="CutMix Beta concentration, e.g. 1.0; with --mixup, one per batch")
-    p.add_argument("--grad-clip", type=float, help="max gradient norm (0 disables)")
+    p.add_argument("--warmup-steps", type=non_negative_int)
+    p.add_argument("--label-smoothing", type=non_negative_float)
+    p.add_argument("--mixup", type=non_negative_float, help="Mixup Beta concentration, e.g. 0.8 (DeiT); off by default")
+    p.add_argument("--cutmix", type=non_negative_float,
+                   help="CutMix Beta concentration, e.g. 1.0; with --mixup, one per batch")
+    p.add_argument("--grad-clip", type=non_negative_float, help="max gradient norm (0 disables)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--ema-decay", type=float, help="also keep and evaluate an EMA of the weights, e.g. 0.999")
-    p.add_argument("--eval-every", type=int, help="steps between evaluations (default: once per epoch)")
-    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default: each evaluation)")
+    p.add_argument("--ema-decay", type=positive_float, help="also keep and evaluate an EMA of the weights, e.g. 0.999")
+    p.add_argument("--eval-every", type=positive_int, help="steps between evaluations (default: once per epoch)")
+    p.add_argument("--checkpoint-every", type=positive_int,
+                   help="steps between checkpoints (default: each evaluation)")
     p.add_argument("--strategy", choices=("ddp", "fsdp"), help="multi-process strategy under torchrun")
-    p.add_argument("--workers", dest="num_workers", type=int, help="data-loading processes (default 0; same results)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
-    p.add_argument("--out", default="runs/finetune", help="run folder: metrics, plot, checkpoints")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--workers", dest="num_workers", type=non_negative_int,
+                   help="data-loading processes (default 0; same results)")
+    p.add_argument("--seed", type=non_negative_int)
+    p.add_argument("--device", type=device, help="cpu, cuda, cuda:N, ... (default: cuda when available)")
+    p.add_argument("--out", default="runs/finetune", help="run folder: metrics, plot, checkpoints (one run each)")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    start.add_argument("--overwrite", action="store_true",
+                       help="start anew although --out holds a run: it is moved to <out>.old-<time>, not deleted")
 
 
 def run_from_args(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = _config_from_args(args)
+    if args.check_images:
+        check_images(args.data)
     if args.device is None:
         config.train.device = "cuda" if torch.cuda.is_available() else "cpu"
     summary = finetune(config)
