@@ -22,10 +22,19 @@ def did_you_mean(name: str, options: Iterable[str], limit: int = 5) -> str:
     return f"{len(options)} valid names; list them with vitzoo.list_models() or `vitzoo list`"
 
 
+def user_message(err: BaseException) -> str:
+    """An error's message for a person: a DataLoader worker's error re-raised in the main process carries
+    the worker's traceback before the message (``Caught ValueError in DataLoader worker ...``); drop it."""
+    text = str(err)
+    if "\nOriginal Traceback" in text:
+        return text.strip().splitlines()[-1].partition(": ")[2]
+    return text
+
+
 def run_command(prog: str, command: Callable[[], int]) -> int:
     """Run a command-line entry point: its exit code, or 2 after printing a bad-input error's message."""
     try:
         return command()
     except USER_ERRORS as err:
-        print(f"{prog}: {err}", file=sys.stderr)
+        print(f"{prog}: {user_message(err)}", file=sys.stderr)
         return 2

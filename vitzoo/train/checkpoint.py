@@ -72,10 +72,10 @@ def latest_checkpoint(folder: str | os.PathLike) -> Path | None:
     if not pointer.is_file():
         return None
     name = pointer.read_text().strip()
-    if not _own(folder / name):
+    if not _own(folder, folder / name):
         raise WeightsError(f"{pointer} names {name!r}, which is not a checkpoint folder of {folder}; write the "
                            f"name of one of its step_NNNNNNNN folders into it")
-    older = sorted((p for p in folder.glob("step_*") if _own(p) and p.name < name), reverse=True)
+    older = sorted((p for p in folder.glob("step_*") if _own(folder, p) and p.name < name), reverse=True)
     damaged = []
     for path in [folder / name, *older]:
         problem = _unreadable(path)
@@ -88,9 +88,9 @@ def latest_checkpoint(folder: str | os.PathLike) -> Path | None:
                        f"(--overwrite moves this one aside)")
 
 
-def _own(path: Path) -> bool:
-    """Whether ``path`` is named like a checkpoint of its folder and is not a link to somewhere else."""
-    return STEP_NAME.fullmatch(path.name) is not None and not path.is_symlink()
+def _own(folder: Path, path: Path) -> bool:
+    """Whether ``path`` is a checkpoint's name directly in ``folder``, not a path or a link to somewhere else."""
+    return path.parent == folder and STEP_NAME.fullmatch(path.name) is not None and not path.is_symlink()
 
 
 def _unreadable(path: Path) -> str | None:
@@ -100,6 +100,8 @@ def _unreadable(path: Path) -> str | None:
         return "it holds links instead of files"
     for file in files:
         try:
+            if not file.is_file():
+                return f"{file.name} is missing"
             if file.suffix == ".safetensors":
                 with safe_open(file, "pt"):
                     pass

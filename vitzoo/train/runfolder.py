@@ -50,7 +50,8 @@ def claim_run_folder(folder: str | os.PathLike, other_run: Callable[[Path], str 
         _remove_temporaries(folder)
         found = other_run(folder)
         if found and not overwrite:
-            raise RunFolderError(f"{folder} holds {found}, pass a new --out, or pass --overwrite to move it aside")
+            raise RunFolderError(f"{folder} holds {found}. To start anew, pass a new --out, or --overwrite to move "
+                                 f"the old run aside to {folder}.old-<time>")
         if found:
             logger.warning("moved the run that was in %s to %s", folder, move_aside(folder))
         yield folder
