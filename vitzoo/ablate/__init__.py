@@ -148,22 +148,22 @@ def run_ablation(config: AblationConfig, out: str | Path, progress: bool = True,
     setup = json.loads(json.dumps({k: v for k, v in asdict(config).items() if k != "seeds"}))  # as files hold it
     jobs = [(name, overrides, seed) for seed in config.seeds for name, overrides in variants]
     rows, executed, datasets = [], [], {}
-    with claim_run_folder(out, lambda folder: _other_run(folder, setup), overwrite) as out:
-        runs_dir = out / "runs"
-        runs_dir.mkdir(exist_ok=True)
+    with claim_run_folder(out, lambda folder: _other_run(folder, setup), overwrite) as folder:
+        (folder / "runs").mkdir(exist_ok=True)
         bar = tqdm(jobs, disable=not progress, unit="run", desc="ablation")
         for name, overrides, seed in bar:
-            path = runs_dir / f"{slug(name)}__seed{seed}.json"
-            run = json.loads(path.read_text()) if path.is_file() else None
-            if run is None:
+            path = folder / "runs" / f"{slug(name)}__seed{seed}.json"
+            if path.is_file():  # finished earlier: the claim checked it was run with this setup
+                run = json.loads(path.read_text())
+            else:
                 bar.set_postfix_str(f"{name} seed={seed}")
                 run = {"setup": setup, **train_variant(config, name, overrides, seed, datasets, progress)}
                 write_text_atomic(path, json.dumps(run, indent=1))
                 executed.append(path.stem)
             rows.append(run)
         bar.close()
-        write_report(out, config, rows)
-    return AblationResult(rows=rows, executed=executed, out=out)
+        write_report(folder, config, rows)
+    return AblationResult(rows=rows, executed=executed, out=folder)
 
 
 def _other_run(folder: Path, setup: dict[str, Any]) -> str | None:
