@@ -62,6 +62,7 @@ def _locked(folder: Path) -> Iterator[None]:
     """An exclusive, non-blocking ``flock`` on ``folder/.lock`` holding this process's pid."""
     if folder.exists() and not folder.is_dir():
         raise RunFolderError(f"--out {folder} is a file; pass a folder (it is created when missing)")
+    created = not folder.exists()
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
@@ -78,8 +79,13 @@ def _locked(folder: Path) -> Iterator[None]:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
+    except BaseException:
+        if created and [p.name for p in folder.iterdir()] == [LOCK]:  # a start that failed leaves no folder
+            (folder / LOCK).unlink()
+            folder.rmdir()
+        raise
     finally:
-        os.close(fd)  # closing drops the lock; the file stays, as removing it would race with a new holder
+        os.close(fd)  # drops the lock; a used folder keeps the file, as removing it could race with a new holder
 
 
 def _remove_temporaries(folder: Path) -> None:
