@@ -133,6 +133,11 @@ class ViTSpec:
         if self.rope_rescale is not None and self.rope == "none":
             fail("rope_rescale", f"must be >= 1 (the largest scale factor) with a rope, or None; "
                  f"got {self.rope_rescale} with rope={self.rope!r}")
+        for name in ("mlp_ratio", "pool_mlp_ratio"):
+            ratio = getattr(self, name)
+            if ratio is not None and self.embed_dim * ratio < 1:  # compared as floats: no overflow
+                fail(name, f"gives an MLP of hidden width int({self.embed_dim} * {ratio}) = 0; "
+                     f"use at least 1 / embed_dim")
         if self.pool_num_heads is not None and self.embed_dim % self.pool_num_heads:
             fail("pool_num_heads", f"must divide embed_dim={self.embed_dim}, got {self.pool_num_heads}")
 
