@@ -27,7 +27,7 @@ from vitzoo.validate import reduced_depth
         (dict(attn="gqa", kv_heads=(12, 4)), "ViTSpec.kv_heads: has 2 per-layer values but depth=12"),
         (dict(rope_rescale=2.0), "ViTSpec.rope_rescale: must be >= 1 .* got 2.0 with rope='none'"),
         (dict(drop_path_rate=1.5), r"ViTSpec.drop_path_rate: must be in \[0, 1\)"),
-        (dict(depth=0), "ViTSpec.depth: must be a positive integer"),
+        (dict(depth=0), "ViTSpec.depth: must be >= 1, got 0"),
         (dict(dist_token=True, pool="avg"), "ViTSpec.dist_token: needs class_token=True and pool='token'"),
         (dict(embed_dimm=384), "ViTSpec has no field 'embed_dimm'; closest: embed_dim"),
     ],

@@ -27,6 +27,7 @@ from torch import nn
 
 from vitzoo.card import count_macs
 from vitzoo.errors import run_command
+from vitzoo.inputs import available_device
 from vitzoo.memory import peak_rss_bytes, peak_tensor_bytes
 from vitzoo.registry import create_model
 from vitzoo.spec import ViTSpec
@@ -256,7 +257,7 @@ def bf16_peak(device: torch.device, tflops: float | None = None) -> float | None
 
 def run(args: argparse.Namespace) -> str:
     """The whole benchmark as a Markdown report: machine, GEMM roof, results, graph breaks."""
-    device = torch.device(args.device)
+    device = available_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}

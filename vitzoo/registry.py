@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from vitzoo.errors import did_you_mean
+from vitzoo.size import MAX_PARAMS
 from vitzoo.spec import ViTSpec
 from vitzoo.vit import VisionTransformer
 from vitzoo.weights import from_pretrained, load_pretrained, read_checkpoint
-from vitzoo.weights.export import is_pretrained_folder
+from vitzoo.weights.export import is_folder_path
 from vitzoo.weights.hub import tagged_cfg
 
 logger = logging.getLogger("vitzoo")
@@ -166,7 +167,7 @@ def model_spec(name: str, **overrides: Any) -> ViTSpec:
 def create_model(
     name: str, pretrained: bool | str = False, *, num_classes: int | None = None,
     img_size: int | tuple[int, int] | None = None, pretrained_cfg_overlay: dict[str, Any] | None = None,
-    **overrides: Any,
+    max_params: int | None = MAX_PARAMS, **overrides: Any,
 ) -> VisionTransformer:
     """Build a model by registry name, like ``timm.create_model``; ``name.tag`` picks timm's weights of
     that tag (``vit_base_patch16_224.augreg_in21k``), and a ``save_pretrained`` folder is a name too.
@@ -181,10 +182,15 @@ def create_model(
     way of pointing ``pretrained=True`` at a local file). A checkpoint of another implementation
     (torchvision, HF transformers, JAX, vit-pytorch, Meta's Sapiens2) also sets what it implies and no
     tensor size shows (HF's 1e-12 epsilon, its prefix tokens, qkv bias, pooling), unless an override
-    says otherwise.
+    says otherwise. ``max_params`` refuses a spec estimated above that many parameters before anything
+    is allocated (None: no limit); raise it to build a model larger than the default 10 billion.
     """
-    if is_pretrained_folder(name) and not (overrides or num_classes or img_size or pretrained):
-        return from_pretrained(name)
+    if is_folder_path(name):  # its config.json holds the spec and its weights come along
+        if pretrained not in (False, True) or pretrained_cfg_overlay:
+            raise ValueError(f"{name} is a save_pretrained folder, which brings its own weights and config; "
+                             "pass pretrained=PATH and pretrained_cfg_overlay with a registry name instead")
+        sizes = {k: v for k, v in (("num_classes", num_classes), ("img_size", img_size)) if v is not None}
+        return from_pretrained(name, max_params=max_params, **sizes, **overrides)
     name, _, tag = name.partition(".")
     entry = model_entry(name)
     cfg = {"architecture": name, **entry.pretrained_cfg, **(tagged_cfg(name, tag) if tag else {})}
@@ -200,7 +206,7 @@ def create_model(
     for key, value in implied.items():
         logger.info("%s: %s=%r, as the checkpoint implies", name, key, value)
     spec = entry.spec.replace(**changes, **implied) if changes or implied else entry.spec
-    model = VisionTransformer(spec, pretrained_cfg=cfg)
+    model = VisionTransformer(spec, pretrained_cfg=cfg, max_params=max_params)
     if checkpoint:
         for line in load_pretrained(model, checkpoint, partial=bool(overrides)).adapted:
             logger.info("%s: %s", name, line)

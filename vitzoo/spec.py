@@ -8,10 +8,13 @@ from typing import Any
 
 from vitzoo.blocks import SLOTS
 from vitzoo.errors import did_you_mean
+from vitzoo.fields import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, RATE, Range, check_fields, field_types, parse_text
 
 LayerChoice = str | tuple[str, ...]
 
 PER_LAYER_SLOTS = ("attn", "mlp", "block")
+# What a command-line value may be when its field is not known.
+UNKNOWN_FIELD = bool | int | float | str | None | tuple[bool | int | float | str | None, ...]
 
 
 @dataclass(frozen=True)
@@ -80,41 +83,31 @@ class ViTSpec:
     drop_path_rate: float = 0.0  # stochastic depth, rising linearly to this rate at the last block
 
     def __post_init__(self) -> None:
-        if isinstance(self.img_size, int):
+        if isinstance(self.img_size, int) and not isinstance(self.img_size, bool):  # timm's square shorthand
             object.__setattr__(self, "img_size", (self.img_size, self.img_size))
-        object.__setattr__(self, "img_size", tuple(int(s) for s in self.img_size))
-        for name in ("rope_ref_grid", "kv_heads"):  # TOML and JSON give lists
+        for name in field_types(ViTSpec):  # TOML and JSON have no tuples: their lists stand for them
             if isinstance(getattr(self, name), list):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
-        for slot, table in SLOTS.items():  # lists -> tuples; aliases ("gap") -> the entry name ("avg")
+        check_fields(self, FIELD_RANGES)
+        for slot, table in SLOTS.items():  # aliases ("gap") -> the entry name ("avg")
             value = getattr(self, slot)
-            if isinstance(value, list | tuple):
-                object.__setattr__(self, slot, tuple(map(table.canonical, value)))
-            else:
-                object.__setattr__(self, slot, table.canonical(value))
+            canonical = tuple(map(table.canonical, value)) if isinstance(value, tuple) else table.canonical(value)
+            object.__setattr__(self, slot, canonical)
         self._validate()
 
     def _validate(self) -> None:
+        """Rules between fields; each field's own type and range are checked before (:data:`FIELD_RANGES`)."""
         def fail(name: str, problem: str) -> None:
             raise ValueError(f"ViTSpec.{name}: {problem}")
 
-        for name in ("patch_size", "in_chans", "embed_dim", "depth", "num_heads"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                fail(name, f"must be a positive integer, got {getattr(self, name)!r}")
-        if len(self.img_size) != 2 or min(self.img_size) < 1:
-            fail("img_size", f"must be a positive int or (H, W), got {self.img_size!r}")
-        if self.num_classes < 0 or self.reg_tokens < 0:
-            fail("num_classes" if self.num_classes < 0 else "reg_tokens", "must be >= 0")
         if self.embed_dim % self.num_heads:
             fail("embed_dim", f"{self.embed_dim} is not divisible by num_heads={self.num_heads}; "
                  f"pick embed_dim a multiple of num_heads (head_dim = embed_dim / num_heads)")
         if any(s % self.patch_size for s in self.img_size) and not self.crop_remainder:
             fail("img_size", f"{self.img_size} is not divisible by patch_size={self.patch_size}; "
                  f"use a multiple of {self.patch_size} for each side, or crop_remainder=True to drop the rest")
-        if self.mlp_ratio <= 0:
-            fail("mlp_ratio", f"must be > 0, got {self.mlp_ratio}")
         for slot, table in SLOTS.items():
-            for name in self.layer_choices(slot) if slot in PER_LAYER_SLOTS else (getattr(self, slot),):
+            for name in self.distinct(slot):
                 if name not in table:
                     fail(slot, f"unknown block {name!r}; {did_you_mean(name, table.known_names())}")
         for name in (*PER_LAYER_SLOTS, "kv_heads"):
@@ -122,9 +115,9 @@ class ViTSpec:
             if isinstance(value, tuple) and len(value) != self.depth:
                 fail(name, f"has {len(value)} per-layer values but depth={self.depth}; give one value or {self.depth}")
         if self.kv_heads is not None:
-            if "gqa" not in self.layer_choices("attn"):
+            if "gqa" not in self.distinct("attn"):
                 fail("kv_heads", "applies to grouped-query attention only; set attn='gqa' or leave kv_heads unset")
-            bad = [h for h in self.layer_choices("kv_heads") if not isinstance(h, int) or h < 1 or self.num_heads % h]
+            bad = [h for h in self.distinct("kv_heads") if self.num_heads % h]
             if bad:
                 fail("kv_heads", f"{bad[0]!r} does not divide num_heads={self.num_heads}; each query group needs "
                      f"the same number of heads, so use a divisor of {self.num_heads}")
@@ -132,35 +125,21 @@ class ViTSpec:
             fail("pool", "'token' reads the class token, but class_token=False; use pool='avg' or 'map'")
         if self.dist_token and (not self.class_token or self.pool != "token"):
             fail("dist_token", "needs class_token=True and pool='token' (DeiT reads both tokens)")
-        for name in ("drop_rate", "pos_drop_rate", "patch_drop_rate", "attn_drop_rate", "proj_drop_rate",
-                     "drop_path_rate"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                fail(name, f"must be in [0, 1), got {getattr(self, name)}")
-        for name in ("proj_bias", "attn_inner_norm", "mlp_inner_norm", "patch_norm", "pool_include_prefix",
-                     "crop_remainder"):
-            if not isinstance(getattr(self, name), bool):
-                fail(name, f"must be true or false, got {getattr(self, name)!r}")
-        if self.layer_scale is not None and self.layer_scale <= 0:
-            fail("layer_scale", f"must be > 0 or None, got {self.layer_scale}")
         if self.rope != "none" and (self.embed_dim // self.num_heads) % 4:
             fail("rope", f"2-D RoPE needs head_dim = embed_dim / num_heads divisible by 4, got "
                  f"{self.embed_dim // self.num_heads}")
         if self.rope != "none" and self.patch_drop_rate > 0:
             fail("patch_drop_rate", "dropping patch tokens would misalign the rotary positions; use rope='none'")
-        if self.rope_ref_grid is not None and (len(self.rope_ref_grid) != 2 or min(self.rope_ref_grid) < 1):
-            fail("rope_ref_grid", f"must be (h, w) of positive ints or None, got {self.rope_ref_grid!r}")
-        if self.rope_rescale is not None and (self.rope == "none" or self.rope_rescale < 1):
+        if self.rope_rescale is not None and self.rope == "none":
             fail("rope_rescale", f"must be >= 1 (the largest scale factor) with a rope, or None; "
                  f"got {self.rope_rescale} with rope={self.rope!r}")
-        if self.rope_temperature is not None and self.rope_temperature <= 0:
-            fail("rope_temperature", f"must be > 0 or None, got {self.rope_temperature}")
-        if self.pool_num_heads is not None and (self.pool_num_heads < 1 or self.embed_dim % self.pool_num_heads):
-            fail("pool_num_heads", f"must be a positive divisor of embed_dim={self.embed_dim} or None, "
-                 f"got {self.pool_num_heads}")
-        if self.pool_mlp_ratio is not None and self.pool_mlp_ratio <= 0:
-            fail("pool_mlp_ratio", f"must be > 0 or None, got {self.pool_mlp_ratio}")
-        if not isinstance(self.rope_xy, bool):
-            fail("rope_xy", f"must be true or false, got {self.rope_xy!r}")
+        for name in ("mlp_ratio", "pool_mlp_ratio"):
+            ratio = getattr(self, name)
+            if ratio is not None and self.embed_dim * ratio < 1:  # compared as floats: no overflow
+                fail(name, f"gives an MLP of hidden width int({self.embed_dim} * {ratio}) = 0; "
+                     f"use at least 1 / embed_dim")
+        if self.pool_num_heads is not None and self.embed_dim % self.pool_num_heads:
+            fail("pool_num_heads", f"must divide embed_dim={self.embed_dim}, got {self.pool_num_heads}")
 
     # derived quantities -------------------------------------------------------------------------
     @property
@@ -193,6 +172,11 @@ class ViTSpec:
         """Whether the final norm sits after pooling (``fc_norm``) instead of before (``norm``)."""
         return self.pool in ("avg", "max", "avgmax") if self.fc_norm is None else self.fc_norm
 
+    def distinct(self, name: str) -> tuple[Any, ...]:
+        """The values a per-layer field takes, without expanding one value to ``depth`` copies."""
+        value = getattr(self, name)
+        return value if isinstance(value, tuple) else (value,)
+
     def layer_choices(self, name: str) -> tuple[Any, ...]:
         """The value of a per-layer field for every layer: the block name of a slot, or ``kv_heads``."""
         value = getattr(self, name)
@@ -223,22 +207,12 @@ class ViTSpec:
         return cls().replace(**data)
 
 
-def parse_value(text: str) -> Any:
-    """A command-line value as the spec field wants it: true/false, none, int, float, else the string;
-    ``a,b,c`` is a tuple of such values (one per layer for per-layer slots)."""
-    if "," in text:
-        return tuple(parse_value(part) for part in text.split(","))
-    lowered = text.strip().lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    if lowered in ("none", "null"):
-        return None
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text.strip()
+def parse_value(text: str, field: str | None = None) -> Any:
+    """A command-line value as the spec ``field`` wants it (see :func:`vitzoo.fields.parse_text`): a bool
+    word only for a bool field, a number only for a number field, ``a,b,c`` a tuple (one per layer for
+    per-layer slots). Without ``field``: a bool word, none, int, float, else the string; the spec's type
+    check then refuses whatever does not fit the field it is given to."""
+    return parse_text(text, field_types(ViTSpec).get(field, UNKNOWN_FIELD))
 
 
 def parse_assignment(text: str) -> tuple[str, Any]:
@@ -246,4 +220,15 @@ def parse_assignment(text: str) -> tuple[str, Any]:
     name, sep, value = text.partition("=")
     if not sep or not name.strip():
         raise ValueError(f"expected FIELD=VALUE (e.g. mlp=swiglu or qk_norm=true), got {text!r}")
-    return name.strip(), parse_value(value)
+    return name.strip(), parse_value(value, name.strip())
+
+
+# The range of each numeric field (of each element, for tuples); the types come from the annotations.
+FIELD_RANGES: dict[str, Range] = {
+    **dict.fromkeys(("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "kv_heads",
+                     "rope_ref_grid", "rope_rescale", "pool_num_heads"), AT_LEAST_ONE),
+    **dict.fromkeys(("num_classes", "reg_tokens"), NON_NEGATIVE),
+    **dict.fromkeys(("mlp_ratio", "norm_eps", "layer_scale", "rope_temperature", "pool_mlp_ratio"), POSITIVE),
+    **dict.fromkeys(("drop_rate", "pos_drop_rate", "patch_drop_rate", "attn_drop_rate", "proj_drop_rate",
+                     "drop_path_rate"), RATE),
+}

@@ -21,6 +21,7 @@ import timm
 import torch
 from torch import nn
 
+from vitzoo.errors import did_you_mean
 from vitzoo.registry import create_model, list_models, model_spec
 from vitzoo.spec import ViTSpec
 from vitzoo.timm_compat import from_timm
@@ -138,6 +139,9 @@ def _compare(name: str, depth: int | None, result: Validation) -> None:
 
 def validate(name: str, depth: int | None = None) -> Validation:
     """Compare the vitzoo model ``name`` with timm's (structure at full size, numerics at ``depth``)."""
+    if not timm.is_model(name):
+        raise ValueError(f"timm has no model {name!r}, so there is nothing to compare with; "
+                         f"{did_you_mean(name, timm.list_models())}")
     result = Validation(name)
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -219,7 +223,7 @@ def _sweep(names: list[str], depth: int | None) -> list[Validation]:
         except Exception as err:  # one broken name must not hide the other results of the sweep
             results.append(Validation(name, reason=f"{type(err).__name__}: {err}"[:200]))
         r = results[-1]
-        print(f"{'✓' if r.ok else '✗'} {name} {r.reason}", flush=True)
+        print(f"{'✓' if r.ok else '✗'} {name} {r.reason}", file=sys.stderr, flush=True)  # progress; results go to --out
     return results
 
 

@@ -20,6 +20,8 @@ from vitzoo.blocks.pooling import POOLS
 from vitzoo.blocks.position import POSITIONS
 from vitzoo.blocks.rope import ROPES, Rotation
 from vitzoo.blocks.tokens import PREFIX_TOKENS, drop_patch_tokens, make_prefix_tokens, prepend_tokens
+from vitzoo.inputs import block_indices, check_images
+from vitzoo.size import MAX_PARAMS, check_size
 from vitzoo.spec import ViTSpec
 
 IMAGENET_INCEPTION = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
@@ -33,7 +35,11 @@ class VisionTransformer(nn.Module):
     ``reset_classifier``, ``set_grad_checkpointing``, ``no_weight_decay``, ``pretrained_cfg``.
     """
 
-    def __init__(self, spec: ViTSpec, pretrained_cfg: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, spec: ViTSpec, pretrained_cfg: dict[str, Any] | None = None, max_params: int | None = MAX_PARAMS,
+    ) -> None:
+        """``max_params``: refuse a spec estimated above this many parameters before allocating (None: any)."""
+        check_size(spec, max_params)
         super().__init__()
         self.spec = spec
         dim = spec.embed_dim
@@ -174,9 +180,8 @@ class VisionTransformer(nn.Module):
 
     # forward ------------------------------------------------------------------------------------
     def _grid(self, x: torch.Tensor) -> tuple[int, int]:
-        """Patch grid for a batch of images, with an actionable error for a wrong shape."""
-        if x.ndim != 4 or x.shape[1] != self.spec.in_chans:
-            raise ValueError(f"expected images of shape (B, {self.spec.in_chans}, H, W), got {tuple(x.shape)}")
+        """Patch grid for a batch of images, with an actionable error for a wrong type, shape or dtype."""
+        check_images(x, self.spec.in_chans, next(self.parameters()).dtype)
         return self.spec.patch_grid(*x.shape[-2:])
 
     def _embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -280,18 +285,3 @@ def only_set(**options: Any) -> dict[str, Any]:
     """The optional block keywords a spec sets (None = not asked), so blocks written to a slot's basic
     contract still serve every spec that does not ask for those options."""
     return {name: value for name, value in options.items() if value is not None}
-
-
-def block_indices(depth: int, indices: int | Sequence[int] | None) -> list[int]:
-    """Resolve timm-style block indices: None = all, int n = last n, sequence = those (negatives ok)."""
-    if indices is None:
-        return list(range(depth))
-    if isinstance(indices, int):
-        if not 0 < indices <= depth:
-            raise ValueError(f"asked for the last {indices} blocks of a {depth}-block model")
-        return list(range(depth - indices, depth))
-    resolved = [i + depth if i < 0 else i for i in indices]
-    bad = [i for i, r in zip(indices, resolved, strict=True) if not 0 <= r < depth]
-    if bad:
-        raise ValueError(f"block indices {bad} out of range for a {depth}-block model")
-    return resolved

@@ -41,13 +41,15 @@ AUTOCAST_DEVICES = frozenset(
 )
 
 
-def matmul_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype autocast runs a matmul on ``x`` in: autocast's dtype where it is on, else ``x``'s own
-    (autocast leaves float64 alone)."""
+def autocast_casts(x: torch.Tensor) -> bool:
+    """Whether autocast is on for ``x``'s device and casts it for matmuls (it leaves float64 alone)."""
     device = x.device.type
-    if x.dtype == torch.float64 or device not in AUTOCAST_DEVICES:
-        return x.dtype
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    return x.dtype != torch.float64 and device in AUTOCAST_DEVICES and torch.is_autocast_enabled(device)
+
+
+def matmul_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype autocast runs a matmul on ``x`` in: autocast's dtype where it is on, else ``x``'s own."""
+    return torch.get_autocast_dtype(x.device.type) if autocast_casts(x) else x.dtype
 
 
 class PatchLinear(torch.autograd.Function):

@@ -103,6 +103,8 @@ class BlockTable(Generic[T]):
                 raise
             shown = ", ".join([*map(_short, args), *(f"{k}={_short(v)}" for k, v in kwargs.items())])
             raise self._violation(name, f"its constructor cannot take ({shown}): {err}") from err
+        except ValueError as err:  # a block refusing the spec's sizes: say which slot's choice it was
+            raise ValueError(f"{self.slot} block {name!r}: {err}") from None
         if name in self._unverified and self.probe is not None:
             self._verify(name, module, args)
         return module

@@ -35,13 +35,15 @@ def read_state_dict(path: str | os.PathLike) -> StateDict:
     if not path.is_file():
         raise WeightsError(f"weights file {path} does not exist")
     if path.suffix == ".npz":  # JAX/Flax checkpoints: plain arrays, never pickles
+        import zipfile
+
         import numpy as np
 
         try:
             with np.load(path, allow_pickle=False) as arrays:
                 return {key: torch.from_numpy(np.asarray(arrays[key], dtype=np.float32)) for key in arrays.files}
-        except (OSError, ValueError) as err:
-            raise WeightsError(f"{path} is not a readable .npz file ({err}); re-download it") from None
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:  # EOFError: an empty file
+            raise WeightsError(f"{path} is not a readable .npz file ({_first_line(err)}); re-download it") from None
     if path.suffix == ".safetensors":
         try:
             return load_file(path)
@@ -53,7 +55,7 @@ def read_state_dict(path: str | os.PathLike) -> StateDict:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises UnpicklingError, RuntimeError or EOFError depending on the damage
         raise WeightsError(
-            f"{path} could not be loaded safely ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+            f"{path} could not be loaded safely ({_first_line(err)}); "
             "it is truncated, corrupted, or contains code: vitzoo only reads plain tensors"
         ) from None
     for key in ("state_dict", "model", "module"):
@@ -62,6 +64,12 @@ def read_state_dict(path: str | os.PathLike) -> StateDict:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise WeightsError(f"{path} does not hold a state_dict (a mapping of names to tensors)")
     return obj
+
+
+def _first_line(err: Exception) -> str:
+    """An exception as one short line for a message; some (an empty file's EOFError) have no text."""
+    text = str(err).strip().partition("\n")[0][:200]
+    return f"{type(err).__name__}: {text}" if text else f"{type(err).__name__}, the file is empty or cut short"
 
 
 @contextmanager

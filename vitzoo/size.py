@@ -1,0 +1,64 @@
+"""A model's size from its spec alone, so that an absurd one is refused before anything is allocated.
+
+``embed_dim=10_000_000`` in a config file would otherwise start allocating petabytes. The estimate
+is a closed formula over the spec (patch projection, tokens, position table, blocks, pooling,
+heads); it ignores small parts (norms of custom blocks, hybrid CNN stems) and is within a few
+percent of the real count for plain ViTs. Arithmetic is in floats, so any size gives a number.
+"""
+
+from __future__ import annotations
+
+from vitzoo.spec import ViTSpec
+
+MAX_PARAMS = 10_000_000_000  # default limit of create_model / VisionTransformer; the largest registry model is ~7B
+SIZE_FIELDS = ("embed_dim", "depth", "mlp_ratio", "img_size", "patch_size", "in_chans", "num_classes", "reg_tokens")
+
+
+BRANCHES = {"parallel2": 2}  # encoder blocks with several attention + MLP branches
+
+
+def _mlp(dim: float, hidden: float, name: str) -> float:
+    """Weights and biases of one MLP: gated ones (SwiGLU) have two input projections, packed ones
+    (DINOv2-g's ``swiglu_packed``) one that is split in halves."""
+    if "packed" in name:
+        return dim * hidden + hidden + hidden / 2 * dim + dim
+    inputs = 2 if "glu" in name else 1
+    return inputs * (dim * hidden + hidden) + hidden * dim + dim
+
+
+def estimate_params(spec: ViTSpec) -> float:
+    """About how many parameters the model of ``spec`` has (float: absurd specs give absurd numbers)."""
+    dim, heads = float(spec.embed_dim), spec.num_heads
+    head_dim = dim / heads
+    grid = float(spec.img_size[0] // spec.patch_size) * float(spec.img_size[1] // spec.patch_size)
+    total = spec.in_chans * float(spec.patch_size) ** 2 * dim + dim  # patch projection
+    total += spec.num_prefix_tokens * dim
+    if spec.pos_embed == "learned":
+        total += (grid + (0 if spec.no_embed_class else spec.num_prefix_tokens)) * dim
+    hidden = dim * spec.mlp_ratio
+
+    def block(kind: str, attn: str, mlp: str, kv: int | None) -> float:
+        qkv = dim * dim + 2 * dim * (kv or heads) * head_dim if attn == "gqa" else 3 * dim * dim
+        branch = qkv + 3 * dim + dim * dim + dim + _mlp(dim, hidden, mlp) + 4 * dim  # + proj and two norms
+        return BRANCHES.get(kind, 1) * branch
+
+    per_layer = ("block", "attn", "mlp", "kv_heads")
+    if any(isinstance(getattr(spec, name), tuple) for name in per_layer):  # then depth values are at hand
+        total += sum(block(*row) for row in zip(*map(spec.layer_choices, per_layer), strict=True))
+    else:
+        total += spec.depth * block(spec.block, spec.attn, spec.mlp, spec.kv_heads)
+    if spec.pool == "map":
+        total += 5 * dim * dim + _mlp(dim, dim * (spec.pool_mlp_ratio or spec.mlp_ratio), "gelu")
+    heads_out = 2 if spec.dist_token else 1
+    return total + heads_out * (dim * spec.num_classes + spec.num_classes)
+
+
+def check_size(spec: ViTSpec, max_params: int | None = MAX_PARAMS) -> None:
+    """Refuse a spec estimated above ``max_params`` parameters (None: no limit), naming its sizes."""
+    params = estimate_params(spec)
+    if max_params is not None and params > max_params:
+        sizes = ", ".join(f"{name}={getattr(spec, name)!r}" for name in SIZE_FIELDS)
+        raise ValueError(
+            f"ViTSpec: about {params:.3g} parameters ({sizes}) is over the limit of {max_params:.3g}; "
+            f"check these sizes, or pass max_params=N (None for no limit) to create_model to build it anyway"
+        )
