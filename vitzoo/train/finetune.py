@@ -1,8 +1,10 @@
 """``vitzoo finetune`` / ``python -m vitzoo.train``: any registry model on any image dataset.
 
-One run folder holds everything a run produces: ``run.json`` (the options), ``metrics.jsonl`` and
-``metrics.csv`` (one row per evaluation), ``curves.png``, ``summary.json`` and ``checkpoints/``.
-``--resume`` continues the run in that folder exactly where its last checkpoint left it. Under
+One run folder holds everything a run produces: ``run.json`` (the options it started with, and a
+``history`` of its resumes and what each changed), ``metrics.jsonl`` and ``metrics.csv`` (one row per
+evaluation), ``curves.png``, ``summary.json`` and ``checkpoints/``. ``--resume`` continues the run in
+that folder exactly where its last checkpoint left it, with the same settings (see
+:mod:`vitzoo.train.settings` for the few it may change), and cuts the logs back to that step. Under
 ``torchrun`` every process trains its share of each batch (DDP, or FSDP with ``--strategy fsdp``)
 and rank 0 writes the folder.
 """
@@ -13,6 +15,7 @@ import argparse
 import csv
 import json
 import logging
+import math
 import sys
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -69,8 +72,14 @@ def build_model(config: FinetuneConfig, data_classes: int) -> VisionTransformer:
     return model
 
 
+def strict_json(values: dict[str, Any], indent: int | None = None) -> str:
+    """JSON text with a non-finite number written as null: a bare NaN is not JSON and breaks strict readers."""
+    finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in values.items()}
+    return json.dumps(finite, indent=indent, allow_nan=False)
+
+
 class RunLog:
-    """Rank 0's record of a run: metrics rows as JSON lines and CSV, curves as a PNG."""
+    """Rank 0's record of a run: its settings and resumes, metrics rows as JSON lines and CSV, curves as a PNG."""
 
     def __init__(self, folder: Path, resume: bool) -> None:
         self.folder = folder
@@ -78,9 +87,23 @@ class RunLog:
         if not resume:
             self.jsonl.unlink(missing_ok=True)
 
+    def started(self, config: FinetuneConfig) -> None:
+        write_text_atomic(self.folder / "run.json", json.dumps({**asdict(config), "history": []}, indent=2) + "\n")
+
+    def resumed(self, step: int, changed: dict[str, list]) -> None:
+        """Drop the rows a killed run logged after its checkpoint (the resumed run logs them again) and add the
+        resume, with the settings it changed, to ``run.json``'s history; the options it started with stay."""
+        if self.jsonl.is_file():
+            rows = self.jsonl.read_text().splitlines(keepends=True)
+            write_text_atomic(self.jsonl, "".join(row for row in rows if json.loads(row)["step"] <= step))
+        path = self.folder / "run.json"
+        run = json.loads(path.read_text())
+        run.setdefault("history", []).append({"resumed_at": step, "changed": changed})
+        write_text_atomic(path, json.dumps(run, indent=2) + "\n")
+
     def row(self, values: dict[str, float]) -> None:
         with self.jsonl.open("a") as f:
-            f.write(json.dumps(values) + "\n")
+            f.write(strict_json(values) + "\n")
         logger.info("step %d  %s", values["step"],
                     "  ".join(f"{k} {v:.4g}" for k, v in values.items() if k not in ("step",)))
 
@@ -93,7 +116,7 @@ class RunLog:
                 writer.writeheader()
                 writer.writerows(rows)
         self._plot(result)
-        write_text_atomic(self.folder / "summary.json", json.dumps(summary, indent=2) + "\n")
+        write_text_atomic(self.folder / "summary.json", strict_json(summary, indent=2) + "\n")
 
     def _plot(self, result: TrainResult) -> None:
         import matplotlib
@@ -137,11 +160,13 @@ def finetune(config: FinetuneConfig, progress: bool = True) -> dict[str, Any]:
     train.eval_every = config.eval_every or min(epoch_steps, train.steps)
     train.checkpoint_every = config.checkpoint_every or train.eval_every
     log = RunLog(out, config.resume) if world.main else None
-    if world.main:
+    if log and not config.resume:
         out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out / "run.json", json.dumps(asdict(config), indent=2) + "\n")
+        log.started(config)
+    settings = {k: v for k, v in asdict(config).items() if k not in ("train", "out", "resume", "epochs")}
     result = fit(model, train_data, val_data, train, progress=progress, run_dir=out, resume=config.resume,
-                 world=world, on_eval=log.row if log else None)
+                 world=world, on_eval=log.row if log else None, run_settings=settings,
+                 on_resume=log.resumed if log else None)
     digests = gather_strings(weights_digest(full_state_dict(model)), world)
     final = result.final
     summary = {
@@ -206,6 +231,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ema-decay", type=float, help="also keep and evaluate an EMA of the weights, e.g. 0.999")
     p.add_argument("--eval-every", type=int, help="steps between evaluations (default: once per epoch)")
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default: each evaluation)")
+    p.add_argument("--keep-checkpoints", type=int, help="newest checkpoints kept besides the best (default 2)")
     p.add_argument("--strategy", choices=("ddp", "fsdp"), help="multi-process strategy under torchrun")
     p.add_argument("--workers", dest="num_workers", type=int, help="data-loading processes (default 0; same results)")
     p.add_argument("--seed", type=int)
