@@ -124,10 +124,12 @@ def test_resume_records_a_longer_run_in_the_history(six_steps, tmp_path):
 
 
 def test_metrics_after_a_kill_match_the_uninterrupted_run(six_steps, tmp_path):
-    """A kill after the step-6 evaluation but before its checkpoint leaves rows 2, 4 and 6 with the checkpoint
-    at step 3; the resumed run's metrics.jsonl is the uninterrupted run's, byte for byte: rows 4 and 6 are not
-    duplicated and train_loss at step 4 averages steps 3 and 4, as the uninterrupted run did, not step 4 alone."""
+    """A kill while the step-6 row is written leaves rows 2 and 4 and half of row 6, with the checkpoint at step
+    3; the resumed run's metrics.jsonl is the uninterrupted run's, byte for byte: row 4 is not duplicated
+    and its train_loss averages steps 3 and 4, as the uninterrupted run's did, not step 4 alone."""
     run = _copy(six_steps, tmp_path / "run", checkpoint_step=3)
+    logged = (run / "metrics.jsonl").read_text()
+    (run / "metrics.jsonl").write_text(logged[:logged.rindex("{") + 20])
     done = _train(run, "--steps", "6", *SCHEDULE, "--resume")
     assert done.returncode == 0, done.stderr[-2000:]
     assert (run / "metrics.jsonl").read_text() == (six_steps / "metrics.jsonl").read_text()

@@ -90,12 +90,11 @@ class RunLog:
     def started(self, config: FinetuneConfig) -> None:
         write_text_atomic(self.folder / "run.json", json.dumps({**asdict(config), "history": []}, indent=2) + "\n")
 
-    def resumed(self, step: int, changed: dict[str, list]) -> None:
-        """Drop the rows a killed run logged after its checkpoint (the resumed run logs them again) and add the
-        resume, with the settings it changed, to ``run.json``'s history; the options it started with stay."""
-        if self.jsonl.is_file():
-            rows = self.jsonl.read_text().splitlines(keepends=True)
-            write_text_atomic(self.jsonl, "".join(row for row in rows if json.loads(row)["step"] <= step))
+    def resumed(self, step: int, changed: dict[str, list], rows: list[dict[str, float]]) -> None:
+        """Write back the rows of the checkpoint (a killed run may have logged later ones, which the resumed
+        run logs again) and add the resume, with the settings it changed, to ``run.json``'s history; the
+        options the run started with stay."""
+        write_text_atomic(self.jsonl, "".join(strict_json(row) + "\n" for row in rows))
         path = self.folder / "run.json"
         run = json.loads(path.read_text())
         run.setdefault("history", []).append({"resumed_at": step, "changed": changed})

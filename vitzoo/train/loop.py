@@ -289,7 +289,8 @@ def fit(
     model: VisionTransformer, train_data: Dataset, val_data: Dataset | None, config: TrainConfig,
     progress: bool = True, run_dir: str | Path | None = None, resume: bool | str | Path = False,
     world: World | None = None, on_eval: Callable[[dict[str, float]], None] | None = None,
-    run_settings: dict[str, Any] | None = None, on_resume: Callable[[int, dict[str, list]], None] | None = None,
+    run_settings: dict[str, Any] | None = None,
+    on_resume: Callable[[int, dict[str, list], list[dict[str, float]]], None] | None = None,
 ) -> TrainResult:
     """Train ``model`` for ``config.steps`` optimizer steps; a non-finite loss, gradient norm or weights raise
     :class:`Diverged` before anything of that step is saved.
@@ -297,8 +298,8 @@ def fit(
     ``run_dir`` receives checkpoints under ``checkpoints/`` every ``config.checkpoint_every`` steps
     and at the end; ``resume=True`` continues from its latest checkpoint (a path: from that
     checkpoint) if the settings allow (:mod:`vitzoo.train.settings`; ``run_settings``: the caller's,
-    such as the data and its split). On rank 0, ``on_resume`` receives the checkpoint's step and the
-    accepted changes, ``on_eval`` each validation row.
+    such as the data and its split). On rank 0, ``on_resume`` receives the checkpoint's step, the
+    accepted changes and the validation rows so far, ``on_eval`` each new validation row.
     """
     world = world or World(device=config.device)
     torch.manual_seed(config.seed)
@@ -313,7 +314,7 @@ def fit(
     elif resume:
         changed = run.restore(Path(resume))
     if resume and on_resume and world.main:
-        on_resume(run.step, changed)
+        on_resume(run.step, changed, run.result.evals)
     result, batches = run.result, run.batches()
     seen, train_seconds = 0, 0.0
     with tqdm(total=config.steps, initial=run.step, disable=not (progress and world.main), unit="step") as bar:
