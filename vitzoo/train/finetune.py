@@ -88,6 +88,7 @@ class RunLog:
             self.jsonl.unlink(missing_ok=True)
 
     def started(self, config: FinetuneConfig) -> None:
+        """``run.json``: the options the run starts with, never rewritten by a resume (see :meth:`resumed`)."""
         write_text_atomic(self.folder / "run.json", json.dumps({**asdict(config), "history": []}, indent=2) + "\n")
 
     def resumed(self, step: int, changed: dict[str, list], rows: list[dict[str, float]]) -> None:
@@ -96,7 +97,7 @@ class RunLog:
         options the run started with stay."""
         write_text_atomic(self.jsonl, "".join(strict_json(row) + "\n" for row in rows))
         path = self.folder / "run.json"
-        run = json.loads(path.read_text())
+        run = json.loads(path.read_text()) if path.is_file() else {}
         run.setdefault("history", []).append({"resumed_at": step, "changed": changed})
         write_text_atomic(path, json.dumps(run, indent=2) + "\n")
 
@@ -162,6 +163,7 @@ def finetune(config: FinetuneConfig, progress: bool = True) -> dict[str, Any]:
     if log and not config.resume:
         out.mkdir(parents=True, exist_ok=True)
         log.started(config)
+    # what the run is besides train and the model, for checkpoints to record (epochs became train.steps)
     settings = {k: v for k, v in asdict(config).items() if k not in ("train", "out", "resume", "epochs")}
     result = fit(model, train_data, val_data, train, progress=progress, run_dir=out, resume=config.resume,
                  world=world, on_eval=log.row if log else None, run_settings=settings,
