@@ -5,9 +5,10 @@ A checkpoint is a folder ``step_NNNNNNNN/`` holding the weights (``model.safeten
 parameter name, schedule, RNG, position in the data order, curves so far; plain tensors and numbers,
 read with ``weights_only=True``). The folder is written under a temporary name and renamed into
 place, then the ``latest`` pointer is replaced atomically: a crash at any moment leaves the previous
-checkpoint intact and pointed to. Damage from elsewhere (a disk error, a file cut short by hand) is
-caught on resume: an unreadable newest checkpoint gives way to the previous one, with a warning.
-The weights file is timm's layout, so ``create_model(name,
+checkpoint intact and pointed to. Rotation keeps the newest ``keep`` checkpoints and the one the
+``best`` pointer names (the best validation accuracy so far), however old. Damage from elsewhere (a
+disk error, a file cut short by hand) is caught on resume: an unreadable newest checkpoint gives way
+to the previous one, with a warning. The weights file is timm's layout, so ``create_model(name,
 pretrained="<run>/checkpoints/step_.../")`` loads it.
 """
 
@@ -31,13 +32,15 @@ logger = logging.getLogger("vitzoo.checkpoint")
 
 LATEST = "latest"
 STEP_NAME = re.compile(r"step_\d+")
+BEST = "best"
 
 
 def save_checkpoint(
     folder: str | os.PathLike, step: int, weights: dict[str, torch.Tensor], trainer: dict[str, Any],
-    ema_weights: dict[str, torch.Tensor] | None = None, keep: int = 2,
+    ema_weights: dict[str, torch.Tensor] | None = None, keep: int = 2, best_step: int | None = None,
 ) -> Path:
-    """Write ``step_<step>/`` atomically, point ``latest`` at it, keep the newest ``keep`` checkpoints."""
+    """Write ``step_<step>/`` atomically, point ``latest`` at it (and ``best`` at ``step_<best_step>/``), keep
+    the newest ``keep`` checkpoints and the best one."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step_{step:08d}"
@@ -54,8 +57,12 @@ def save_checkpoint(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     write_text_atomic(folder / LATEST, final.name)
+    best = f"step_{best_step:08d}" if best_step is not None else None
+    if best:
+        write_text_atomic(folder / BEST, best)
     for old in sorted(folder.glob("step_*"))[:-keep]:
-        shutil.rmtree(old)
+        if old.name != best:
+            shutil.rmtree(old)
     return final
 
 

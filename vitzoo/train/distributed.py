@@ -82,6 +82,13 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu() for k, v in model.state_dict().items()}
 
 
+def full_value(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole value of a tensor that may be a DTensor (collective then: every rank must call it)."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
 def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """The optimizer state unsharded on CPU, keyed by parameter name (collective under FSDP; the full
     state lands on rank 0). One layout for every strategy, so a checkpoint resumes under any of them."""

@@ -1,11 +1,13 @@
 """``vitzoo finetune`` / ``python -m vitzoo.train``: any registry model on any image dataset.
 
-One run folder holds everything a run produces: ``run.json`` (the options), ``metrics.jsonl`` and
-``metrics.csv`` (one row per evaluation), ``curves.png``, ``summary.json`` and ``checkpoints/``.
-``--resume`` continues the run in that folder exactly where its last checkpoint left it; a new run
-refuses a folder that holds another one (``--overwrite`` moves it aside), and one process at a time
-holds the folder (:mod:`vitzoo.train.runfolder`). Under ``torchrun`` every process trains its share of
-each batch (DDP, or FSDP with ``--strategy fsdp``) and rank 0 holds and writes the folder.
+One run folder holds everything a run produces: ``run.json`` (the options it started with, and a
+``history`` of its resumes and what each changed), ``metrics.jsonl`` and ``metrics.csv`` (one row per
+evaluation), ``curves.png``, ``summary.json`` and ``checkpoints/``. ``--resume`` continues the run in
+that folder exactly where its last checkpoint left it, with the same settings (see
+:mod:`vitzoo.train.settings` for the few it may change), and cuts the logs back to that step. A new
+run refuses a folder that holds another one (``--overwrite`` moves it aside), and one process at a
+time holds the folder (:mod:`vitzoo.train.runfolder`). Under ``torchrun`` every process trains its
+share of each batch (DDP, or FSDP with ``--strategy fsdp``) and rank 0 holds and writes the folder.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import argparse
 import csv
 import json
 import logging
+import math
 import sys
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
@@ -74,8 +77,14 @@ def build_model(config: FinetuneConfig, data_classes: int) -> VisionTransformer:
     return model
 
 
+def strict_json(values: dict[str, Any], indent: int | None = None) -> str:
+    """JSON text with a non-finite number written as null: a bare NaN is not JSON and breaks strict readers."""
+    finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in values.items()}
+    return json.dumps(finite, indent=indent, allow_nan=False)
+
+
 class RunLog:
-    """Rank 0's record of a run: metrics rows as JSON lines and CSV, curves as a PNG."""
+    """Rank 0's record of a run: its settings and resumes, metrics rows as JSON lines and CSV, curves as a PNG."""
 
     def __init__(self, folder: Path, resume: bool) -> None:
         self.folder = folder
@@ -83,9 +92,23 @@ class RunLog:
         if not resume:
             self.jsonl.unlink(missing_ok=True)
 
+    def started(self, config: FinetuneConfig) -> None:
+        """``run.json``: the options the run starts with, never rewritten by a resume (see :meth:`resumed`)."""
+        write_text_atomic(self.folder / "run.json", json.dumps({**asdict(config), "history": []}, indent=2) + "\n")
+
+    def resumed(self, step: int, changed: dict[str, list], rows: list[dict[str, float]]) -> None:
+        """Write back the rows of the checkpoint (a killed run may have logged later ones, which the resumed
+        run logs again) and add the resume, with the settings it changed, to ``run.json``'s history; the
+        options the run started with stay."""
+        write_text_atomic(self.jsonl, "".join(strict_json(row) + "\n" for row in rows))
+        path = self.folder / "run.json"
+        run = json.loads(path.read_text()) if path.is_file() else {}
+        run.setdefault("history", []).append({"resumed_at": step, "changed": changed})
+        write_text_atomic(path, json.dumps(run, indent=2) + "\n")
+
     def row(self, values: dict[str, float]) -> None:
         with self.jsonl.open("a") as f:
-            f.write(json.dumps(values) + "\n")
+            f.write(strict_json(values) + "\n")
         logger.info("step %d  %s", values["step"],
                     "  ".join(f"{k} {v:.4g}" for k, v in values.items() if k not in ("step",)))
 
@@ -98,7 +121,7 @@ class RunLog:
                 writer.writeheader()
                 writer.writerows(rows)
         self._plot(result)
-        write_text_atomic(self.folder / "summary.json", json.dumps(summary, indent=2) + "\n")
+        write_text_atomic(self.folder / "summary.json", strict_json(summary, indent=2) + "\n")
 
     def _plot(self, result: TrainResult) -> None:
         import matplotlib
@@ -157,11 +180,14 @@ def _train(config: FinetuneConfig, world: World, progress: bool) -> dict[str, An
     train.eval_every = config.eval_every or min(epoch_steps, train.steps)
     train.checkpoint_every = config.checkpoint_every or train.eval_every
     log = RunLog(out, config.resume) if world.main else None
-    if world.main:
+    if log and not config.resume:
         out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out / "run.json", json.dumps(asdict(config), indent=2) + "\n")
+        log.started(config)
+    # what the run is besides train and the model, for checkpoints to record (epochs became train.steps)
+    settings = {k: v for k, v in asdict(config).items() if k not in ("train", "out", "resume", "overwrite", "epochs")}
     result = fit(model, train_data, val_data, train, progress=progress, run_dir=out, resume=config.resume,
-                 world=world, on_eval=log.row if log else None)
+                 world=world, on_eval=log.row if log else None, run_settings=settings,
+                 on_resume=log.resumed if log else None)
     digests = gather_strings(weights_digest(full_state_dict(model)), world)
     final = result.final
     summary = {
@@ -229,6 +255,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-every", type=positive_int, help="steps between evaluations (default: once per epoch)")
     p.add_argument("--checkpoint-every", type=positive_int,
                    help="steps between checkpoints (default: each evaluation)")
+    p.add_argument("--keep-checkpoints", type=positive_int,
+                   help="newest checkpoints kept besides the best (default 2)")
     p.add_argument("--strategy", choices=("ddp", "fsdp"), help="multi-process strategy under torchrun")
     p.add_argument("--workers", dest="num_workers", type=non_negative_int,
                    help="data-loading processes (default 0; same results)")

@@ -9,6 +9,7 @@ writes the checkpoints.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
@@ -28,6 +29,7 @@ from vitzoo.train.distributed import (
     all_reduce_sum,
     full_optimizer_state,
     full_state_dict,
+    full_value,
     load_full_optimizer_state,
     load_full_weights,
     wrap,
@@ -36,11 +38,8 @@ from vitzoo.train.ema import ModelEma
 from vitzoo.train.mix import mix_batch
 from vitzoo.train.recipe import build_optimizer, warmup_cosine
 from vitzoo.train.sampler import ResumableSampler, SeededSamples
+from vitzoo.train.settings import changes_on_resume, recorded_settings
 from vitzoo.vit import VisionTransformer
-from vitzoo.weights import WeightsError
-
-# Settings that fix the data order: a resumed run must use the ones it was started with.
-DATA_ORDER = ("seed", "batch_size", "accum_steps")
 
 
 @dataclass
@@ -68,8 +67,11 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps between checkpoints when a run folder is given (0: at the end only)
     strategy: str = "ddp"  # with several processes: ddp | fsdp
     num_workers: int = 0  # data-loading processes (any number resumes exactly)
+    keep_checkpoints: int = 2  # newest checkpoints kept, besides the best by validation accuracy
 
     def __post_init__(self) -> None:
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"keep_checkpoints must be >= 1 (a resume needs the newest), got {self.keep_checkpoints}")
         for name in ("label_smoothing", "mixup", "cutmix"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0 turns it off), got {getattr(self, name)}")
@@ -90,6 +92,10 @@ class TrainResult:
         tail = self.losses[-20:]
         return {**(self.evals[-1] if self.evals else {}), "train_loss": sum(tail) / max(1, len(tail)),
                 "images_per_s": self.images_per_s, "seconds": self.seconds}
+
+
+class Diverged(ValueError):
+    """The loss, the gradient norm or the weights stopped being finite; nothing of that step was kept."""
 
 
 def steps_per_epoch(size: int, config: TrainConfig, world_size: int = 1) -> int:
@@ -129,8 +135,13 @@ def evaluate(
 class _Run:
     """The state of one training run and the step that advances it."""
 
-    def __init__(self, model: VisionTransformer, train_data: Dataset, config: TrainConfig, world: World) -> None:
-        self.model, self.config, self.world = model, config, world
+    def __init__(self, model: VisionTransformer, train_data: Dataset, config: TrainConfig, world: World,
+                 folder: Path | None, run_settings: dict[str, Any] | None) -> None:
+        self.model, self.config, self.world, self.folder = model, config, world, folder
+        # what defines the run, saved in each checkpoint and compared on resume (vitzoo.train.settings)
+        self.identity = {"config": asdict(config), "spec": model.spec.to_dict(), "world_size": world.world_size,
+                         "run_settings": run_settings}
+        self.best: dict[str, float] | None = None  # {"step", "val_acc"} of the best checkpoint so far
         self.ema = ModelEma(model, config.ema_decay) if config.ema_decay else None
         self.net = wrap(model, world, config.strategy)
         sharded = world.distributed and config.strategy == "fsdp"
@@ -193,8 +204,14 @@ class _Run:
                 (loss / config.accum_steps).backward()
             total += loss.item() / config.accum_steps
             seen += len(labels)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = full_value(nn.utils.get_total_norm([p.grad for p in params]))  # clip_grad_norm_'s, without clipping
+        # every rank's loss and the (global) norm in one sum: non-finite on one rank is non-finite on all
+        check = all_reduce_sum(torch.tensor([total, norm.item()], dtype=torch.float64, device=device), self.world)
+        if not check.isfinite().all():
+            raise self.diverged(self.step + 1, f"the training loss is {total} and the gradient norm {norm.item()}")
         if config.grad_clip:
-            nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
+            nn.utils.clip_grads_with_norm_(params, config.grad_clip, norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.schedule.step()
@@ -202,34 +219,43 @@ class _Run:
             self.ema.update(self.model)
         return total, seen
 
-    def checkpoint(self, folder: Path) -> None:
-        """Write the run's state (collective under FSDP; rank 0 writes)."""
+    def diverged(self, step: int, what: str) -> Diverged:
+        """The error that stops a diverged run: which step, what went wrong, what is left, what to try."""
+        latest = latest_checkpoint(self.folder) if self.folder else None
+        kept = f"the last checkpoint, {latest}, holds finite weights" if latest else "no checkpoint was written"
+        return Diverged(
+            f"training diverged at step {step}: {what}. Nothing of that step was saved and {kept}. Start a new run "
+            f"(another --out; --pretrained <checkpoint folder> starts from its weights) with a lower --lr (now "
+            f"{self.config.lr:g}), gradient clipping (--grad-clip, now {self.config.grad_clip or 'off'}) or another "
+            f"precision (--amp for bf16 autocast, without it fp32)"
+        )
+
+    def checkpoint(self) -> None:
+        """Write the run's state (collective under FSDP; rank 0 writes), never a non-finite one."""
         weights, optimizer = full_state_dict(self.model), full_optimizer_state(self.model, self.optimizer)
         ema = full_state_dict(self.ema.module) if self.ema else None
+        broken = next((k for k, v in weights.items() if v.is_floating_point() and not v.isfinite().all()), None)
+        if broken:  # every rank holds the full weights here, so all of them stop
+            raise self.diverged(self.step, f"the weights are no longer finite ({broken})")
+        row = self.result.evals[-1] if self.result.evals else None
+        if row and row["step"] == self.step and (self.best is None or row["val_acc"] > self.best["val_acc"]):
+            self.best = {"step": self.step, "val_acc": row["val_acc"]}
         if not self.world.main:
             return
         trainer = {
             "step": self.step, "optimizer": optimizer, "schedule": self.schedule.state_dict(),
             "rng": torch.get_rng_state(), "losses": self.result.losses, "evals": self.result.evals,
-            "config": asdict(self.config), "spec": self.model.spec.to_dict(), "world_size": self.world.world_size,
+            "best": self.best, **self.identity,
         }
         if torch.cuda.is_available():
             trainer["cuda_rng"] = torch.cuda.get_rng_state()
-        save_checkpoint(folder, self.step, weights, trainer, ema)
+        save_checkpoint(self.folder, self.step, weights, trainer, ema, keep=self.config.keep_checkpoints,
+                        best_step=self.best["step"] if self.best else None)
 
-    def restore(self, path: Path) -> None:
-        """Continue from a checkpoint written by the same model and data order."""
+    def restore(self, path: Path) -> dict[str, list]:
+        """Continue from a checkpoint of this run; returns the settings it changes, ``{name: [old, new]}``."""
         weights, trainer, ema_weights = load_checkpoint(path)
-        if trainer["spec"] != self.model.spec.to_dict():
-            raise WeightsError(f"{path} was written by another model ({trainer['spec'].get('embed_dim')}-dim, "
-                               f"depth {trainer['spec'].get('depth')}); resume with the model and options it was "
-                               f"started with, or start a new run folder")
-        changed = [k for k in DATA_ORDER if trainer["config"][k] != getattr(self.config, k)]
-        if trainer["world_size"] != self.world.world_size:
-            changed.append("number of processes")
-        if changed:
-            raise ValueError(f"{path} was written with other {', '.join(changed)}; the data order would differ: "
-                             f"resume with the settings of the original run")
+        changed = changes_on_resume(recorded_settings(trainer), recorded_settings(self.identity), trainer["step"], path)
         load_full_weights(self.model, weights)
         load_full_optimizer_state(self.model, self.optimizer, trainer["optimizer"])
         if self.ema and ema_weights is not None:
@@ -239,14 +265,20 @@ class _Run:
         if "cuda_rng" in trainer and torch.cuda.is_available():
             torch.cuda.set_rng_state(trainer["cuda_rng"])
         self.result.losses, self.result.evals = list(trainer["losses"]), list(trainer["evals"])
+        self.best = trainer.get("best")
+        return changed
 
-    def evaluate(self, val_data: Dataset, since: int) -> dict[str, float]:
+    def evaluate(self, val_data: Dataset) -> dict[str, float]:
+        """The validation row of this step; ``train_loss`` averages the steps since the previous row (also
+        across a resume, as the checkpoint holds every loss and row)."""
         config, world = self.config, self.world
         shard = config.strategy != "fsdp"
-        recent = self.result.losses[since:]
+        recent = self.result.losses[self.result.evals[-1]["step"] if self.result.evals else 0:]
         row = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 3),
                "train_loss": sum(recent) / max(1, len(recent)), "lr": self.optimizer.param_groups[0]["lr"]}
         row.update(evaluate(self.model, val_data, device=world.device, world=world, shard=shard))
+        if not math.isfinite(row["val_loss"]):  # reduced over the ranks: they all agree
+            raise self.diverged(self.step, f"the validation loss is {row['val_loss']}")
         if self.ema:
             ema = evaluate(self.ema.module, val_data, device=world.device, world=world, shard=shard)
             row.update({f"ema_{k}": v for k, v in ema.items()})
@@ -257,45 +289,50 @@ def fit(
     model: VisionTransformer, train_data: Dataset, val_data: Dataset | None, config: TrainConfig,
     progress: bool = True, run_dir: str | Path | None = None, resume: bool | str | Path = False,
     world: World | None = None, on_eval: Callable[[dict[str, float]], None] | None = None,
+    run_settings: dict[str, Any] | None = None,
+    on_resume: Callable[[int, dict[str, list], list[dict[str, float]]], None] | None = None,
 ) -> TrainResult:
-    """Train ``model`` for ``config.steps`` optimizer steps.
+    """Train ``model`` for ``config.steps`` optimizer steps; a non-finite loss, gradient norm or weights raise
+    :class:`Diverged` before anything of that step is saved.
 
     ``run_dir`` receives checkpoints under ``checkpoints/`` every ``config.checkpoint_every`` steps
     and at the end; ``resume=True`` continues from its latest checkpoint (a path: from that
-    checkpoint). ``on_eval`` receives each validation row on rank 0.
+    checkpoint) if the settings allow (:mod:`vitzoo.train.settings`; ``run_settings``: the caller's,
+    such as the data and its split). On rank 0, ``on_resume`` receives the checkpoint's step, the
+    accepted changes and the validation rows so far, ``on_eval`` each new validation row.
     """
     world = world or World(device=config.device)
     torch.manual_seed(config.seed)
     model.to(world.device).train()
-    run = _Run(model, train_data, config, world)
     folder = Path(run_dir) / "checkpoints" if run_dir is not None else None
+    run = _Run(model, train_data, config, world, folder, run_settings)
     if resume is True:
         path = latest_checkpoint(folder) if folder else None
         if path is None:
             raise FileNotFoundError(f"nothing to resume: no checkpoint under {folder}; start the run without resume")
-        run.restore(path)
+        changed = run.restore(path)
     elif resume:
-        run.restore(Path(resume))
-    result, batches, since = run.result, run.batches(), run.step
-    bar = tqdm(total=config.steps, initial=run.step, disable=not (progress and world.main), unit="step")
+        changed = run.restore(Path(resume))
+    if resume and on_resume and world.main:
+        on_resume(run.step, changed, run.result.evals)
+    result, batches = run.result, run.batches()
     seen, train_seconds = 0, 0.0
-    while run.step < config.steps:
-        start = time.perf_counter()
-        loss, images = run.train_step(batches)
-        train_seconds += time.perf_counter() - start
-        seen += images * world.world_size
-        result.losses.append(loss)
-        step = run.step
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{seen / train_seconds:.0f}")
-        if val_data is not None and (step % config.eval_every == 0 or step == config.steps):
-            result.evals.append(run.evaluate(val_data, since))
-            since = step
-            if on_eval and world.main:
-                on_eval(result.evals[-1])
-        if folder and ((config.checkpoint_every and step % config.checkpoint_every == 0) or step == config.steps):
-            run.checkpoint(folder)
-    bar.close()
+    with tqdm(total=config.steps, initial=run.step, disable=not (progress and world.main), unit="step") as bar:
+        while run.step < config.steps:
+            start = time.perf_counter()
+            loss, images = run.train_step(batches)
+            train_seconds += time.perf_counter() - start
+            seen += images * world.world_size
+            result.losses.append(loss)
+            step = run.step
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{seen / train_seconds:.0f}")
+            if val_data is not None and (step % config.eval_every == 0 or step == config.steps):
+                result.evals.append(run.evaluate(val_data))
+                if on_eval and world.main:
+                    on_eval(result.evals[-1])
+            if folder and ((config.checkpoint_every and step % config.checkpoint_every == 0) or step == config.steps):
+                run.checkpoint()
     result.seconds = train_seconds
     result.images_per_s = seen / train_seconds if train_seconds else 0.0
     return result
