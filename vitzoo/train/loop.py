@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
+from vitzoo.fields import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, RATE, check_fields
 from vitzoo.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from vitzoo.train.distributed import (
     World,
@@ -70,11 +71,19 @@ class TrainConfig:
     keep_checkpoints: int = 2  # newest checkpoints kept, besides the best by validation accuracy
 
     def __post_init__(self) -> None:
-        if self.keep_checkpoints < 1:
-            raise ValueError(f"keep_checkpoints must be >= 1 (a resume needs the newest), got {self.keep_checkpoints}")
-        for name in ("label_smoothing", "mixup", "cutmix"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0 (0 turns it off), got {getattr(self, name)}")
+        # Python callers get the checks the command line's argparse types make: batch_size=0 would
+        # otherwise surface as a ZeroDivisionError, steps=0 as a run that silently does nothing.
+        check_fields(self, TRAIN_RANGES)
+
+
+# Bounds of TrainConfig's numbers (0 turns label smoothing, mixup, cutmix and clipping off).
+TRAIN_RANGES = {
+    "steps": AT_LEAST_ONE, "batch_size": AT_LEAST_ONE, "accum_steps": AT_LEAST_ONE, "lr": POSITIVE,
+    "weight_decay": NON_NEGATIVE, "layer_decay": POSITIVE, "warmup_steps": NON_NEGATIVE,
+    "label_smoothing": RATE, "mixup": NON_NEGATIVE, "cutmix": NON_NEGATIVE, "grad_clip": NON_NEGATIVE,
+    "eval_every": AT_LEAST_ONE, "ema_decay": RATE, "checkpoint_every": NON_NEGATIVE,
+    "keep_checkpoints": AT_LEAST_ONE, "num_workers": NON_NEGATIVE,
+}
 
 
 @dataclass
