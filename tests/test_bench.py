@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
+import timm
 import torch
 
 import vitzoo
 from tests.conftest import timm_twin
+from vitzoo import bench
 from vitzoo.bench import COLUMNS, Mode, graph_breaks, make_step
 from vitzoo.cli import main
 from vitzoo.memory import peak_rss_bytes, peak_tensor_bytes
@@ -24,7 +28,17 @@ def _table(report: str) -> list[list[str]]:
     return table
 
 
-def test_bench_command_reports_every_column(tmp_path, capsys):
+@pytest.fixture
+def one_block(monkeypatch):
+    """The harness is what these tests check, not the model: its contenders get one block and the roof
+    a 256^3 product, so bf16 rows stay quick on CPUs without bf16 units (one 2048^3 bf16 product can
+    take seconds there)."""
+    monkeypatch.setattr(bench, "create_model", functools.partial(bench.create_model, depth=1))
+    monkeypatch.setattr(timm, "create_model", functools.partial(timm.create_model, depth=1))
+    monkeypatch.setattr(bench, "gemm_roof", functools.partial(bench.gemm_roof, n=256))
+
+
+def test_bench_command_reports_every_column(tmp_path, capsys, one_block):
     out = tmp_path / "report.md"
     code = main([
         "bench", "vit_tiny_patch16_224", "--batch-size", "2", "--rounds", "1", "--round-seconds", "0",
@@ -100,7 +114,7 @@ def test_hf_comparator_has_the_same_shape():
     assert hf(torch.randn(1, 3, 224, 224)).shape == (1, 1000)
 
 
-def test_mfu_uses_the_given_or_datasheet_peak(monkeypatch, capsys):
+def test_mfu_uses_the_given_or_datasheet_peak(monkeypatch, capsys, one_block):
     from vitzoo.bench import bf16_peak
 
     assert bf16_peak(torch.device("cpu")) is None

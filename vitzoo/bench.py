@@ -29,7 +29,7 @@ from vitzoo.card import count_macs
 from vitzoo.errors import run_command
 from vitzoo.inputs import available_device
 from vitzoo.memory import peak_rss_bytes, peak_tensor_bytes
-from vitzoo.registry import create_model
+from vitzoo.registry import create_model, model_spec
 from vitzoo.spec import ViTSpec
 
 # timm names whose architecture torchvision ships under its own name.
@@ -151,11 +151,17 @@ def _timed(step: Step, iters: int, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def gemm_roof(dtype: torch.dtype, device: torch.device, repeats: int = 10) -> float:
-    """Dense matmul FLOP/s of this machine: the practical ceiling for a transformer's GEMMs."""
-    n = 8192 if device.type == "cuda" else 2048
+def gemm_roof(dtype: torch.dtype, device: torch.device, repeats: int = 10, budget_s: float = 2.0,
+              n: int | None = None) -> float:
+    """Dense matmul FLOP/s of this machine: the practical ceiling for a transformer's GEMMs.
+
+    The best of up to ``repeats`` products of two ``n x n`` matrices, fewer where they would take more
+    than ``budget_s``: a CPU without bf16 units needs seconds for one 2048^3 bf16 product.
+    """
+    n = n or (8192 if device.type == "cuda" else 2048)
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    a @ b
+    first = _timed(lambda: a @ b, 1, device)  # also the warm-up
+    repeats = max(1, min(repeats, int(budget_s / first)))
     seconds = min(_timed(lambda: a @ b, 1, device) for _ in range(repeats))  # a roof is the best case
     return 2 * n**3 / seconds
 
@@ -260,6 +266,8 @@ def run(args: argparse.Namespace) -> str:
     device = available_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    for name in args.models:  # a misspelt name fails now, with the closest names, not after the roof
+        model_spec(name)
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     roof = {d: gemm_roof(dtypes[d], device) for d in args.dtypes}
     peak = bf16_peak(device, args.peak_tflops)
