@@ -154,6 +154,10 @@ def test_block_contract_violations_name_slot_block_and_contract(tiny_model, bloc
 def test_parse_grid_values_and_per_layer_choices():
     assert parse_grid("mlp=gelu,gelu+swiglu") == ("mlp", ["gelu", ("gelu", "swiglu")])
     assert parse_grid("qk_norm=false,true") == ("qk_norm", [False, True])
+    assert parse_grid("qk_norm=no,on") == ("qk_norm", [False, True])
+    # the words of a bool and of None are read as such only for a field that takes them
+    assert parse_grid("pool=token,none") == ("pool", ["token", "none"])
+    assert parse_grid("mlp=yes") == ("mlp", ["yes"])
     with pytest.raises(ValueError, match="expected --grid FIELD=VALUE,VALUE"):
         parse_grid("mlp")
 

@@ -102,8 +102,10 @@ def parse_grid(text: str) -> tuple[str, list[Any]]:
     name, sep, values = text.partition("=")
     if not sep or not name.strip() or not values.strip():
         raise ValueError(f"expected --grid FIELD=VALUE,VALUE (e.g. mlp=gelu,swiglu), got {text!r}")
-    parsed = [tuple(map(parse_value, v.split("+"))) if "+" in v else parse_value(v) for v in values.split(",")]
-    return name.strip(), parsed
+    field = name.strip()
+    parse = lambda part: parse_value(part, field)  # noqa: E731 -- a bool word only for a bool field
+    parsed = [tuple(map(parse, v.split("+"))) if "+" in v else parse(v) for v in values.split(",")]
+    return field, parsed
 
 
 def import_plugin(target: str) -> None:
