@@ -80,7 +80,7 @@ def test_a_new_run_refuses_a_folder_holding_another_run_and_overwrite_moves_it_a
     (old,) = run_copy.parent.glob("run.old-*")
     assert f"moved the run that was in {run_copy} to {old}" in done.stderr
     assert _files(old) == before  # all of it, intact
-    assert sorted(p.name for p in (run_copy / "checkpoints").iterdir()) == ["latest", "step_00000002"]
+    assert sorted(p.name for p in (run_copy / "checkpoints").iterdir()) == ["best", "latest", "step_00000002"]
     assert [json.loads(row)["step"] for row in (run_copy / "metrics.jsonl").read_text().splitlines()] == [2]
 
 
@@ -106,8 +106,9 @@ def test_an_unreadable_newest_checkpoint_gives_way_to_the_previous_one(run_copy)
     assert done.returncode == 0, done.stderr
     assert "cannot read step_00000004 (model.safetensors: SafetensorError" in done.stderr
     assert "resuming from step_00000002 instead" in done.stderr
-    assert sorted(p.name for p in (run_copy / "checkpoints").iterdir()) == ["latest", "step_00000004",
-                                                                           "step_00000006"]
+    left = {p.name for p in (run_copy / "checkpoints").iterdir()}
+    assert {"best", "latest", "step_00000004", "step_00000006"} <= left  # and the best one, whichever it is
+    assert not [name for name in left if name.startswith(".")]  # the killed writes' leftovers are gone
     assert load_checkpoint(latest_checkpoint(run_copy / "checkpoints"))[1]["step"] == 6
 
 

@@ -72,6 +72,11 @@ def six_steps(tmp_path_factory) -> Path:
     return out
 
 
+def _run_files(run: Path) -> dict[str, bytes]:
+    """The run's files and their bytes, less the lock file (it holds the pid of whichever process opened it)."""
+    return {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != ".lock"}
+
+
 def _copy(run: Path, to: Path, checkpoint_step: int | None = None) -> Path:
     """A copy of ``run``; with ``checkpoint_step``, as a kill after that checkpoint would have left it."""
     shutil.copytree(run, to)
@@ -87,14 +92,14 @@ def _copy(run: Path, to: Path, checkpoint_step: int | None = None) -> Path:
 def test_resume_refuses_settings_that_change_the_result(six_steps, tmp_path, bad_input):
     """lr, label smoothing and the validation split differ: all three named, old → new, and nothing written."""
     run = _copy(six_steps, tmp_path / "run", checkpoint_step=3)
-    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    before = _run_files(run)
     done = _train(run, "--steps", "6", *SCHEDULE, "--resume",
                   "--lr", "0.1", "--label-smoothing", "0.1", "--val-fraction", "0.5")
     assert done.returncode == 2, done.stderr[-2000:]
     message = bad_input("vitzoo finetune --resume", "--lr 0.1 --label-smoothing 0.1 --val-fraction 0.5 (started "
                         "with 0.001, 0.0, 0.2)", done.stderr.strip().splitlines()[-1])
     assert "label_smoothing 0.0 → 0.1, lr 0.001 → 0.1, val_fraction 0.2 → 0.5" in message
-    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    assert _run_files(run) == before
 
 
 def test_resume_refuses_a_length_that_trains_nothing(six_steps, tmp_path, bad_input):
