@@ -221,7 +221,7 @@ def test_mixup_and_cutmix_blend_images_and_labels():
     pasted = (cut == x.flip(0)).all(1)
     assert (pasted | (cut == x).all(1)).all() and 0 < pasted[0].float().mean() < 1
     assert pasted[0].float().mean().item() == pytest.approx(1 - targets[0, 0].item())
-    with pytest.raises(ValueError, match="mixup must be >= 0"):
+    with pytest.raises(ValueError, match="mixup: must be >= 0"):
         TrainConfig(mixup=-1)
 
 
