@@ -11,7 +11,7 @@ import argparse
 import math
 from collections.abc import Callable
 
-import torch
+from vitzoo.inputs import available_device
 
 
 def _bounded(kind: type, low: float, inclusive: bool, expected: str) -> Callable[[str], int | float]:
@@ -35,17 +35,10 @@ non_negative_float = _bounded(float, 0.0, True, "a number >= 0")
 
 
 def device(text: str) -> str:
-    """An argparse type for ``--device``: a device torch knows and this machine has."""
+    """An argparse type for ``--device``: a device torch knows and this machine has (see
+    :func:`vitzoo.inputs.available_device`, which the commands without argparse types call)."""
     try:
-        parsed = torch.device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"unknown device {text!r}; use cpu, cuda or cuda:N") from None
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text}: no CUDA GPU is available here (torch.cuda.is_available() is "
-                                         f"False); use --device cpu, or leave --device out to pick one")
-    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
-        raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                                         f"numbered from 0")
-    if parsed.type == "mps" and not torch.backends.mps.is_available():
-        raise argparse.ArgumentTypeError(f"{text}: MPS is not available here; use --device cpu")
+        available_device(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err).removeprefix("--device ")) from None
     return text
