@@ -26,7 +26,7 @@ import torch
 from safetensors import safe_open
 
 from vitzoo.weights import WeightsError, read_state_dict, write_state_dict
-from vitzoo.weights.files import write_text_atomic
+from vitzoo.weights.files import error_line, write_text_atomic
 
 logger = logging.getLogger("vitzoo.checkpoint")
 
@@ -117,14 +117,8 @@ def _unreadable(path: Path) -> str | None:
             else:
                 torch.load(file, map_location="cpu", weights_only=True, mmap=True)
         except Exception as err:  # a missing file, a cut-short archive, a garbled pickle or safetensors header
-            return f"{file.name}: {_reason(err)}"
+            return f"{file.name}: {error_line(err)}"
     return None
-
-
-def _reason(err: BaseException) -> str:
-    """An exception as one short line: its type and the start of its message."""
-    lines = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {lines[0][:120]}" if lines else type(err).__name__
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[dict, dict[str, Any], dict | None]:
@@ -136,7 +130,7 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict, dict[str, Any], dict
     try:
         trainer = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises UnpicklingError, RuntimeError or EOFError depending on the damage
-        raise WeightsError(f"{path / 'trainer.pt'} cannot be read ({_reason(err)}); resume from an older "
+        raise WeightsError(f"{path / 'trainer.pt'} cannot be read ({error_line(err)}); resume from an older "
                            f"checkpoint of the run, or start it anew") from None
     ema = read_state_dict(path / "ema.safetensors") if (path / "ema.safetensors").is_file() else None
     return read_state_dict(path / "model.safetensors"), trainer, ema

@@ -43,7 +43,7 @@ def read_state_dict(path: str | os.PathLike) -> StateDict:
             with np.load(path, allow_pickle=False) as arrays:
                 return {key: torch.from_numpy(np.asarray(arrays[key], dtype=np.float32)) for key in arrays.files}
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:  # EOFError: an empty file
-            raise WeightsError(f"{path} is not a readable .npz file ({_first_line(err)}); re-download it") from None
+            raise WeightsError(f"{path} is not a readable .npz file ({error_line(err)}); re-download it") from None
     if path.suffix == ".safetensors":
         try:
             return load_file(path)
@@ -55,7 +55,7 @@ def read_state_dict(path: str | os.PathLike) -> StateDict:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises UnpicklingError, RuntimeError or EOFError depending on the damage
         raise WeightsError(
-            f"{path} could not be loaded safely ({_first_line(err)}); "
+            f"{path} could not be loaded safely ({error_line(err)}); "
             "it is truncated, corrupted, or contains code: vitzoo only reads plain tensors"
         ) from None
     for key in ("state_dict", "model", "module"):
@@ -66,7 +66,7 @@ def read_state_dict(path: str | os.PathLike) -> StateDict:
     return obj
 
 
-def _first_line(err: Exception) -> str:
+def error_line(err: BaseException) -> str:
     """An exception as one short line for a message; some (an empty file's EOFError) have no text."""
     text = str(err).strip().partition("\n")[0][:200]
     return f"{type(err).__name__}: {text}" if text else f"{type(err).__name__}, the file is empty or cut short"
