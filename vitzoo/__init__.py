@@ -2,7 +2,7 @@
 
 from vitzoo.ablate import ablate
 from vitzoo.blocks import register_block
-from vitzoo.registry import create_model, list_models, model_entry, model_spec, register_model
+from vitzoo.registry import create_model, list_models, model_entry, model_spec, register_model, unregister_model
 from vitzoo.spec import ViTSpec
 from vitzoo.timm_compat import from_timm
 from vitzoo.train.data import data_config, eval_transform
@@ -27,4 +27,5 @@ __all__ = [
     "register_block",
     "register_model",
     "save_pretrained",
+    "unregister_model",
 ]

@@ -123,6 +123,19 @@ def register_model(
     return entries[name]
 
 
+def unregister_model(name: str) -> ModelEntry:
+    """Remove ``name`` from the registry, whether ``register_model``, ``load_registry_file`` or
+    ``registry/*.toml`` put it there, and return its entry; an unknown name raises with the closest names.
+
+    ``register_model(..., overwrite=True)`` replaces a model but cannot take one away: a notebook that
+    drops a variant it tried, or a test that registered models, uses this to leave the registry as it
+    was. The TOML files are not touched, so a zoo model removed here is back in the next process.
+    """
+    entry = model_entry(name)
+    del _registry()[name]
+    return entry
+
+
 def load_registry_file(path: str | Path, *, overwrite: bool = False) -> list[str]:
     """Add the models of a user's TOML file (same layout as ``registry/*.toml``); their names.
 
