@@ -53,6 +53,16 @@ def images():
     return make
 
 
+@pytest.fixture
+def new_models_removed():
+    """Unregister every model a test adds (``register_model``, ``load_registry_file``, ``--registry``), so
+    names a test registers do not leak into ``list_models`` for the tests after it."""
+    before = set(vitzoo.list_models())
+    yield
+    for name in set(vitzoo.list_models()) - before:
+        vitzoo.unregister_model(name)
+
+
 WEIGHTS_NAME = "vit_tiny_patch16_224"
 
 

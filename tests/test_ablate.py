@@ -27,11 +27,10 @@ CASES = [(slot, name) for slot, table in SLOTS.items() for name in table if (slo
 
 
 @pytest.fixture
-def tiny_model():
+def tiny_model(new_models_removed):
     """A 2-block, 16-dim registry entry on 16x16 images, removed again after the test."""
-    registry.register_model("test_ablate_tiny", TINY, overwrite=True)
-    yield "test_ablate_tiny"
-    registry._entries.pop("test_ablate_tiny", None)
+    registry.register_model("test_ablate_tiny", TINY)
+    return "test_ablate_tiny"
 
 
 @pytest.fixture
@@ -121,7 +120,6 @@ def test_custom_block_by_call_and_from_a_toml_registry_file(tiny_model, custom_m
         with pytest.raises(ValueError, match="already exist"):
             registry.load_registry_file(toml)
     finally:
-        registry._entries.pop("test_toml_sq", None)
         slot_table("norm").unregister("test_scale_norm")
 
 
@@ -189,7 +187,7 @@ def test_grid_writes_tables_and_plots_and_resumes(tiny_model, tmp_path):
         vitzoo.ablate(tiny_model, grid, tmp_path, seeds=1, steps=4, batch_size=32, progress=False)
 
 
-def test_cli_uses_a_plugin_block_by_name_in_grid_and_registry(tmp_path, capsys):
+def test_cli_uses_a_plugin_block_by_name_in_grid_and_registry(tmp_path, capsys, new_models_removed):
     plugin = tmp_path / "my_blocks.py"
     plugin.write_text(
         "import torch\nfrom torch import nn\nimport vitzoo\n\n\n"
@@ -214,5 +212,4 @@ def test_cli_uses_a_plugin_block_by_name_in_grid_and_registry(tmp_path, capsys):
         assert main(["--model", "test_plugin_vit", "--grid", "mlp=nope", "--out", str(out)]) == 2
         assert "unknown block 'nope'" in capsys.readouterr().err
     finally:
-        registry._entries.pop("test_plugin_vit", None)
         slot_table("mlp").unregister("test_plugin_mlp")

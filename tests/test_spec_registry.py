@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import vitzoo
-from vitzoo.registry import REGISTRY_DIR, model_entry
+from vitzoo.registry import REGISTRY_DIR, load_registry_file, model_entry
 from vitzoo.spec import ViTSpec
 from vitzoo.validate import reduced_depth
 
@@ -79,7 +79,7 @@ def test_list_models_patterns():
     assert set(vitzoo.list_models(pretrained=True)) <= set(vitzoo.list_models())
 
 
-def test_create_model_overrides_and_register_model():
+def test_create_model_overrides_and_register_model(new_models_removed):
     model = vitzoo.create_model("vit_tiny_patch16_224", num_classes=7, img_size=96, depth=2, pool="avg",
                                 class_token=False)
     assert model.spec.img_size == (96, 96) and model.pretrained_cfg["input_size"] == (3, 96, 96)
@@ -90,3 +90,27 @@ def test_create_model_overrides_and_register_model():
     assert len(vitzoo.create_model("test_tiny_d3").blocks) == 3
     with pytest.raises(ValueError, match="already exists"):
         vitzoo.register_model("test_tiny_d3", spec)
+
+
+def test_unregister_model_removes_and_returns_the_entry(new_models_removed):
+    spec = vitzoo.model_spec("vit_tiny_patch16_224", depth=2)
+    added = vitzoo.register_model("test_tiny_d2", spec, {"crop_pct": 1.0}, notes="a test entry")
+    assert vitzoo.unregister_model("test_tiny_d2") == added
+    assert "test_tiny_d2" not in vitzoo.list_models("test_*")
+    with pytest.raises(ValueError, match="unknown model 'test_tiny_d2'"):
+        vitzoo.create_model("test_tiny_d2")
+    vitzoo.register_model(added.name, added.spec, added.pretrained_cfg, notes=added.notes)  # no overwrite needed
+    assert model_entry("test_tiny_d2") == added
+
+
+def test_unregister_model_removes_a_file_model(new_models_removed, tmp_path):
+    toml = tmp_path / "mine.toml"
+    toml.write_text('[family]\nname = "mine"\npaper = "mine"\n\n[models.test_file_vit]\nvariant = "Ti/16"\n')
+    load_registry_file(toml)
+    assert vitzoo.unregister_model("test_file_vit").source == "mine.toml"
+    assert load_registry_file(toml) == ["test_file_vit"]  # the name is free again
+
+
+def test_unregister_unknown_model_lists_closest_names():
+    with pytest.raises(ValueError, match="unknown model 'vit_base_patch16_22'; closest: vit_base_patch16_224"):
+        vitzoo.unregister_model("vit_base_patch16_22")
