@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint errors-doc clean
+.PHONY: demo test lint errors-doc blocks-doc clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ test: $(STAMP)
 # docs/errors.md: each refused input and its message, as the tests that record them (bad_input) saw them.
 errors-doc: $(STAMP)
 	VITZOO_ERRORS_DOC=docs/errors.md $(BIN)/python -m pytest -q $$(grep -l "bad_input(" tests/test_*.py)
+
+# docs/blocks.md: every slot, entry and option, from the block tables (a test fails when it is stale).
+blocks-doc: $(STAMP)
+	$(BIN)/python -m vitzoo.blocks.catalog docs/blocks.md
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -39,7 +39,7 @@ def main() -> None:
     model = vitzoo.create_model(
         args.model, pretrained=args.pretrained, num_classes=num_classes(train_data), img_size=args.img_size,
         patch_size=4,  # 4x4-pixel patches: small images want small patches
-        drop_path_rate=0.1,
+        drop={"path": 0.1},
     )
     print(format_card(model_card(args.model, img_size=args.img_size, patch_size=4)))
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -39,9 +40,9 @@ def custom_mlp():
 
     @vitzoo.register_block("mlp", "test_sq_mlp")
     class SquaredReluMlp(nn.Module):
-        def __init__(self, dim: int, hidden_dim: int, bias: bool, drop: float) -> None:
+        def __init__(self, dim: int, hidden_dim: int, norm: Callable, drop: float) -> None:
             super().__init__()
-            self.fc1, self.fc2 = nn.Linear(dim, hidden_dim, bias=bias), nn.Linear(hidden_dim, dim, bias=bias)
+            self.fc1, self.fc2 = nn.Linear(dim, hidden_dim), nn.Linear(hidden_dim, dim)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.fc2(self.fc1(x).relu().square())
@@ -62,19 +63,17 @@ def _overfit_losses(model: nn.Module, steps: int = 5) -> list[float]:
 def test_every_slot_entry_swapped_at_creation_trains(tiny_model, slot, name):
     torch.manual_seed(0)
     extra = {"class_token": False} if slot == "pool" and name not in ("token",) else {}
-    if name == "linear_prenorm":  # normalizes raw patches with the spec's patch norm
-        extra["patch_norm"] = True
     if name == "diff_parallel_scaling":  # takes the differential attention apart
         extra["attn"] = "diff"
     model = vitzoo.create_model(tiny_model, num_classes=4, **{slot: name}, **extra)
-    assert getattr(model.spec, slot) in (name, (name,) * model.spec.depth)
+    assert getattr(model.spec, slot).name in (name, (name,) * model.spec.depth)
     losses = _overfit_losses(model)
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]
 
 
 def test_per_layer_choices_build_each_layer_and_train(tiny_model):
     model = vitzoo.create_model(tiny_model, num_classes=4, mlp=["gelu", "swiglu"], block=("prenorm", "parallel"))
-    assert model.spec.mlp == ("gelu", "swiglu")
+    assert model.spec.mlp.name == ("gelu", "swiglu")
     assert [type(b).__name__ for b in model.blocks] == ["PreNormBlock", "ParallelBlock"]
     assert hasattr(model.blocks[0].mlp, "fc1") and hasattr(model.blocks[1].mlp, "fc1_g")
     losses = _overfit_losses(model)
@@ -85,12 +84,12 @@ def test_per_layer_choices_build_each_layer_and_train(tiny_model):
 
 def test_issue_overrides_and_aliases_at_create_model(tiny_model):
     model = vitzoo.create_model(tiny_model, num_classes=4, mlp="swiglu", norm="rmsnorm", pool="gap",
-                                pos_embed="sincos2d", qk_norm=True, reg_tokens=4, layer_scale=1e-5)
+                                pos_embed="sincos2d", attn={"qk_norm": True}, reg_tokens=4, block={"layer_scale": 1e-5})
     spec = model.spec
-    assert spec.pool == "avg" and spec.class_token and spec.use_fc_norm  # GAP next to a class token
+    assert spec.pool.name == "avg" and spec.class_token and spec.final_norm_at == "pooled"  # GAP next to a class token
     assert model.reg_token.shape == (1, 4, 16) and model.pos_embed is None
     assert model(torch.randn(2, 3, 16, 16)).shape == (2, 4)
-    assert vitzoo.ViTSpec(**TINY, pos_embed="sincos").pos_embed == "sincos2d"
+    assert vitzoo.ViTSpec(**TINY, pos_embed="sincos").pos_embed.name == "sincos2d"
     with pytest.raises(ValueError, match="unknown block 'gapp'; closest: gap"):
         vitzoo.create_model(tiny_model, pool="gapp")
 
@@ -108,7 +107,7 @@ def test_pretrained_weights_load_into_a_swapped_model_with_report(tiny_model, tm
 
 
 def test_custom_block_by_call_and_from_a_toml_registry_file(tiny_model, custom_mlp, tmp_path):
-    register_block("norm", "test_scale_norm", lambda dim, eps: nn.LayerNorm(dim, eps=eps, bias=False))
+    register_block("norm", "test_scale_norm", lambda dim: nn.LayerNorm(dim, bias=False))
     toml = tmp_path / "mine.toml"
     toml.write_text('[family]\nname = "mine"\npaper = "mine"\n\n[models.test_toml_sq]\nvariant = "test64/4"\n'
                     'img_size = 16\ndepth = 2\nmlp = "test_sq_mlp"\nnorm = "test_scale_norm"\nnotes = "user"\n')
@@ -125,7 +124,8 @@ def test_custom_block_by_call_and_from_a_toml_registry_file(tiny_model, custom_m
 
 @pytest.mark.parametrize(("block", "message"), [
     ("bad_signature", r"mlp block 'test_bad_signature' does not follow the 'mlp' slot contract: its constructor "
-                      r"cannot take \(16, 32, True, 0.0\).*Contract: factory\(dim, hidden_dim, bias, drop\)"),
+                      r"cannot take \(16, 32, build\('layernorm', options=NormOptions\), 0.0\).*"
+                      r"Contract: factory\(dim, hidden_dim, norm, drop, \*, options\)"),
     ("bad_shape", r"mlp block 'test_bad_shape' .*its forward returned \(2, 5, 32\), expected shape \(2, 5, 16\)"),
 ])
 def test_block_contract_violations_name_slot_block_and_contract(tiny_model, block, message):
@@ -134,7 +134,7 @@ def test_block_contract_violations_name_slot_block_and_contract(tiny_model, bloc
             super().__init__()
 
     class BadShape(nn.Module):
-        def __init__(self, dim: int, hidden_dim: int, bias: bool, drop: float) -> None:
+        def __init__(self, dim: int, hidden_dim: int, norm: Callable, drop: float) -> None:
             super().__init__()
             self.fc1 = nn.Linear(dim, hidden_dim)
 
@@ -151,8 +151,9 @@ def test_block_contract_violations_name_slot_block_and_contract(tiny_model, bloc
 
 def test_parse_grid_values_and_per_layer_choices():
     assert parse_grid("mlp=gelu,gelu+swiglu") == ("mlp", ["gelu", ("gelu", "swiglu")])
-    assert parse_grid("qk_norm=false,true") == ("qk_norm", [False, True])
-    assert parse_grid("qk_norm=no,on") == ("qk_norm", [False, True])
+    assert parse_grid("attn.qk_norm=false,true") == ("attn.qk_norm", [False, True])
+    assert parse_grid("attn.qk_norm=no,on") == ("attn.qk_norm", [False, True])
+    assert parse_grid("attn.kv_heads=1,2+4") == ("attn.kv_heads", [1, (2, 4)])
     # the words of a bool and of None are read as such only for a field that takes them
     assert parse_grid("pool=token,none") == ("pool", ["token", "none"])
     assert parse_grid("mlp=yes") == ("mlp", ["yes"])
@@ -193,9 +194,9 @@ def test_cli_uses_a_plugin_block_by_name_in_grid_and_registry(tmp_path, capsys, 
         "import torch\nfrom torch import nn\nimport vitzoo\n\n\n"
         "@vitzoo.register_block('mlp', 'test_plugin_mlp')\n"
         "class HalfMlp(nn.Module):\n"
-        "    def __init__(self, dim, hidden_dim, bias, drop):\n"
+        "    def __init__(self, dim, hidden_dim, norm, drop):\n"
         "        super().__init__()\n"
-        "        self.fc1, self.fc2 = nn.Linear(dim, hidden_dim // 2, bias=bias), nn.Linear(hidden_dim // 2, dim)\n\n"
+        "        self.fc1, self.fc2 = nn.Linear(dim, hidden_dim // 2), nn.Linear(hidden_dim // 2, dim)\n\n"
         "    def forward(self, x):\n"
         "        return self.fc2(torch.relu(self.fc1(x)))\n"
     )

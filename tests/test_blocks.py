@@ -21,14 +21,12 @@ def _spec_for(slot: str, name: str) -> ViTSpec:
         changes["num_classes"] = 0
     if slot == "pool" and name != "token":
         changes["class_token"] = False
-    if name == "linear_prenorm":  # normalizes raw patches with the spec's patch norm
-        changes["patch_norm"] = True
     if name == "diff_parallel_scaling":  # takes the differential attention apart
         changes["attn"] = "diff"
     if name == "gqa":  # two query heads per key/value head
-        changes["kv_heads"] = 2
+        changes["attn"] = {"name": "gqa", "kv_heads": 2}
     if name == "eva_attn_scale":  # LayerScale on the attention branch only
-        changes["layer_scale"] = 0.1
+        changes["block"] = {"name": name, "layer_scale": 0.1}
     keywords = getattr(slot_table(slot).get(name), "keywords", {})
     reduction = keywords.get("reduction")
     if reduction:  # a CNN stem: one patch per stem output stride, a 2 x 2 grid
@@ -56,8 +54,8 @@ def test_every_table_entry_trains(slot, name):
 def linear_and_conv(patch_size: int, in_chans: int, dim: int) -> tuple[nn.Module, nn.Module]:
     """The ``linear`` and ``conv`` patch embeddings carrying the same weights."""
     torch.manual_seed(0)
-    linear = slot_table("patch_embed").get("linear")(patch_size, in_chans, dim, True)
-    conv = slot_table("patch_embed").get("conv")(patch_size, in_chans, dim, True)
+    linear = slot_table("patch_embed").get("linear")(patch_size, in_chans, dim, nn.LayerNorm)
+    conv = slot_table("patch_embed").get("conv")(patch_size, in_chans, dim, nn.LayerNorm)
     conv.load_state_dict(linear.state_dict())
     return linear, conv
 
@@ -76,7 +74,7 @@ def test_linear_patch_embed_backward_matches_autograd_and_keeps_no_patch_copy(au
     from vitzoo.blocks.patch import patchify
 
     torch.manual_seed(0)
-    embed = slot_table("patch_embed").get("linear")(4, 3, 16, True)
+    embed = slot_table("patch_embed").get("linear")(4, 3, 16, nn.LayerNorm)
     images = torch.randn(2, 3, 32, 32, requires_grad=True)
 
     def grads(forward):
@@ -169,7 +167,7 @@ def test_sincos_is_fixed_and_follows_the_grid():
 
 
 def test_drop_path_and_dropout_only_act_in_training():
-    model = vitzoo.VisionTransformer(ViTSpec(**SMALL, drop_path_rate=0.5, proj_drop_rate=0.3, layer_scale=0.1))
+    model = vitzoo.VisionTransformer(ViTSpec(**SMALL, drop={"path": 0.5, "proj": 0.3}, block={"layer_scale": 0.1}))
     x = torch.randn(4, 3, 32, 32)
     model.eval()
     torch.testing.assert_close(model(x), model(x))
@@ -192,9 +190,9 @@ def test_registered_block_is_usable_by_name():
     class SquaredReluMlp(nn.Module):
         """fc1 -> relu^2 -> fc2 (Primer)."""
 
-        def __init__(self, dim, hidden_dim, bias, drop):
+        def __init__(self, dim, hidden_dim, norm, drop):
             super().__init__()
-            self.fc1, self.fc2 = nn.Linear(dim, hidden_dim, bias=bias), nn.Linear(hidden_dim, dim, bias=bias)
+            self.fc1, self.fc2 = nn.Linear(dim, hidden_dim), nn.Linear(hidden_dim, dim)
 
         def forward(self, x):
             return self.fc2(self.fc1(x).relu().square())
@@ -211,7 +209,7 @@ def test_registered_block_is_usable_by_name():
 
 
 def test_patch_dropout_keeps_prefix_and_a_fraction_of_patches():
-    model = vitzoo.VisionTransformer(ViTSpec(**SMALL, patch_drop_rate=0.5, reg_tokens=2))
+    model = vitzoo.VisionTransformer(ViTSpec(**SMALL, drop={"patch": 0.5}, reg_tokens=2))
     x = torch.randn(3, 3, 32, 32)
     model.train()
     tokens, _ = model._embed(x)

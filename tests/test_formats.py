@@ -33,7 +33,7 @@ def _randomize(model: nn.Module) -> nn.Module:
 
 def _vitzoo_from(path, **changes) -> tuple[VisionTransformer, list[str]]:
     converted, source, _ = to_timm_layout(read_state_dict(path))
-    model = VisionTransformer(ViTSpec(**{**SMALL, **changes, **spec_hints(source, converted)})).eval()
+    model = VisionTransformer(ViTSpec(**SMALL).replace(**changes, **spec_hints(source, converted))).eval()
     return model, load_pretrained(model, str(path)).adapted
 
 
@@ -78,7 +78,7 @@ def test_huggingface_vit_and_deit(tmp_path, images, model_class, config_class, e
             write_state_dict(source.state_dict(), path)
         model, report = _vitzoo_from(path)
         assert report[0].startswith("converted from the Hugging Face ViT/DeiT/DINOv2 layout")
-        assert (model.spec.dist_token, model.spec.reg_tokens, model.spec.qkv_bias) == (
+        assert (model.spec.dist_token, model.spec.reg_tokens, model.spec.get("attn.qkv_bias")) == (
             tokens.get("dist_token", False), tokens.get("reg_tokens", 0), extra.get("qkv_bias", True))
         _assert_same_logits(model, lambda x: source(pixel_values=x).logits, images)
 
@@ -99,9 +99,9 @@ def test_huggingface_dinov2(tmp_path, images, model_class, extra, changes):
     source.save_pretrained(tmp_path / "hf")
     write_state_dict(source.state_dict(), tmp_path / "memory.safetensors")
     for path in (tmp_path / "hf" / "model.safetensors", tmp_path / "memory.safetensors"):
-        model, report = _vitzoo_from(path, num_classes=0, layer_scale=1.0, **changes)
+        model, report = _vitzoo_from(path, num_classes=0, block={"layer_scale": 1.0}, **changes)
         assert report[0] == "converted from the Hugging Face ViT/DeiT/DINOv2 layout; dropped embeddings.mask_token"
-        assert (model.spec.norm_eps, model.spec.reg_tokens) == (1e-6, extra.get("num_register_tokens", 0))
+        assert (model.spec.get("norm.eps"), model.spec.reg_tokens) == (1e-6, extra.get("num_register_tokens", 0))
         _assert_same_logits(model.forward_features, lambda x: source(pixel_values=x).last_hidden_state, images)
 
 
@@ -117,13 +117,14 @@ def test_huggingface_clip_and_siglip_image_towers(tmp_path, images):
     clip.save_pretrained(tmp_path / "clip")
     model, report = _vitzoo_from(tmp_path / "clip" / "model.safetensors", mlp="quick_gelu")
     assert report[0] == "converted from the Hugging Face CLIP/SigLIP vision tower layout"
-    assert (model.spec.pre_norm, model.spec.patch_bias, model.spec.norm_eps) == (True, False, 1e-5)
+    assert (model.spec.pre_norm, model.spec.get("patch_embed.bias"), model.spec.get("norm.eps")) == (True, False, 1e-5)
     _assert_same_logits(model, lambda x: clip(pixel_values=x).image_embeds, images)
 
     siglip = _randomize(hf.SiglipVisionModel(hf.SiglipVisionConfig(**sizes)))
     siglip.save_pretrained(tmp_path / "siglip")
     model, _ = _vitzoo_from(tmp_path / "siglip" / "model.safetensors", num_classes=0)
-    assert (model.spec.class_token, model.spec.pool, model.spec.norm_eps, model.spec.mlp) == (False, "map", 1e-6,
+    spec = model.spec
+    assert (spec.class_token, spec.pool.name, spec.get("norm.eps"), spec.mlp.name) == (False, "map", 1e-6,
                                                                                              "gelu_tanh")
     _assert_same_logits(model, lambda x: siglip(pixel_values=x).pooler_output, images)
     _assert_same_logits(model.forward_features, lambda x: siglip(pixel_values=x).last_hidden_state, images)
@@ -240,17 +241,18 @@ def test_create_model_follows_what_a_foreign_checkpoint_implies(tmp_path, caplog
     with caplog.at_level("INFO", logger="vitzoo"):
         model = vitzoo.create_model("vit_pico_patch4_32", pretrained=str(tmp_path / "hf" / "model.safetensors"),
                                     num_classes=10).eval()
-    assert (model.spec.norm_eps, model.spec.qkv_bias) == (1e-12, False)
-    assert "vit_pico_patch4_32: norm_eps=1e-12, as the checkpoint implies" in caplog.messages
+    assert (model.spec.get("norm.eps"), model.spec.get("attn.qkv_bias")) == (1e-12, False)
+    assert "vit_pico_patch4_32: norm.eps=1e-12, as the checkpoint implies" in caplog.messages
     _assert_same_logits(model, lambda images: hf_model(pixel_values=images).logits, x)
 
     model = vitzoo.create_model("vit_pico_patch4_32", pretrained=str(tmp_path / "lucid.pt"), num_classes=10).eval()
-    assert (model.spec.class_token, model.spec.pool, model.spec.patch_embed) == (False, "avg", "linear_prenorm")
+    spec = model.spec
+    assert (spec.class_token, spec.pool.name, spec.patch_embed.name) == (False, "avg", "linear_prenorm")
     _assert_same_logits(model, lucid, x)
 
     model = vitzoo.create_model("vit_pico_patch4_32", pretrained=str(tmp_path / "lucid.pt"), num_classes=10,
-                                norm_eps=1e-6)
-    assert (model.spec.norm_eps, model.spec.class_token) == (1e-6, False)
+                                norm={"eps": 1e-6})
+    assert (model.spec.get("norm.eps"), model.spec.class_token) == (1e-6, False)
 
 
 TIMM_TO_SAPIENS2 = (  # timm's names written back in Meta's release layout (what timm's Sapiens2 loader maps)
@@ -278,7 +280,8 @@ def test_sapiens2_release_layout_loads_like_timm(tmp_path):
     assert timm_read.keys() == reference.state_dict().keys()
     write_state_dict(meta, tmp_path / "sapiens2.safetensors")
 
-    model = VisionTransformer(vitzoo.model_spec("vit_large_patch16_sapiens2", depth=2, kv_heads=(16, 8))).eval()
+    spec = vitzoo.model_spec("vit_large_patch16_sapiens2", depth=2, attn={"kv_heads": (16, 8)})
+    model = VisionTransformer(spec).eval()
     report = load_pretrained(model, str(tmp_path / "sapiens2.safetensors")).adapted
     assert report[0] == "converted from the Meta Sapiens2 layout; dropped mask_token, rope.periods"
     _assert_same_logits(model.forward_features, reference.forward_features, torch.randn(1, 3, 64, 48))
@@ -350,7 +353,7 @@ def test_openai_clip_layout_loads_like_timm(tmp_path, images):
 
     model, report = _vitzoo_from(tmp_path / "open_clip_pytorch_model.bin")
     assert report[0] == "converted from the OpenAI CLIP / OpenCLIP layout; dropped positional_embedding, logit_scale"
-    assert (model.spec.pre_norm, model.spec.patch_bias, model.spec.norm_eps) == (True, False, 1e-5)
+    assert (model.spec.pre_norm, model.spec.get("patch_embed.bias"), model.spec.get("norm.eps")) == (True, False, 1e-5)
     _assert_same_logits(model, reference, images)
 
 
@@ -366,6 +369,6 @@ def test_open_clip_timm_tower_loads(tmp_path, images):
     model, report = _vitzoo_from(tmp_path / "open_clip_model.safetensors")
     assert report[0] == ("converted from the OpenCLIP with a timm image tower layout; "
                          "dropped logit_scale, text.token_embedding.weight")
-    assert (model.spec.class_token, model.spec.pool) == (False, "map")
+    assert (model.spec.class_token, model.spec.pool.name) == (False, "map")
     pooled = partial(reference.forward_head, pre_logits=True)
     _assert_same_logits(model, lambda x: pooled(reference.forward_features(x)) @ proj.T, images)

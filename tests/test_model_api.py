@@ -24,7 +24,7 @@ def test_reset_classifier_changes_head_and_spec():
     model.reset_classifier(0)
     assert model(torch.randn(2, 3, 64, 64)).shape == (2, 192)
     model.reset_classifier(4, pool="map")
-    assert model.spec.pool == "map" and model.spec.fc_norm is False
+    assert model.spec.pool.name == "map" and model.spec.final_norm == "tokens"
     assert "attn_pool.latent" in model.state_dict()
     rebuilt = vitzoo.VisionTransformer(model.spec)
     assert rebuilt.state_dict().keys() == model.state_dict().keys()

@@ -1,8 +1,10 @@
-"""Property: any value of any type for any ViTSpec field, given to the spec or to ``create_model``, gives
-either a model whose field holds exactly that value or a ValueError/TypeError naming the field."""
+"""Property: any value of any type for any ViTSpec field or block option (``attn.qk_norm``), given to the
+spec or to ``create_model``, gives either a model that holds exactly that value or a ValueError/TypeError
+naming the field."""
 
 from __future__ import annotations
 
+import dataclasses
 import types
 import typing
 from typing import Any
@@ -14,11 +16,15 @@ from hypothesis import strategies as st
 
 import vitzoo
 from vitzoo.blocks import SLOTS
+from vitzoo.choice import PER_LAYER_SLOTS
 from vitzoo.fields import field_types
-from vitzoo.spec import ViTSpec
+from vitzoo.spec import GROUPS, ViTSpec, value_type
 
 BASE = "vit_pico_patch4_32"
-FIELDS = sorted(field_types(ViTSpec))
+OPTIONS = sorted({f"{slot}.{f.name}" for slot, table in SLOTS.items() for name in table
+                  if table.options_class(name) for f in dataclasses.fields(table.options_class(name))}
+                 | {f"{group}.{name}" for group, cls in GROUPS.items() for name in field_types(cls)})
+FIELDS = sorted(field_types(ViTSpec)) + OPTIONS
 SLOT_NAMES = sorted({name for table in SLOTS.values() for name in table.known_names()})
 
 scalars = st.one_of(
@@ -59,7 +65,12 @@ def shaped(annotation: Any) -> st.SearchStrategy:
 def field_and_value() -> st.SearchStrategy:
     """A field name and a value of any type, or of the field's own type (three draws in four)."""
     def value_for(name: str) -> st.SearchStrategy:
-        own = shaped(field_types(ViTSpec)[name])
+        if name in GROUPS:
+            own = st.dictionaries(st.sampled_from(sorted(field_types(GROUPS[name]))), shaped(float), max_size=2)
+        elif name in SLOTS:
+            own = shaped(str | tuple[str, ...] if name in PER_LAYER_SLOTS else str)
+        else:
+            own = shaped(value_type(name))
         return st.integers(0, 3).flatmap(lambda draw: own if draw else values)
 
     return st.sampled_from(FIELDS).flatmap(lambda name: st.tuples(st.just(name), value_for(name)))
@@ -88,14 +99,26 @@ def documented(name: str, value: Any) -> Any:
     return value
 
 
+def held(spec: ViTSpec, name: str) -> Any:
+    """What the spec holds for a field or option: a slot's entry name, an option's value."""
+    value = spec.get(name)
+    return value.name if name in SLOTS else value
+
+
 def check(name: str, value: Any, build: Any, expected: Any) -> None:
     try:
         with torch.device("meta"):
             model = build()
     except (ValueError, TypeError) as err:
-        assert name in str(err), f"{name}={value!r}: the message does not name the field: {err}"
+        top, _, option = name.partition(".")  # an option is named by itself, or by its slot refusing it
+        assert name in str(err) or f"ViTSpec.{top}" in str(err) and (not option or f"'{option}'" in str(err)), (
+            f"{name}={value!r}: the message does not name the field: {err}")
         return
-    assert typed(getattr(model.spec, name)) == typed(expected), f"{name}={value!r} became {getattr(model.spec, name)!r}"
+    actual = held(model.spec, name)
+    if isinstance(expected, dict):  # a group given as a table: each field it names holds its value
+        actual = tuple((k, getattr(actual, k)) for k in sorted(expected))
+        expected = tuple(sorted(expected.items()))
+    assert typed(actual) == typed(expected), f"{name}={value!r} became {held(model.spec, name)!r}"
 
 
 @SETTINGS
@@ -116,7 +139,7 @@ def test_any_value_for_any_create_model_override(field):
     check(name, value, lambda: vitzoo.create_model(BASE, **{name: value}), expected)
 
 
-@pytest.mark.parametrize("name", FIELDS)
+@pytest.mark.parametrize("name", sorted(field_types(ViTSpec)))
 def test_every_field_has_a_checked_type(name):
     with pytest.raises((TypeError, ValueError), match=f"ViTSpec.{name}: "):
         vitzoo.model_spec(BASE, **{name: object()})

@@ -22,11 +22,15 @@ from vitzoo.validate import reduced_depth
         (dict(norm="batchnorm"), "ViTSpec.norm: unknown block 'batchnorm'"),
         (dict(class_token=False), "ViTSpec.pool: 'token' reads the class token"),
         (dict(attn=("mhsa", "mhsa")), "ViTSpec.attn: has 2 per-layer values but depth=12"),
-        (dict(kv_heads=4), "ViTSpec.kv_heads: applies to grouped-query attention only; set attn='gqa'"),
-        (dict(attn="gqa", kv_heads=5), "ViTSpec.kv_heads: 5 does not divide num_heads=12"),
-        (dict(attn="gqa", kv_heads=(12, 4)), "ViTSpec.kv_heads: has 2 per-layer values but depth=12"),
-        (dict(rope_rescale=2.0), "ViTSpec.rope_rescale: must be >= 1 .* got 2.0 with rope='none'"),
-        (dict(drop_path_rate=1.5), r"ViTSpec.drop_path_rate: must be in \[0, 1\)"),
+        (dict(attn={"kv_heads": 4}), "ViTSpec.attn: block 'mhsa' has no option 'kv_heads'; its options: qkv_bias, "
+                                     "qk_norm, proj_bias, inner_norm"),
+        (dict(attn={"name": "gqa", "kv_heads": 5}), r"ViTSpec.attn \(gqa\): kv_heads=5 does not divide num_heads=12"),
+        (dict(attn={"name": "gqa", "kv_heads": (12, 4)}), "ViTSpec.attn.kv_heads: has 2 per-layer values but depth=12"),
+        (dict(rope={"rescale": 2.0}), "ViTSpec.rope: block 'none' has no option 'rescale'; it takes no options"),
+        (dict(rope={"name": "axial", "rescale": 0.5}), r"ViTSpec.rope.rescale: must be >= 1"),
+        (dict(drop={"path": 1.5}), r"ViTSpec.drop.path: must be in \[0, 1\)"),
+        (dict(qk_norm=True), "ViTSpec has no field 'qk_norm'; 'qk_norm' is now 'attn.qk_norm'"),
+        (dict(final_norm="pool"), "ViTSpec.final_norm: 'pool' is not a placement; closest: pooled"),
         (dict(depth=0), "ViTSpec.depth: must be >= 1, got 0"),
         (dict(dist_token=True, pool="avg"), "ViTSpec.dist_token: needs class_token=True and pool='token'"),
         (dict(embed_dimm=384), "ViTSpec has no field 'embed_dimm'; closest: embed_dim"),
@@ -38,11 +42,23 @@ def test_invalid_specs_name_the_field(changes, message):
 
 
 def test_spec_round_trips_through_dict_and_toml():
-    spec = ViTSpec(img_size=(192, 256), depth=3, mlp=("gelu", "swiglu", "gelu"), layer_scale=1e-5, reg_tokens=4)
+    spec = ViTSpec(img_size=(192, 256), depth=3, mlp=("gelu", "swiglu", "gelu"), block={"layer_scale": 1e-5},
+                   attn={"name": "gqa", "kv_heads": (1, 3, 12)}, rope={"name": "axial", "ref_grid": (16, 16)},
+                   reg_tokens=4, drop={"path": 0.1})
     assert ViTSpec.from_dict(spec.to_dict()) == spec
-    toml = "\n".join(f"{k} = {v!r}".replace("'", '"').replace("True", "true").replace("False", "false")
-                     for k, v in spec.to_dict().items())
-    assert ViTSpec.from_dict(tomllib.loads(toml)) == spec
+    assert ViTSpec.from_dict(tomllib.loads(to_toml(spec.to_dict()))) == spec
+
+
+def to_toml(data: dict) -> str:
+    """A spec dict as TOML lines (inline tables for the slots with options)."""
+    def value(v):
+        if isinstance(v, dict):
+            return "{ " + ", ".join(f"{k} = {value(x)}" for k, x in v.items()) + " }"
+        if isinstance(v, list):
+            return "[" + ", ".join(map(value, v)) + "]"
+        return repr(v).replace("'", '"').replace("True", "true").replace("False", "false")
+
+    return "\n".join(f"{k} = {value(v)}" for k, v in data.items())
 
 
 @pytest.mark.parametrize("name", vitzoo.list_models())

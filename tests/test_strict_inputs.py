@@ -21,15 +21,19 @@ BASE = "vit_pico_patch4_32"
 @pytest.mark.parametrize(
     "given,changes,message",
     [
-        ('qk_norm="no"', dict(qk_norm="no"), r"ViTSpec.qk_norm: expected true or false \(a bool\), got 'no' \(str\)"),
+        ('attn={"qk_norm": "no"}', dict(attn={"qk_norm": "no"}),
+         r"ViTSpec.attn.qk_norm: expected true or false \(a bool\), got 'no' \(str\)"),
         ('img_size="48"', dict(img_size="48"), r"ViTSpec.img_size: expected a tuple .*got '48' \(str\)"),
         ("depth=True", dict(depth=True), r"ViTSpec.depth: expected an int, got True \(bool\)"),
         ("embed_dim=64.0", dict(embed_dim=64.0), r"ViTSpec.embed_dim: expected an int, got 64.0 \(float\)"),
-        ("norm_eps=-1", dict(norm_eps=-1), r"ViTSpec.norm_eps: must be > 0, got -1"),
-        ("layer_scale=inf", dict(layer_scale=math.inf), r"ViTSpec.layer_scale: expected a finite number or None"),
+        ('norm={"eps": -1}', dict(norm={"eps": -1}), r"ViTSpec.norm.eps: must be > 0, got -1"),
+        ('block={"layer_scale": inf}', dict(block={"layer_scale": math.inf}),
+         r"ViTSpec.block.layer_scale: expected a finite number or None"),
         ("mlp_ratio=nan", dict(mlp_ratio=math.nan), r"ViTSpec.mlp_ratio: expected a finite number, got nan"),
-        ("mlp=None", dict(mlp=None), r"ViTSpec.mlp: expected a string or a tuple of a string, got None"),
-        ("kv_heads=(2, '2')", dict(attn="gqa", kv_heads=(2, "2")), r"ViTSpec.kv_heads: expected an int or a tuple"),
+        ("mlp=None", dict(mlp=None), r"ViTSpec.mlp: expected a block name or one per layer .*got None"),
+        ('attn={"name": "gqa", "kv_heads": "2"}', dict(attn={"name": "gqa", "kv_heads": "2"}),
+         r"ViTSpec.attn.kv_heads: expected an int or None, got '2' \(str\)"),
+        ("drop_path_rate=1.0 (timm's keyword)", dict(drop_path_rate=1.0), r"ViTSpec.drop.path: must be in \[0, 1\)"),
         ("num_classes=-1", dict(num_classes=-1), r"ViTSpec.num_classes: must be >= 0, got -1"),
     ],
 )
@@ -40,18 +44,19 @@ def test_spec_fields_are_strictly_typed(bad_input, given, changes, message):
 
 
 def test_documented_conversions_still_work():
-    spec = ViTSpec(img_size=48, patch_size=16, mlp_ratio=4, kv_heads=None)
+    spec = ViTSpec(img_size=48, patch_size=16, mlp_ratio=4)
     assert spec.img_size == (48, 48) and spec.mlp_ratio == 4 and type(spec.mlp_ratio) is int
     assert ViTSpec.from_dict({"img_size": [32, 48], "patch_size": 16}).img_size == (32, 48)  # JSON lists
-    assert ViTSpec(pool="gap", class_token=False).pool == "avg"  # a slot alias
+    assert ViTSpec(pool="gap", class_token=False).pool.name == "avg"  # a slot alias
 
 
 @pytest.mark.parametrize(
     "text,expected",
     [
-        ("qk_norm=no", False), ("qk_norm=off", False), ("qk_norm=YES", True), ("qk_norm=on", True),
-        ("fc_norm=none", None), ("pool=none", "none"), ("rope=none", "none"), ("depth=yes", "yes"),
-        ("mlp_ratio=4", 4), ("layer_scale=1e-5", 1e-5), ("img_size=48,64", (48, 64)),
+        ("attn.qk_norm=no", False), ("attn.qk_norm=off", False), ("attn.qk_norm=YES", True),
+        ("attn.qk_norm=on", True), ("rope.temperature=none", None), ("pool=none", "none"), ("rope=none", "none"),
+        ("final_norm=none", "none"), ("depth=yes", "yes"), ("mlp_ratio=4", 4), ("block.layer_scale=1e-5", 1e-5),
+        ("img_size=48,64", (48, 64)), ("attn.kv_heads=2,4", (2, 4)), ("drop.path=0", 0),
         ("mlp=gelu,swiglu", ("gelu", "swiglu")), ("embed_dim=1.5", "1.5"),
     ],
 )
@@ -62,7 +67,8 @@ def test_set_parses_bool_words_only_for_bool_fields(text, expected):
 
 @pytest.mark.parametrize(
     "text,message",
-    [("qk_norm=maybe", "ViTSpec.qk_norm: expected true or false"), ("depth=yes", "ViTSpec.depth: expected an int"),
+    [("attn.qk_norm=maybe", "ViTSpec.attn.qk_norm: expected true or false"),
+     ("depth=yes", "ViTSpec.depth: expected an int"),
      ("img_size=4x8", "ViTSpec.img_size: expected a tuple"), ("depth=2.5", "ViTSpec.depth: expected an int")],
 )
 def test_set_refuses_what_does_not_fit(bad_input, text, message):
@@ -139,7 +145,7 @@ def test_folder_with_overrides_builds_and_loads(tmp_path, caplog):
     five = vitzoo.create_model(str(tmp_path), num_classes=5)
     assert five.num_classes == 5 and torch.equal(five.pos_embed, model.pos_embed)
     swapped = vitzoo.create_model(tmp_path, mlp="swiglu")
-    assert swapped.spec.mlp == "swiglu" and torch.equal(swapped.cls_token, model.cls_token)
+    assert swapped.spec.mlp.name == "swiglu" and torch.equal(swapped.cls_token, model.cls_token)
     with pytest.raises(WeightsError, match="is not a save_pretrained folder"):
         vitzoo.create_model(str(tmp_path / "missing"), num_classes=5)
 

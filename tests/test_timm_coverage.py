@@ -62,7 +62,7 @@ def test_sapiens2_training_mode_rescales_positions_like_timm():
     name = "vit_large_patch16_sapiens2"
     torch.manual_seed(0)
     reference = timm.create_model(name, depth=2, num_kv_heads=(16, 8)).train()
-    model = vitzoo.create_model(name, depth=2, kv_heads=(16, 8)).train()
+    model = vitzoo.create_model(name, depth=2, attn={"kv_heads": (16, 8)}).train()
     model.load_state_dict(reference.state_dict(), strict=True)
     x = torch.randn(2, 3, 64, 48)
 
@@ -138,9 +138,10 @@ def test_mlp_ratio_reproduces_timm_hidden_width():
 def test_new_blocks_compose_with_other_slots():
     """The blocks added for timm's families serve any spec, not only the models that need them."""
     model = vitzoo.create_model(
-        "vit_tiny_patch16_224", depth=2, img_size=64, mlp=("swiglu_packed", "geglu"), block=("respost", "parallel"),
-        pool="avgmax", attn_inner_norm=True, mlp_inner_norm=True, proj_bias=False, patch_norm=True,
-        norm="rmsnorm", class_token=False, reg_tokens=1, pool_include_prefix=True,
+        "vit_tiny_patch16_224", depth=2, img_size=64, block=("respost", "parallel"),
+        mlp={"name": ("swiglu_packed", "geglu"), "inner_norm": True, "bias": False},
+        attn={"inner_norm": True, "proj_bias": False}, patch_embed={"norm": True},
+        pool={"name": "avgmax", "include_prefix": True}, norm="rmsnorm", class_token=False, reg_tokens=1,
     ).eval()
     keys = model.state_dict()
     assert "patch_embed.norm.weight" in keys and "blocks.0.attn.norm.weight" in keys

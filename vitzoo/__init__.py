@@ -1,7 +1,7 @@
 """vitzoo: Vision Transformers from small einops blocks, by name, with timm's weights."""
 
 from vitzoo.ablate import ablate
-from vitzoo.blocks import register_block
+from vitzoo.blocks import BlockOptions, register_block
 from vitzoo.registry import create_model, list_models, model_entry, model_spec, register_model, unregister_model
 from vitzoo.spec import ViTSpec
 from vitzoo.timm_compat import from_timm
@@ -9,9 +9,10 @@ from vitzoo.train.data import data_config, eval_transform
 from vitzoo.vit import VisionTransformer
 from vitzoo.weights import export_timm, from_pretrained, save_pretrained
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
+    "BlockOptions",
     "ViTSpec",
     "VisionTransformer",
     "ablate",

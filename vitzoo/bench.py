@@ -105,7 +105,7 @@ def _hf_vit(spec: ViTSpec) -> nn.Module:
     config = ViTConfig(
         hidden_size=spec.embed_dim, num_hidden_layers=spec.depth, num_attention_heads=spec.num_heads,
         intermediate_size=int(spec.embed_dim * spec.mlp_ratio), image_size=spec.img_size[0],
-        patch_size=spec.patch_size, num_labels=spec.num_classes, layer_norm_eps=spec.norm_eps,
+        patch_size=spec.patch_size, num_labels=spec.num_classes, layer_norm_eps=spec.get("norm.eps"),
         attn_implementation="sdpa",
     )
     return _Logits(ViTForImageClassification(config))

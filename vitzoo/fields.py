@@ -10,6 +10,7 @@ small table beside the dataclass. One checker serves any dataclass built from th
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import types
 import typing
@@ -52,8 +53,10 @@ RATE = Range(0, 1)
 
 @cache
 def field_types(cls: type) -> dict[str, Any]:
-    """Each field's annotation, resolved (``from __future__ import annotations`` leaves strings)."""
-    return typing.get_type_hints(cls)
+    """Each dataclass field's annotation, resolved (``from __future__ import annotations`` leaves strings);
+    class variables are not fields."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
 def _options(annotation: Any) -> tuple[Any, ...]:
@@ -98,13 +101,16 @@ def describe(annotation: Any) -> str:
     return " or ".join(parts)
 
 
-def check_fields(obj: Any, ranges: dict[str, Range]) -> None:
-    """Refuse the first field of dataclass ``obj`` whose value does not fit its annotation or its range.
+def check_fields(obj: Any, ranges: dict[str, Range], skip: tuple[str, ...] = ()) -> None:
+    """Refuse the first field of dataclass ``obj`` (but those in ``skip``, checked elsewhere) whose value does
+    not fit its annotation or its range.
 
     Raises :class:`FieldTypeError` or ValueError naming the field, the value and what it takes.
     """
     owner = type(obj).__name__
     for name, annotation in field_types(type(obj)).items():
+        if name in skip:
+            continue
         value = getattr(obj, name)
         if not any(_fits(value, option) for option in _options(annotation)):
             raise FieldTypeError(f"{owner}.{name}: expected {describe(annotation)}, got {value!r} "

@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from vitzoo.errors import did_you_mean
+from vitzoo.migrate import timm_keywords
 from vitzoo.size import MAX_PARAMS
-from vitzoo.spec import ViTSpec
+from vitzoo.spec import ViTSpec, merge_fields, set_paths
 from vitzoo.vit import VisionTransformer
 from vitzoo.weights import from_pretrained, load_pretrained, read_checkpoint
 from vitzoo.weights.export import is_folder_path
@@ -73,7 +74,7 @@ def _entries_from_file(path: Path, sizes: dict[str, dict[str, Any]]) -> list[Mod
     out = []
     for name, raw in data.get("models", {}).items():
         where = f"{path.name} [models.{name}]"
-        fields = {**family.get("spec", {}), **{k: v for k, v in raw.items() if k not in RESERVED_KEYS}}
+        fields = merge_fields(family.get("spec", {}), {k: v for k, v in raw.items() if k not in RESERVED_KEYS})
         if "variant" in raw:
             fields = {**_parse_variant(raw["variant"], sizes, where), **fields}
         try:
@@ -186,7 +187,9 @@ def create_model(
     that tag (``vit_base_patch16_224.augreg_in21k``), and a ``save_pretrained`` folder is a name too.
 
     ``num_classes``, ``img_size`` and any other :class:`ViTSpec` field override the entry
-    (``mlp="swiglu"``, ``depth=6``, ``dynamic_img_size=True``...). ``pretrained`` is False, True
+    (``mlp="swiglu"``, ``depth=6``, ``attn={"qk_norm": True}``, ``drop={"path": 0.1}``...); timm's keyword
+    names for the same settings (``drop_path_rate=0.1``, ``qk_norm=True``, ``init_values=1e-5``,
+    ``global_pool="avg"``) work as in timm. ``pretrained`` is False, True
     (the entry's default weights from the Hugging Face hub, or its cache when offline), or a path
     to a weights file or a directory written by ``save_pretrained``; weights are adapted to the
     requested spec and the adaptations are logged. With spec overrides (a swapped block, more
@@ -203,19 +206,20 @@ def create_model(
             raise ValueError(f"{name} is a save_pretrained folder, which brings its own weights and config; "
                              "pass pretrained=PATH and pretrained_cfg_overlay with a registry name instead")
         sizes = {k: v for k, v in (("num_classes", num_classes), ("img_size", img_size)) if v is not None}
-        return from_pretrained(name, max_params=max_params, **sizes, **overrides)
+        return from_pretrained(name, max_params=max_params, **sizes, **timm_keywords(overrides))
     name, _, tag = name.partition(".")
     entry = model_entry(name)
     cfg = {"architecture": name, **entry.pretrained_cfg, **(tagged_cfg(name, tag) if tag else {})}
     cfg.update(pretrained_cfg_overlay or {})
-    changes = dict(overrides)
+    changes = timm_keywords(overrides)
     if num_classes is not None or cfg.get("num_classes", entry.spec.num_classes) != entry.spec.num_classes:
         changes["num_classes"] = cfg["num_classes"] if num_classes is None else num_classes
     if img_size is not None:
         changes["img_size"] = img_size
     checkpoint = read_checkpoint(cfg, pretrained) if pretrained else None
+    asked = set_paths(changes)
     implied = {key: value for key, value in (checkpoint.hints() if checkpoint else {}).items()
-               if key not in overrides and getattr(entry.spec, key) != value}
+               if key not in asked and key.partition(".")[0] not in asked and entry.spec.get(key) != value}
     for key, value in implied.items():
         logger.info("%s: %s=%r, as the checkpoint implies", name, key, value)
     spec = entry.spec.replace(**changes, **implied) if changes or implied else entry.spec

@@ -8,6 +8,8 @@ percent of the real count for plain ViTs. Arithmetic is in floats, so any size g
 
 from __future__ import annotations
 
+from vitzoo.blocks import SLOTS
+from vitzoo.choice import PER_LAYER_SLOTS, varies_per_layer
 from vitzoo.spec import ViTSpec
 
 MAX_PARAMS = 10_000_000_000  # default limit of create_model / VisionTransformer; the largest registry model is ~7B
@@ -33,22 +35,23 @@ def estimate_params(spec: ViTSpec) -> float:
     grid = float(spec.img_size[0] // spec.patch_size) * float(spec.img_size[1] // spec.patch_size)
     total = spec.in_chans * float(spec.patch_size) ** 2 * dim + dim  # patch projection
     total += spec.num_prefix_tokens * dim
-    if spec.pos_embed == "learned":
-        total += (grid + (0 if spec.no_embed_class else spec.num_prefix_tokens)) * dim
+    if spec.pos_embed.name == "learned":
+        total += (grid + spec.positioned_prefix) * dim
     hidden = dim * spec.mlp_ratio
 
-    def block(kind: str, attn: str, mlp: str, kv: int | None) -> float:
-        qkv = dim * dim + 2 * dim * (kv or heads) * head_dim if attn == "gqa" else 3 * dim * dim
+    def block(i: int) -> float:
+        kind, mlp = spec.layer("block", i)[0], spec.layer("mlp", i)[0]
+        kv = getattr(spec.layer("attn", i)[1], "kv_heads", None) or heads
+        qkv = dim * dim + 2 * dim * kv * head_dim
         branch = qkv + 3 * dim + dim * dim + dim + _mlp(dim, hidden, mlp) + 4 * dim  # + proj and two norms
         return BRANCHES.get(kind, 1) * branch
 
-    per_layer = ("block", "attn", "mlp", "kv_heads")
-    if any(isinstance(getattr(spec, name), tuple) for name in per_layer):  # then depth values are at hand
-        total += sum(block(*row) for row in zip(*map(spec.layer_choices, per_layer), strict=True))
+    if any(varies_per_layer(SLOTS[slot], getattr(spec, slot)) for slot in PER_LAYER_SLOTS):  # depth values at hand
+        total += sum(block(i) for i in range(spec.depth))
     else:
-        total += spec.depth * block(spec.block, spec.attn, spec.mlp, spec.kv_heads)
-    if spec.pool == "map":
-        total += 5 * dim * dim + _mlp(dim, dim * (spec.pool_mlp_ratio or spec.mlp_ratio), "gelu")
+        total += spec.depth * block(0)
+    if spec.pool.name == "map":
+        total += 5 * dim * dim + _mlp(dim, dim * (spec.get("pool.mlp_ratio") or spec.mlp_ratio), "gelu")
     heads_out = 2 if spec.dist_token else 1
     return total + heads_out * (dim * spec.num_classes + spec.num_classes)
 

@@ -1,29 +1,51 @@
-"""The one description of a Vision Transformer: every architectural choice is a field here."""
+"""The one description of a Vision Transformer: model-wide choices are fields here, and each block's own
+options live on its slot (``attn = { name = "gqa", kv_heads = 2 }``, see :mod:`vitzoo.choice`)."""
 
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass
 from typing import Any
 
 from vitzoo.blocks import SLOTS
+from vitzoo.blocks.options import BlockOptions
+from vitzoo.choice import PER_LAYER_SLOTS, Choice, layer_options, make_choice, merge, varies_per_layer
 from vitzoo.errors import did_you_mean
 from vitzoo.fields import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, RATE, Range, check_fields, field_types, parse_text
 
-LayerChoice = str | tuple[str, ...]
-
-PER_LAYER_SLOTS = ("attn", "mlp", "block")
+FINAL_NORMS = ("auto", "tokens", "pooled", "none")
 # What a command-line value may be when its field is not known.
 UNKNOWN_FIELD = bool | int | float | str | None | tuple[bool | int | float | str | None, ...]
+
+
+@dataclass(frozen=True)
+class Dropouts:
+    """Dropout rates of the whole model (timm's ``*_drop_rate`` arguments)."""
+
+    head: float = 0.0  # before the classifier (timm's drop_rate)
+    pos: float = 0.0  # after adding position embeddings
+    patch: float = 0.0  # training only: drop this fraction of patch tokens (FLIP)
+    attn: float = 0.0  # on attention weights
+    proj: float = 0.0  # after attention and MLP projections
+    path: float = 0.0  # stochastic depth, rising linearly to this rate at the last block
+
+    def __post_init__(self) -> None:
+        check_fields(self, dict.fromkeys(field_types(Dropouts), RATE))
+
+
+GROUPS = {"drop": Dropouts}  # top-level fields that hold a small dataclass of their own
 
 
 @dataclass(frozen=True)
 class ViTSpec:
     """Everything that makes two Vision Transformers different.
 
-    Slot fields name entries of the block tables in :mod:`vitzoo.blocks`; ``attn``, ``mlp`` and
-    ``block`` also take one name per layer. Specs are plain data: they round-trip through
-    :meth:`to_dict` / :meth:`from_dict` (and so TOML), and checkpoints carry them.
+    Slot fields (``patch_embed``, ``pos_embed``, ``attn``, ``mlp``, ``norm``, ``block``, ``pool``,
+    ``rope``) name entries of the block tables in :mod:`vitzoo.blocks` with their options; ``attn``,
+    ``mlp`` and ``block`` also take one name, and one value of each option, per layer. Specs are plain
+    data: they round-trip through :meth:`to_dict` / :meth:`from_dict` (and so TOML), and checkpoints
+    carry them.
     """
 
     # input and output
@@ -31,68 +53,46 @@ class ViTSpec:
     patch_size: int = 16  # square patch side in pixels
     in_chans: int = 3  # image channels
     num_classes: int = 1000  # classifier outputs; 0 means no head (pooled features out)
+    dynamic_img_size: bool = False  # accept any image size divisible by patch_size
     crop_remainder: bool = False  # drop pixels past the last whole patch instead of refusing (timm so400m/14 at 384)
     # width and depth
     embed_dim: int = 768  # token width
     depth: int = 12  # number of encoder blocks
     num_heads: int = 12  # attention heads per block
     mlp_ratio: float = 4.0  # MLP hidden width / embed_dim
-    # block choices, by name in the slot tables
-    patch_embed: str = "linear"  # image -> patch tokens
-    pos_embed: str = "learned"  # learned | sincos2d | none
-    attn: LayerChoice = "mhsa"  # token mixer, one name or one per layer
-    mlp: LayerChoice = "gelu"  # channel mixer, one name or one per layer
-    norm: str = "layernorm"  # every norm in the model
-    block: LayerChoice = "prenorm"  # residual wiring, one name or one per layer
-    pool: str = "token"  # readout: token | avg | max | avgmax | map | none
-    rope: str = "none"  # rotary positions on q/k inside attention: none | axial (EVA-02) | dinov3
+    # blocks, by name in the slot tables, with their options
+    patch_embed: Choice = Choice("linear")  # image -> patch tokens
+    pos_embed: Choice = Choice("learned")  # learned | sincos2d | none
+    attn: Choice = Choice("mhsa")  # token mixer
+    mlp: Choice = Choice("gelu")  # channel mixer
+    norm: Choice = Choice("layernorm")  # every norm in the model
+    block: Choice = Choice("prenorm")  # residual wiring
+    pool: Choice = Choice("token")  # readout: token | avg | max | avgmax | map | none
+    rope: Choice = Choice("none")  # rotary positions on q/k inside attention: none | axial (EVA-02) | dinov3 | mixed
     # prefix tokens
     class_token: bool = True  # learned [CLS] token in front
     dist_token: bool = False  # DeiT distillation token after [CLS], read by a second head
     reg_tokens: int = 0  # register tokens after the class/distillation tokens
-    no_embed_class: bool = False  # position table covers patch tokens only, not prefix tokens
-    # details
-    norm_eps: float = 1e-6  # epsilon of every norm (timm 1e-6; CLIP 1e-5)
-    qkv_bias: bool = True  # bias on the fused qkv projection
-    qk_norm: bool = False  # normalize q and k per head (ViT-22B)
-    kv_heads: int | tuple[int, ...] | None = None  # key/value heads of attn='gqa', one or per layer; None: num_heads
-    proj_bias: bool = True  # bias on the attention output projection and the MLP layers (AIMv2 has none)
-    attn_inner_norm: bool = False  # norm before the attention output projection (Sub-LN, BEiT-3)
-    mlp_inner_norm: bool = False  # norm on the MLP hidden activations before fc2 (Sub-LN, BEiT-3)
-    patch_norm: bool = False  # norm on the patch tokens inside the patch embedding (AIMv2)
-    pool_include_prefix: bool = False  # pooling also reads the class/register tokens
-    patch_bias: bool = True  # bias on the patch projection (CLIP has none)
-    layer_scale: float | None = None  # LayerScale init value; None disables LayerScale
+    # norms outside the blocks
     pre_norm: bool = False  # norm after embedding, before the blocks (CLIP's ln_pre)
-    final_norm: bool = True  # norm after the blocks (or after pooling, see fc_norm)
-    fc_norm: bool | None = None  # put the final norm after pooling; None: only for avg/max/avgmax pooling
-    dynamic_img_size: bool = False  # accept any image size divisible by patch_size
-    rope_temperature: float | None = None  # RoPE frequency base; None: the rope entry's default (axial 1e4, dinov3 100)
-    rope_ref_grid: tuple[int, int] | None = None  # RoPE positions rescaled to this grid (EVA-02's pretraining grid)
-    rope_grid_offset: float = 0.0  # added to every RoPE position (Perception Encoder: 1)
-    rope_xy: bool = False  # RoPE coordinate channels ordered (x, y) instead of (y, x) (ROPE-ViT, Perception Encoder)
-    rope_rescale: float | None = None  # training only: RoPE positions times one random factor in [1/R, R] (Sapiens2)
-    pool_num_heads: int | None = None  # heads of attention pooling ('map'); None: num_heads (Perception Encoder: 8)
-    pool_mlp_ratio: float | None = None  # MLP ratio of attention pooling ('map'); None: mlp_ratio
+    final_norm: str = "auto"  # after the blocks: tokens | pooled (after pooling) | none | auto (pooled for avg/max)
     # regularisation
-    drop_rate: float = 0.0  # dropout before the classifier
-    pos_drop_rate: float = 0.0  # dropout after adding position embeddings
-    patch_drop_rate: float = 0.0  # training only: drop this fraction of patch tokens (FLIP)
-    attn_drop_rate: float = 0.0  # dropout on attention weights
-    proj_drop_rate: float = 0.0  # dropout after attention and MLP projections
-    drop_path_rate: float = 0.0  # stochastic depth, rising linearly to this rate at the last block
+    drop: Dropouts = Dropouts()
 
     def __post_init__(self) -> None:
         if isinstance(self.img_size, int) and not isinstance(self.img_size, bool):  # timm's square shorthand
             object.__setattr__(self, "img_size", (self.img_size, self.img_size))
         for name in field_types(ViTSpec):  # TOML and JSON have no tuples: their lists stand for them
-            if isinstance(getattr(self, name), list):
+            if isinstance(getattr(self, name), list) and name not in SLOTS:
                 object.__setattr__(self, name, tuple(getattr(self, name)))
-        check_fields(self, FIELD_RANGES)
-        for slot, table in SLOTS.items():  # aliases ("gap") -> the entry name ("avg")
-            value = getattr(self, slot)
-            canonical = tuple(map(table.canonical, value)) if isinstance(value, tuple) else table.canonical(value)
-            object.__setattr__(self, slot, canonical)
+        for name, group in GROUPS.items():
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                object.__setattr__(self, name, _make_group(name, group, value))
+        check_fields(self, FIELD_RANGES, skip=tuple(SLOTS))
+        for slot, table in SLOTS.items():  # a table without a name sets options of the default entry
+            default = next(f.default for f in dataclasses.fields(ViTSpec) if f.name == slot)
+            object.__setattr__(self, slot, make_choice(table, merge(default, getattr(self, slot)), self.depth))
         self._validate()
 
     def _validate(self) -> None:
@@ -106,40 +106,31 @@ class ViTSpec:
         if any(s % self.patch_size for s in self.img_size) and not self.crop_remainder:
             fail("img_size", f"{self.img_size} is not divisible by patch_size={self.patch_size}; "
                  f"use a multiple of {self.patch_size} for each side, or crop_remainder=True to drop the rest")
-        for slot, table in SLOTS.items():
-            for name in self.distinct(slot):
-                if name not in table:
-                    fail(slot, f"unknown block {name!r}; {did_you_mean(name, table.known_names())}")
-        for name in (*PER_LAYER_SLOTS, "kv_heads"):
-            value = getattr(self, name)
-            if isinstance(value, tuple) and len(value) != self.depth:
-                fail(name, f"has {len(value)} per-layer values but depth={self.depth}; give one value or {self.depth}")
-        if self.kv_heads is not None:
-            if "gqa" not in self.distinct("attn"):
-                fail("kv_heads", "applies to grouped-query attention only; set attn='gqa' or leave kv_heads unset")
-            bad = [h for h in self.distinct("kv_heads") if self.num_heads % h]
-            if bad:
-                fail("kv_heads", f"{bad[0]!r} does not divide num_heads={self.num_heads}; each query group needs "
-                     f"the same number of heads, so use a divisor of {self.num_heads}")
-        if self.pool == "token" and not self.class_token:
+        if self.final_norm not in FINAL_NORMS:
+            fail("final_norm", f"{self.final_norm!r} is not a placement; {did_you_mean(self.final_norm, FINAL_NORMS)}")
+        if self.pool.name == "token" and not self.class_token:
             fail("pool", "'token' reads the class token, but class_token=False; use pool='avg' or 'map'")
-        if self.dist_token and (not self.class_token or self.pool != "token"):
+        if self.dist_token and (not self.class_token or self.pool.name != "token"):
             fail("dist_token", "needs class_token=True and pool='token' (DeiT reads both tokens)")
-        if self.rope != "none" and (self.embed_dim // self.num_heads) % 4:
-            fail("rope", f"2-D RoPE needs head_dim = embed_dim / num_heads divisible by 4, got "
-                 f"{self.embed_dim // self.num_heads}")
-        if self.rope != "none" and self.patch_drop_rate > 0:
-            fail("patch_drop_rate", "dropping patch tokens would misalign the rotary positions; use rope='none'")
-        if self.rope_rescale is not None and self.rope == "none":
-            fail("rope_rescale", f"must be >= 1 (the largest scale factor) with a rope, or None; "
-                 f"got {self.rope_rescale} with rope={self.rope!r}")
-        for name in ("mlp_ratio", "pool_mlp_ratio"):
-            ratio = getattr(self, name)
-            if ratio is not None and self.embed_dim * ratio < 1:  # compared as floats: no overflow
-                fail(name, f"gives an MLP of hidden width int({self.embed_dim} * {ratio}) = 0; "
-                     f"use at least 1 / embed_dim")
-        if self.pool_num_heads is not None and self.embed_dim % self.pool_num_heads:
-            fail("pool_num_heads", f"must divide embed_dim={self.embed_dim}, got {self.pool_num_heads}")
+        if self.rope.name != "none" and self.drop.patch > 0:
+            fail("drop.patch", "dropping patch tokens would misalign the rotary positions; use rope='none'")
+        if self.embed_dim * self.mlp_ratio < 1:  # compared as floats: no overflow
+            fail("mlp_ratio", f"gives an MLP of hidden width int({self.embed_dim} * {self.mlp_ratio}) = 0; "
+                 f"use at least 1 / embed_dim")
+        for slot, table in SLOTS.items():  # each distinct (entry, options) once: its types, ranges and rules
+            choice, checked = getattr(self, slot), set()
+            for i in range(self.depth) if varies_per_layer(table, choice) else (0,):
+                try:
+                    name, options = layer_options(table, choice, i)
+                    if options is not None and (name, options) not in checked:
+                        checked.add((name, options))
+                        options.check(self)
+                except ValueError as err:  # "AttentionOptions.qk_norm: ..." reads "ViTSpec.attn.qk_norm: ..."
+                    owner = getattr(table.options_class(choice.name_at(i)), "__name__", "")
+                    message = str(err)
+                    if owner and message.startswith(f"{owner}."):
+                        raise type(err)(f"ViTSpec.{slot}.{message[len(owner) + 1:]}") from None
+                    raise type(err)(f"ViTSpec.{slot} ({choice.name_at(i)}): {message}") from None
 
     # derived quantities -------------------------------------------------------------------------
     @property
@@ -168,67 +159,168 @@ class ViTSpec:
         return int(self.class_token) + int(self.dist_token) + self.reg_tokens
 
     @property
-    def use_fc_norm(self) -> bool:
-        """Whether the final norm sits after pooling (``fc_norm``) instead of before (``norm``)."""
-        return self.pool in ("avg", "max", "avgmax") if self.fc_norm is None else self.fc_norm
+    def positioned_prefix(self) -> int:
+        """Prefix tokens that have rows in the position table (none with ``pos_embed.prefix=false``)."""
+        return self.num_prefix_tokens if self.get("pos_embed.prefix") is not False else 0
 
-    def distinct(self, name: str) -> tuple[Any, ...]:
-        """The values a per-layer field takes, without expanding one value to ``depth`` copies."""
-        value = getattr(self, name)
-        return value if isinstance(value, tuple) else (value,)
+    @property
+    def final_norm_at(self) -> str:
+        """Where the final norm sits: ``tokens`` (timm's ``norm``), ``pooled`` (``fc_norm``) or ``none``."""
+        if self.final_norm == "auto":
+            return "pooled" if self.pool.name in ("avg", "max", "avgmax") else "tokens"
+        return self.final_norm
 
-    def layer_choices(self, name: str) -> tuple[Any, ...]:
-        """The value of a per-layer field for every layer: the block name of a slot, or ``kv_heads``."""
-        value = getattr(self, name)
-        return value if isinstance(value, tuple) else (value,) * self.depth
+    def layer(self, slot: str, index: int = 0) -> tuple[str, BlockOptions | None]:
+        """The entry name and options instance of ``slot`` at block ``index`` (0 for model-wide slots)."""
+        return layer_options(SLOTS[slot], getattr(self, slot), index)
+
+    def get(self, path: str) -> Any:
+        """A value by dotted path: ``"depth"``, ``"drop.path"``, ``"attn.kv_heads"`` (a slot option: the value
+        set, else the entry's default; None when the entry does not have it)."""
+        top, _, option = path.partition(".")
+        value = getattr(self, top)
+        if not option:
+            return value
+        if top in GROUPS:
+            return getattr(value, option)
+        options = self.layer(top)[1]
+        return value.get(option, getattr(options, option, None))
 
     # data round trip ----------------------------------------------------------------------------
     def replace(self, **changes: Any) -> ViTSpec:
-        """A copy with ``changes`` applied and validated; unknown field names get the closest ones."""
-        names = {f.name for f in dataclasses.fields(self)}
-        for key in changes:
-            if key not in names:
-                raise ValueError(f"ViTSpec has no field {key!r}; {did_you_mean(key, names)}")
-        return dataclasses.replace(self, **changes)
+        """A copy with ``changes`` applied and validated. A key is a field (``depth=6``, ``attn="gqa"``: another
+        entry with its default options, ``attn={"qk_norm": True}``: one option of the current entry) or a
+        dotted path (``**{"attn.kv_heads": 2}``, ``**{"drop.path": 0.1}``); unknown names get the closest ones."""
+        return ViTSpec(**merge_fields(self.to_dict(), nest(changes)))
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain, TOML/JSON-friendly dict (tuples as lists, None-valued fields left out)."""
-        out = {}
+        """Plain, TOML/JSON-friendly dict (tuples as lists, None-valued fields and default dropouts left out)."""
+        out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if value is None:
-                continue
-            out[f.name] = list(value) if isinstance(value, tuple) else value
+            if isinstance(value, Choice):
+                out[f.name] = value.to_data()
+            elif f.name in GROUPS:
+                default = GROUPS[f.name]()
+                changed = {k: v for k, v in dataclasses.asdict(value).items()
+                           if type(v) is not type(getattr(default, k)) or v != getattr(default, k)}
+                if changed:
+                    out[f.name] = changed
+            elif value is not None:
+                out[f.name] = list(value) if isinstance(value, tuple) else value
         return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ViTSpec:
-        """Inverse of :meth:`to_dict`; unknown keys raise with the closest field names."""
+        """Inverse of :meth:`to_dict`; unknown keys raise with the closest field names. Files written by an
+        earlier vitzoo go through :func:`vitzoo.migrate.spec_from_saved` instead."""
         return cls().replace(**data)
 
 
+def nest(changes: dict[str, Any]) -> dict[str, Any]:
+    """Dotted keys folded into their field: ``{"attn": "gqa", "attn.kv_heads": 2}`` ->
+    ``{"attn": {"name": "gqa", "kv_heads": 2}}``; unknown fields raise with the closest names."""
+    names = [f.name for f in dataclasses.fields(ViTSpec)]
+    out: dict[str, Any] = {}
+    for key in sorted(changes, key=lambda k: "." in k):  # whole values first, then the options set on them
+        top, dot, option = key.partition(".")
+        if top not in names:
+            raise ValueError(f"ViTSpec has no field {top!r}; {_moved(top) or did_you_mean(top, names)}")
+        if not dot:
+            out[key] = changes[key]
+        elif top not in (*SLOTS, *GROUPS):
+            raise ValueError(f"ViTSpec.{top} has no options; set it with {top}=VALUE")
+        else:
+            out[top] = merge(out[top], {option: changes[key]}) if top in out else {option: changes[key]}
+    return out
+
+
+def merge_fields(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """Spec data with ``changes`` applied: a slot or group table without ``name`` updates the options
+    already there (see :func:`vitzoo.choice.merge`); any other value replaces the field."""
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = merge(out[key], value) if key in out and key in (*SLOTS, *GROUPS) else value
+    return out
+
+
+def set_paths(changes: dict[str, Any]) -> set[str]:
+    """The fields and dotted option paths a set of changes sets (``{"attn": {"name": "gqa", "kv_heads": 2}}``
+    -> ``{"attn", "attn.kv_heads"}``)."""
+    out = set()
+    for key, value in nest(changes).items():
+        if isinstance(value, dict):
+            out.update(f"{key}.{option}" for option in value if option != "name")
+            if "name" in value:
+                out.add(key)
+        else:
+            out.add(key)
+    return out
+
+
+def _moved(name: str) -> str:
+    """Where a field of the flat spec of vitzoo 0.1 lives now, as a sentence (empty if it is not one)."""
+    from vitzoo.migrate import V1_FIELDS
+
+    if name not in V1_FIELDS:
+        return ""
+    path = V1_FIELDS[name][1]
+    top, _, option = path.partition(".")
+    return (f"{name!r} is now {path!r}: pass {top}={{{option!r}: ...}} in Python, {top} = {{ {option} = ... }} "
+            f"in TOML, --set {path}=... on the command line")
+
+
+def _make_group(name: str, group: type, data: dict[str, Any]) -> Any:
+    fields = [f.name for f in dataclasses.fields(group)]
+    for key in data:
+        if key not in fields:
+            raise ValueError(f"ViTSpec.{name} has no field {key!r}; {did_you_mean(key, fields)}")
+    try:
+        return group(**data)
+    except ValueError as err:  # "Dropouts.path: ..." reads "ViTSpec.drop.path: ..."
+        raise type(err)(str(err).replace(f"{group.__name__}.", f"ViTSpec.{name}.", 1)) from None
+
+
+def value_type(field: str) -> Any:
+    """The annotation a command-line value for ``field`` (or a dotted option path) is parsed to fit."""
+    top, dot, option = field.partition(".")
+    if top in SLOTS and not dot:
+        return str | tuple[str, ...] if top in PER_LAYER_SLOTS else str
+    if top in GROUPS and dot:
+        return field_types(GROUPS[top]).get(option, UNKNOWN_FIELD)
+    if top in SLOTS:
+        table = SLOTS[top]
+        for name in table:
+            cls = table.options_class(name)
+            if cls is not None and option in field_types(cls):
+                annotation = field_types(cls)[option]
+                per_layer = top in PER_LAYER_SLOTS and not any(
+                    typing.get_origin(a) is tuple for a in typing.get_args(annotation) or (annotation,))
+                return annotation | tuple[annotation, ...] if per_layer else annotation
+        return UNKNOWN_FIELD
+    return field_types(ViTSpec).get(field, UNKNOWN_FIELD)
+
+
 def parse_value(text: str, field: str | None = None) -> Any:
-    """A command-line value as the spec ``field`` wants it (see :func:`vitzoo.fields.parse_text`): a bool
-    word only for a bool field, a number only for a number field, ``a,b,c`` a tuple (one per layer for
-    per-layer slots). Without ``field``: a bool word, none, int, float, else the string; the spec's type
-    check then refuses whatever does not fit the field it is given to."""
-    return parse_text(text, field_types(ViTSpec).get(field, UNKNOWN_FIELD))
+    """A command-line value as the spec ``field`` (or dotted option path) wants it (see
+    :func:`vitzoo.fields.parse_text`): a bool word only for a bool, a number only for a number, ``a,b,c`` a
+    tuple (one per layer for per-layer slots and their options). Without ``field``: a bool word, none, int,
+    float, else the string; the spec's type check then refuses whatever does not fit."""
+    return parse_text(text, UNKNOWN_FIELD if field is None else value_type(field))
 
 
 def parse_assignment(text: str) -> tuple[str, Any]:
-    """``"mlp=swiglu"`` -> ``("mlp", "swiglu")``; the field name is checked when the spec is built."""
+    """``"mlp=swiglu"`` -> ``("mlp", "swiglu")``, ``"attn.kv_heads=2"`` -> ``("attn.kv_heads", 2)``; the names
+    are checked when the spec is built."""
     name, sep, value = text.partition("=")
     if not sep or not name.strip():
-        raise ValueError(f"expected FIELD=VALUE (e.g. mlp=swiglu or qk_norm=true), got {text!r}")
+        raise ValueError(f"expected FIELD=VALUE (e.g. mlp=swiglu or attn.qk_norm=true), got {text!r}")
     return name.strip(), parse_value(value, name.strip())
 
 
 # The range of each numeric field (of each element, for tuples); the types come from the annotations.
 FIELD_RANGES: dict[str, Range] = {
-    **dict.fromkeys(("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "kv_heads",
-                     "rope_ref_grid", "rope_rescale", "pool_num_heads"), AT_LEAST_ONE),
+    **dict.fromkeys(("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads"), AT_LEAST_ONE),
     **dict.fromkeys(("num_classes", "reg_tokens"), NON_NEGATIVE),
-    **dict.fromkeys(("mlp_ratio", "norm_eps", "layer_scale", "rope_temperature", "pool_mlp_ratio"), POSITIVE),
-    **dict.fromkeys(("drop_rate", "pos_drop_rate", "patch_drop_rate", "attn_drop_rate", "proj_drop_rate",
-                     "drop_path_rate"), RATE),
+    "mlp_ratio": POSITIVE,
 }

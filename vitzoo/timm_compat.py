@@ -28,8 +28,8 @@ from timm.models.vision_transformer import Block, ParallelScalingBlock, Parallel
 from timm.models.vision_transformer import VisionTransformer as TimmViT
 from torch import nn
 
-from vitzoo.blocks.patch import PATCH_EMBEDS, HybridPatchEmbed
-from vitzoo.spec import ViTSpec
+from vitzoo.blocks.patch import HYBRID_STEMS
+from vitzoo.spec import Dropouts, ViTSpec
 from vitzoo.vit import VisionTransformer
 
 POOLS = {"token": "token", "avg": "avg", "max": "max", "avgmax": "avgmax", "map": "map", "": "none"}
@@ -112,12 +112,10 @@ def _patch_embed(pe: nn.Module, in_chans: int) -> tuple[str, int]:
         return "linear", conv.kernel_size[0]
     if type(pe) is HybridEmbed:
         with torch.device("meta"):
-            for name in PATCH_EMBEDS:
-                factory = PATCH_EMBEDS.get(name)
-                if getattr(factory, "func", None) is HybridPatchEmbed:
-                    stem = factory.keywords
-                    if _signature(stem["backbone"](in_chans)) == _signature(pe.backbone):
-                        return name, stem["reduction"] * conv.kernel_size[0]
+            for name, factory in HYBRID_STEMS.items():
+                stem = factory.keywords
+                if _signature(stem["backbone"](in_chans)) == _signature(pe.backbone):
+                    return name, stem["reduction"] * conv.kernel_size[0]
     stem = type(getattr(pe, "backbone", pe)).__name__
     raise _refuse("patch_embed", f"{type(pe).__name__} with {stem}", "embed_layer")
 
@@ -234,28 +232,29 @@ def spec_from_timm(model: nn.Module) -> ViTSpec:
                           "norm_layer")
     pool = _pool(model, layers)
     has_dist = getattr(model, "dist_token", None) is not None
-    use_fc = _present(model.fc_norm)
-    final = use_fc or _present(model.norm)
+    final_norm = "pooled" if _present(model.fc_norm) else "tokens" if _present(model.norm) else "none"
+    if final_norm == ("pooled" if pool in ("avg", "max", "avgmax") else "tokens"):
+        final_norm = "auto"  # where timm puts it for this pooling by default
     patch_drop = getattr(model.patch_drop, "prob", 0.0)
+    attn_options = {"qkv_bias": layers["qkv_bias"], "qk_norm": layers["qk_norm"], "proj_bias": layers["proj_bias"],
+                    "inner_norm": layers["attn_inner_norm"]}
+    pool_options = {} if pool == "token" else {"include_prefix": model.pool_include_prefix}
     return ViTSpec(
-        img_size=tuple(pe.img_size), patch_size=patch, in_chans=model.in_chans, patch_embed=patch_embed,
-        crop_remainder=crop,
+        img_size=tuple(pe.img_size), patch_size=patch, in_chans=model.in_chans, crop_remainder=crop,
+        patch_embed={"name": patch_embed, "bias": conv.bias is not None, "norm": _present(getattr(pe, "norm", None))},
         num_classes=model.head.out_features if isinstance(model.head, nn.Linear) else 0,
         embed_dim=dim, depth=len(model.blocks), num_heads=layers["num_heads"], mlp_ratio=layers["mlp_ratio"],
-        pos_embed="learned" if model.pos_embed is not None else "none", mlp=_per_layer(layers["mlp"]),
-        attn=_per_layer(layers["attn"]),
-        norm=first[1][0], block=_per_layer(layers["block"]), pool=pool,
+        pos_embed={"name": "learned", "prefix": not model.no_embed_class} if model.pos_embed is not None else "none",
+        mlp={"name": _per_layer(layers["mlp"]), "bias": layers["proj_bias"], "inner_norm": layers["mlp_inner_norm"]},
+        attn={"name": _per_layer(layers["attn"]), **attn_options},
+        norm={"name": first[1][0], "eps": first[1][1]},
+        block={"name": _per_layer(layers["block"]), "layer_scale": layers["layer_scale"]},
+        pool={"name": pool, **pool_options},
         class_token=model.cls_token is not None, dist_token=has_dist, reg_tokens=model.num_reg_tokens,
-        no_embed_class=model.no_embed_class, norm_eps=first[1][1], qkv_bias=layers["qkv_bias"],
-        qk_norm=layers["qk_norm"], proj_bias=layers["proj_bias"], attn_inner_norm=layers["attn_inner_norm"],
-        mlp_inner_norm=layers["mlp_inner_norm"], patch_norm=_present(getattr(pe, "norm", None)),
-        pool_include_prefix=model.pool_include_prefix, patch_bias=conv.bias is not None,
-        layer_scale=layers["layer_scale"], pre_norm=_present(model.norm_pre), final_norm=final,
-        fc_norm=(use_fc if final and use_fc != (pool in ("avg", "max", "avgmax")) else None),
-        dynamic_img_size=bool(model.dynamic_img_size), drop_rate=float(model.head_drop.p),
-        pos_drop_rate=float(model.pos_drop.p), patch_drop_rate=float(patch_drop),
-        attn_drop_rate=layers["attn_drop_rate"], proj_drop_rate=layers["proj_drop_rate"],
-        drop_path_rate=blocks[-1]["drop_path_rate"],
+        pre_norm=_present(model.norm_pre), final_norm=final_norm,
+        dynamic_img_size=bool(model.dynamic_img_size),
+        drop=Dropouts(head=float(model.head_drop.p), pos=float(model.pos_drop.p), patch=float(patch_drop),
+                      attn=layers["attn_drop_rate"], proj=layers["proj_drop_rate"], path=blocks[-1]["drop_path_rate"]),
     )
 
 

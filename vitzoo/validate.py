@@ -31,7 +31,7 @@ FULL_DEPTH_MAX_PARAMS = 100_000_000  # above this, numerics run at AUTO_DEPTH bl
 AUTO_DEPTH = 2
 TIMM_MODULES = ("vision_transformer", "deit", "vision_transformer_hybrid", "vitamin")
 EVA_MODULES = ("eva",)
-PER_LAYER_TIMM_KWARGS = {"kv_heads": "num_kv_heads"}  # per-layer spec fields and timm's keyword for each
+PER_LAYER_TIMM_KWARGS = {"attn.kv_heads": "num_kv_heads"}  # per-layer spec options and timm's keyword for each
 
 
 @dataclass
@@ -108,7 +108,7 @@ def reduced_depth(spec: ViTSpec, depth: int) -> tuple[dict[str, Any], dict[str, 
     """(vitzoo overrides, timm keywords) that cut a model to ``depth`` blocks. Per-layer settings keep the
     first layer of each distinct setting before any other, so the cut model still has every kind of block
     (Sapiens2 at 2 blocks: one full-head and one grouped-query block)."""
-    per_layer = {f: spec.layer_choices(f) for f in PER_LAYER_TIMM_KWARGS if isinstance(getattr(spec, f), tuple)}
+    per_layer = {f: spec.get(f) for f in PER_LAYER_TIMM_KWARGS if isinstance(spec.get(f), tuple)}
     rows = list(zip(*per_layer.values(), strict=True)) if per_layer else [()] * spec.depth
     firsts = sorted({row: i for i, row in reversed(list(enumerate(rows)))}.values())
     keep = sorted((firsts + [i for i in range(spec.depth) if i not in firsts])[:depth])

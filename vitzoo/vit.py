@@ -19,6 +19,7 @@ from vitzoo.blocks.patch import PATCH_EMBEDS
 from vitzoo.blocks.pooling import POOLS
 from vitzoo.blocks.position import POSITIONS
 from vitzoo.blocks.rope import ROPES, Rotation
+from vitzoo.blocks.table import BlockTable
 from vitzoo.blocks.tokens import PREFIX_TOKENS, drop_patch_tokens, make_prefix_tokens, prepend_tokens
 from vitzoo.inputs import block_indices, check_images
 from vitzoo.size import MAX_PARAMS, check_size
@@ -42,30 +43,23 @@ class VisionTransformer(nn.Module):
         check_size(spec, max_params)
         super().__init__()
         self.spec = spec
-        dim = spec.embed_dim
+        dim, depth = spec.embed_dim, spec.depth
         norm = self._norm_factory()
-        self.patch_embed = PATCH_EMBEDS.build(
-            spec.patch_embed, spec.patch_size, spec.in_chans, dim, spec.patch_bias,
-            **only_set(norm=norm if spec.patch_norm else None),
-        )
+        self.patch_embed = self._build(PATCH_EMBEDS, "patch_embed", 0, spec.patch_size, spec.in_chans, dim, norm)
         for name, param in make_prefix_tokens(dim, spec.class_token, spec.dist_token, spec.reg_tokens).items():
             setattr(self, name, param)
-        positioned_prefix = 0 if spec.no_embed_class else spec.num_prefix_tokens
-        self.position = POSITIONS.build(spec.pos_embed, spec.grid_size, dim, positioned_prefix)
+        self.position = self._build(POSITIONS, "pos_embed", 0, spec.grid_size, dim, spec.num_prefix_tokens)
         self.pos_embed = self.position.init_table()
-        self.pos_drop = nn.Dropout(spec.pos_drop_rate)
-        self.rope = ROPES.build(
-            spec.rope, dim // spec.num_heads, spec.grid_size, spec.num_prefix_tokens,
-            temperature=spec.rope_temperature, ref_grid=spec.rope_ref_grid, grid_offset=spec.rope_grid_offset,
-            xy=spec.rope_xy, num_heads=spec.num_heads, depth=spec.depth, **only_set(rescale=spec.rope_rescale),
-        )
+        self.pos_drop = nn.Dropout(spec.drop.pos)
+        self.rope = self._build(ROPES, "rope", 0, dim // spec.num_heads, spec.grid_size, spec.num_prefix_tokens,
+                                spec.num_heads, depth)
         self.norm_pre = norm(dim) if spec.pre_norm else nn.Identity()
-        drop_path = [spec.drop_path_rate * i / max(spec.depth - 1, 1) for i in range(spec.depth)]
-        self.blocks = nn.Sequential(*(self._make_block(i, norm, drop_path[i]) for i in range(spec.depth)))
-        self.norm = norm(dim) if spec.final_norm and not spec.use_fc_norm else nn.Identity()
+        drop_path = [spec.drop.path * i / max(depth - 1, 1) for i in range(depth)]
+        self.blocks = nn.Sequential(*(self._make_block(i, norm, drop_path[i]) for i in range(depth)))
+        self.norm = norm(dim) if spec.final_norm_at == "tokens" else nn.Identity()
         self.attn_pool = self._make_pool()
-        self.fc_norm = norm(dim) if spec.final_norm and spec.use_fc_norm else nn.Identity()
-        self.head_drop = nn.Dropout(spec.drop_rate)
+        self.fc_norm = norm(dim) if spec.final_norm_at == "pooled" else nn.Identity()
+        self.head_drop = nn.Dropout(spec.drop.head)
         self._make_heads()
         self.grad_checkpointing = False
         self.distilled_training = False
@@ -76,34 +70,30 @@ class VisionTransformer(nn.Module):
         self._init_linear(self)
 
     # construction -------------------------------------------------------------------------------
+    def _build(self, table: BlockTable, slot: str, layer: int, *args: Any) -> nn.Module:
+        """Build the entry ``slot`` names at ``layer`` with the slot's arguments and the spec's options for it."""
+        name, options = self.spec.layer(slot, layer)
+        return table.build(name, *args, options=options)
+
     def _norm_factory(self) -> NormFactory:
-        return partial(NORMS.build, self.spec.norm, eps=self.spec.norm_eps)
+        name, options = self.spec.layer("norm")
+        return partial(NORMS.build, name, options=options)
 
     def _make_block(self, i: int, norm: NormFactory, drop_path: float) -> nn.Module:
         spec, dim = self.spec, self.spec.embed_dim
-        attn_name = spec.layer_choices("attn")[i]
-        per_layer = {"layer": i, "kv_heads": spec.layer_choices("kv_heads")[i]}
-        wanted = getattr(ATTENTIONS.get(attn_name), "layer_options", ())
-        attn = ATTENTIONS.build(
-            attn_name, dim, spec.num_heads, spec.qkv_bias, norm if spec.qk_norm else None,
-            spec.attn_drop_rate, spec.proj_drop_rate,
-            **only_set(proj_bias=None if spec.proj_bias else False, inner_norm=norm if spec.attn_inner_norm else None,
-                       **{k: v for k, v in per_layer.items() if k in wanted}),
-        )
-        mlp = MLPS.build(
-            spec.layer_choices("mlp")[i], dim, int(dim * spec.mlp_ratio), spec.proj_bias, spec.proj_drop_rate,
-            **only_set(inner_norm=norm if spec.mlp_inner_norm else None),
-        )
-        return ENCODER_BLOCKS.build(spec.layer_choices("block")[i], dim, attn, mlp, norm, spec.layer_scale, drop_path)
+        attn = self._build(ATTENTIONS, "attn", i, dim, spec.num_heads, norm, spec.drop.attn, spec.drop.proj, i)
+        mlp = self._build(MLPS, "mlp", i, dim, int(dim * spec.mlp_ratio), norm, spec.drop.proj)
+        return self._build(ENCODER_BLOCKS, "block", i, dim, attn, mlp, norm, drop_path)
 
     def _make_pool(self) -> nn.Module:
-        spec = self.spec
-        mlp = MLPS.get(spec.layer_choices("mlp")[-1])
-        return POOLS.build(
-            spec.pool, spec.embed_dim, spec.pool_num_heads or spec.num_heads, spec.pool_mlp_ratio or spec.mlp_ratio,
-            self._norm_factory(), mlp,
-            0 if spec.pool_include_prefix else spec.num_prefix_tokens,
-        )
+        spec, norm = self.spec, self._norm_factory()
+        mlp_name = spec.layer("mlp", spec.depth - 1)[0]  # the pooling MLP is the last block's kind, bias on
+
+        def mlp(dim: int, hidden: int) -> nn.Module:
+            return MLPS.build(mlp_name, dim, hidden, norm, 0.0)
+
+        return self._build(POOLS, "pool", 0, spec.embed_dim, spec.num_heads, spec.mlp_ratio, norm, mlp,
+                           spec.num_prefix_tokens)
 
     def _make_heads(self) -> None:
         """``head`` (and DeiT's ``head_dist``): a linear classifier, or Identity when num_classes=0."""
@@ -144,7 +134,7 @@ class VisionTransformer(nn.Module):
 
     @property
     def global_pool(self) -> str:
-        return self.spec.pool
+        return self.spec.pool.name
 
     def no_weight_decay(self) -> set[str]:
         """Parameters that weight decay should skip: the position table and prefix tokens."""
@@ -165,8 +155,8 @@ class VisionTransformer(nn.Module):
         """New head for ``num_classes`` (0 removes it); optionally a new pooling by name."""
         ref = next(self.parameters())
         changes: dict[str, Any] = {"num_classes": num_classes}
-        if pool is not None and pool != self.spec.pool:
-            changes.update(pool=pool, fc_norm=self.spec.use_fc_norm)  # the final norm stays where it is
+        if pool is not None and pool != self.spec.pool.name:
+            changes.update(pool=pool, final_norm=self.spec.final_norm_at)  # the final norm stays where it is
         self.spec = self.spec.replace(**changes)
         if "pool" in changes:
             self.attn_pool = self._make_pool()
@@ -194,21 +184,21 @@ class VisionTransformer(nn.Module):
         tokens = [t for t in (self.cls_token, self.dist_token, self.reg_token) if t is not None]
         if pos is None:
             x = prepend_tokens(x, tokens)
-        elif self.spec.no_embed_class:
+        elif pos.shape[1] == x.shape[1]:  # a table of the patch tokens only (timm's no_embed_class)
             x = prepend_tokens(x + pos, tokens)
         else:
             x = prepend_tokens(x, tokens) + pos
         x = self.pos_drop(x)
-        if self.training and self.spec.patch_drop_rate > 0:
-            x = drop_patch_tokens(x, self.num_prefix_tokens, self.spec.patch_drop_rate)
+        if self.training and self.spec.drop.patch > 0:
+            x = drop_patch_tokens(x, self.num_prefix_tokens, self.spec.drop.patch)
         return self.norm_pre(x), grid
 
     def _run_block(self, i: int, x: torch.Tensor, rotation: Rotation | None) -> torch.Tensor:
         block = self.blocks[i]
-        args = (x,) if rotation is None else (x, rotation.layer(i))  # blocks without RoPE support take x alone
+        rotation = None if rotation is None else rotation.layer(i)
         if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
+            return checkpoint(block, x, rotation, use_reentrant=False)
+        return block(x, rotation)
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """Images ``(b, c, H, W)`` -> normalized tokens ``(b, prefix + h*w, dim)``."""
@@ -280,8 +270,3 @@ class VisionTransformer(nn.Module):
             output_fmt="NCHW" if reshape else "NLC", intermediates_only=True,
         )
 
-
-def only_set(**options: Any) -> dict[str, Any]:
-    """The optional block keywords a spec sets (None = not asked), so blocks written to a slot's basic
-    contract still serve every spec that does not ask for those options."""
-    return {name: value for name, value in options.items() if value is not None}

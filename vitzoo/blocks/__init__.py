@@ -12,6 +12,7 @@ from vitzoo.blocks.attention import ATTENTIONS
 from vitzoo.blocks.encoder import ENCODER_BLOCKS
 from vitzoo.blocks.mlp import MLPS
 from vitzoo.blocks.norm import NORMS
+from vitzoo.blocks.options import BlockOptions
 from vitzoo.blocks.patch import PATCH_EMBEDS
 from vitzoo.blocks.pooling import POOLS
 from vitzoo.blocks.position import POSITIONS
@@ -33,19 +34,24 @@ def slot_table(slot: str) -> BlockTable:
         raise ValueError(f"unknown block slot {slot!r}; {did_you_mean(slot, SLOTS)}") from None
 
 
-def register_block(slot: str, name: str, factory: Callable | None = None, *, overwrite: bool = False) -> Callable:
+def register_block(
+    slot: str, name: str, factory: Callable | None = None, *, options: type[BlockOptions] | None = None,
+    overwrite: bool = False,
+) -> Callable:
     """Make a block usable by ``name`` in ``slot`` everywhere a spec names blocks: ``create_model``,
     TOML registry entries, ``vitzoo ablate --grid``. A class decorator, or a call with ``factory``.
+    ``options`` declares the options the block takes (a frozen :class:`BlockOptions` dataclass): a spec
+    sets them as ``mlp={"name": "my_mlp", "scale": 0.5}`` and the block receives ``options=<instance>``.
 
     >>> @register_block("mlp", "my_mlp")
     ... class MyMlp(nn.Module):
-    ...     def __init__(self, dim, hidden_dim, bias, drop): ...
+    ...     def __init__(self, dim, hidden_dim, norm, drop): ...
 
     The first model that builds the block calls it once on a tiny input, so a block that breaks its
     slot's contract (``slot_table(slot).contract``; docs/custom_blocks.md) fails at construction
     with a :class:`BlockContractError` naming the slot, the block and the contract.
     """
-    return slot_table(slot).register(name, factory, overwrite=overwrite, verify=True)
+    return slot_table(slot).register(name, factory, options=options, overwrite=overwrite, verify=True)
 
 
-__all__ = ["SLOTS", "BlockContractError", "BlockTable", "register_block", "slot_table"]
+__all__ = ["SLOTS", "BlockContractError", "BlockOptions", "BlockTable", "register_block", "slot_table"]

@@ -1,17 +1,15 @@
 """Attention slot.
 
-Contract: ``factory(dim, num_heads, qkv_bias, qk_norm, attn_drop, proj_drop) -> nn.Module`` mapping
-``(b, n, dim) -> (b, n, dim)``; ``qk_norm`` is a norm factory applied per head to q and k, or None.
-Two keywords are passed only when a spec asks for them: ``proj_bias=False`` (no bias on the output
-projection) and ``inner_norm`` (a norm factory applied before the output projection). A model with
-rotary positions (spec ``rope``) calls ``forward(x, rotation)``; the entries here rotate q and k.
-A block class may list per-layer keywords in ``layer_options``: ``"layer"`` (its block's index) and
-``"kv_heads"`` (the spec's key/value heads for that layer) are passed when listed.
+Contract: ``factory(dim, num_heads, norm, attn_drop, proj_drop, layer, *, options) -> nn.Module`` with
+``forward(x, rotation)`` mapping ``(b, n, dim) -> (b, n, dim)``; ``norm`` is the model's norm factory (for
+q/k and inner norms), ``layer`` the index of the block it serves, and ``rotation`` the rotary positions
+to turn q and k by (:class:`~vitzoo.blocks.rope.Rotation`), None for a model without RoPE.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -19,8 +17,39 @@ from einops import rearrange, repeat
 from torch import nn
 
 from vitzoo.blocks.norm import NormFactory
+from vitzoo.blocks.options import BlockOptions
 from vitzoo.blocks.rope import Rotation, rotate
-from vitzoo.blocks.table import BlockTable
+from vitzoo.blocks.table import BlockTable, like_module
+from vitzoo.fields import AT_LEAST_ONE
+
+
+@dataclass(frozen=True)
+class AttentionOptions(BlockOptions):
+    """Options of every attention entry."""
+
+    qkv_bias: bool = True
+    """biases on the q, k, v projections"""
+    qk_norm: bool = False
+    """normalize q and k per head with the model's norm (ViT-22B)"""
+    proj_bias: bool = True
+    """bias on the output projection (AIMv2 has none)"""
+    inner_norm: bool = False
+    """norm before the output projection (Sub-LN of BEiT-3; EVA-02 CLIP)"""
+
+
+@dataclass(frozen=True)
+class GroupedQueryOptions(AttentionOptions):
+    """Options of grouped-query attention."""
+
+    ranges = {"kv_heads": AT_LEAST_ONE}
+
+    kv_heads: int | None = None
+    """key/value heads, each shared by num_heads / kv_heads query heads; None: num_heads"""
+
+    def check(self, spec) -> None:
+        if self.kv_heads is not None and spec.num_heads % self.kv_heads:
+            raise ValueError(f"kv_heads={self.kv_heads} does not divide num_heads={spec.num_heads}; each query "
+                             f"group needs the same number of heads, so use a divisor of {spec.num_heads}")
 
 
 def attend(
@@ -59,29 +88,30 @@ class Attention(nn.Module):
     """
 
     def __init__(
-        self, dim: int, num_heads: int, qkv_bias: bool = True, qk_norm: NormFactory | None = None,
-        attn_drop: float = 0.0, proj_drop: float = 0.0, *, proj_bias: bool = True,
-        inner_norm: NormFactory | None = None,
+        self, dim: int, num_heads: int, norm: NormFactory, attn_drop: float = 0.0, proj_drop: float = 0.0,
+        layer: int = 0, *, options: AttentionOptions = AttentionOptions(),
     ) -> None:
         super().__init__()
         self.num_heads = num_heads
-        head_dim = dim // num_heads
-        self._make_projections(dim, qkv_bias)
-        self.q_norm = qk_norm(head_dim) if qk_norm else nn.Identity()
-        self.k_norm = qk_norm(head_dim) if qk_norm else nn.Identity()
+        self._make_projections(dim, options)
+        self._make_qk_norms(dim // num_heads, norm, options.qk_norm)
         self.attn_drop = attn_drop
-        self.norm = inner_norm(dim) if inner_norm else nn.Identity()
-        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+        self.norm = norm(dim) if options.inner_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim, bias=options.proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def _make_projections(self, dim: int, qkv_bias: bool) -> None:
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+    def _make_qk_norms(self, head_dim: int, norm: NormFactory, qk_norm: bool) -> None:
+        self.q_norm = norm(head_dim) if qk_norm else nn.Identity()
+        self.k_norm = norm(head_dim) if qk_norm else nn.Identity()
+
+    def _make_projections(self, dim: int, options: AttentionOptions) -> None:
+        self.qkv = nn.Linear(dim, 3 * dim, bias=options.qkv_bias)
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """Tokens -> packed q, k, v ``(b, n, 3 * dim)``."""
         return self.qkv(x)
 
-    def forward(self, x: torch.Tensor, rotation: Rotation | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotation: Rotation | None) -> torch.Tensor:
         dropout = self.attn_drop if self.training else 0.0
         x = attend(self.project(x), self.num_heads, self.q_norm, self.k_norm, dropout, rotation)
         return self.proj_drop(self.proj(self.norm(x)))
@@ -93,10 +123,10 @@ class EvaAttention(Attention):
     only add a per-query constant to the logits, which softmax ignores.
     """
 
-    def _make_projections(self, dim: int, qkv_bias: bool) -> None:
+    def _make_projections(self, dim: int, options: AttentionOptions) -> None:
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.q_bias = nn.Parameter(torch.zeros(dim)) if qkv_bias else None
-        self.v_bias = nn.Parameter(torch.zeros(dim)) if qkv_bias else None
+        self.q_bias = nn.Parameter(torch.zeros(dim)) if options.qkv_bias else None
+        self.v_bias = nn.Parameter(torch.zeros(dim)) if options.qkv_bias else None
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         if self.q_bias is None:
@@ -108,10 +138,10 @@ class EvaSplitAttention(Attention):
     """:class:`EvaAttention` with three projections ``q_proj``, ``k_proj`` (no bias), ``v_proj``, as the
     EVA-02 base and large checkpoints store them (timm's ``EvaAttention(qkv_fused=False)``)."""
 
-    def _make_projections(self, dim: int, qkv_bias: bool) -> None:
-        self.q_proj = nn.Linear(dim, dim, bias=qkv_bias)
+    def _make_projections(self, dim: int, options: AttentionOptions) -> None:
+        self.q_proj = nn.Linear(dim, dim, bias=options.qkv_bias)
         self.k_proj = nn.Linear(dim, dim, bias=False)
-        self.v_proj = nn.Linear(dim, dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(dim, dim, bias=options.qkv_bias)
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
@@ -124,24 +154,14 @@ class GroupedQueryAttention(Attention):
     when ``qkv_bias``; ``kv_heads = num_heads`` is ordinary multi-head attention in that layout.
     """
 
-    layer_options = ("kv_heads",)
-
-    def __init__(
-        self, dim: int, num_heads: int, qkv_bias: bool = True, qk_norm: NormFactory | None = None,
-        attn_drop: float = 0.0, proj_drop: float = 0.0, *, proj_bias: bool = True,
-        inner_norm: NormFactory | None = None, kv_heads: int | None = None,
-    ) -> None:
-        self.kv_heads = kv_heads or num_heads
-        super().__init__(dim, num_heads, qkv_bias, qk_norm, attn_drop, proj_drop, proj_bias=proj_bias,
-                         inner_norm=inner_norm)
-
-    def _make_projections(self, dim: int, qkv_bias: bool) -> None:
+    def _make_projections(self, dim: int, options: GroupedQueryOptions) -> None:
+        self.kv_heads = options.kv_heads or self.num_heads
         kv_dim = dim // self.num_heads * self.kv_heads
-        self.q_proj = nn.Linear(dim, dim, bias=qkv_bias)
-        self.k_proj = nn.Linear(dim, kv_dim, bias=qkv_bias)
-        self.v_proj = nn.Linear(dim, kv_dim, bias=qkv_bias)
+        self.q_proj = nn.Linear(dim, dim, bias=options.qkv_bias)
+        self.k_proj = nn.Linear(dim, kv_dim, bias=options.qkv_bias)
+        self.v_proj = nn.Linear(dim, kv_dim, bias=options.qkv_bias)
 
-    def forward(self, x: torch.Tensor, rotation: Rotation | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotation: Rotation | None) -> torch.Tensor:
         q = rearrange(self.q_proj(x), "b n (h d) -> b h n d", h=self.num_heads)
         k, v = (rearrange(proj(x), "b n (h d) -> b h n d", h=self.kv_heads) for proj in (self.k_proj, self.v_proj))
         x = attend_heads(q, k, v, self.q_norm, self.k_norm, self.attn_drop if self.training else 0.0, rotation)
@@ -155,24 +175,21 @@ class DiffAttention(Attention):
     (``sub_norm``) and scaled by ``1 - lambda_init``, where ``lambda_init`` rises with the layer index.
     """
 
-    layer_options = ("layer",)
-
     def __init__(
-        self, dim: int, num_heads: int, qkv_bias: bool = True, qk_norm: NormFactory | None = None,
-        attn_drop: float = 0.0, proj_drop: float = 0.0, *, proj_bias: bool = True,
-        inner_norm: NormFactory | None = None, layer: int = 0,
+        self, dim: int, num_heads: int, norm: NormFactory, attn_drop: float = 0.0, proj_drop: float = 0.0,
+        layer: int = 0, *, options: AttentionOptions = AttentionOptions(),
     ) -> None:
+        super().__init__(dim, num_heads, norm, attn_drop, proj_drop, layer, options=options)
         half_dim = dim // num_heads // 2
-        super().__init__(dim, num_heads, qkv_bias, None, attn_drop, proj_drop, proj_bias=proj_bias,
-                         inner_norm=inner_norm)
-        self.q_norm = qk_norm(half_dim) if qk_norm else nn.Identity()
-        self.k_norm = qk_norm(half_dim) if qk_norm else nn.Identity()
         for name in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2"):
             setattr(self, name, nn.Parameter(nn.init.normal_(torch.empty(half_dim), std=0.1)))
         self.sub_norm = nn.RMSNorm(2 * half_dim, eps=1e-5)
         self.lambda_init = 0.8 - 0.6 * math.exp(-0.3 * layer)
 
-    def forward(self, x: torch.Tensor, rotation: Rotation | None = None) -> torch.Tensor:
+    def _make_qk_norms(self, head_dim: int, norm: NormFactory, qk_norm: bool) -> None:
+        super()._make_qk_norms(head_dim // 2, norm, qk_norm)  # q and k are split in two halves per head
+
+    def forward(self, x: torch.Tensor, rotation: Rotation | None) -> torch.Tensor:
         if rotation is not None:
             raise ValueError("attn='diff' does not support rotary positions; use rope='none'")
         lambdas = (self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2)
@@ -198,11 +215,18 @@ def differential_attend(
     return rearrange(sub_norm(out) * (1 - lambda_init), "b h n e -> b n (h e)")
 
 
+def _attention_probe(module: nn.Module, args: tuple) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """``forward(x, None)`` on ``(2, 5, dim)`` tokens must keep their shape."""
+    x = torch.randn(2, 5, args[0], **like_module(module))
+    return module(x, None), tuple(x.shape)
+
+
 ATTENTIONS: BlockTable = BlockTable(
-    "attn", "factory(dim, num_heads, qkv_bias, qk_norm, attn_drop, proj_drop) -> module (b, n, dim) -> (b, n, dim)"
+    "attn", "factory(dim, num_heads, norm, attn_drop, proj_drop, layer, *, options) -> module with "
+    "forward(x, rotation) (b, n, dim) -> (b, n, dim)", probe=_attention_probe,
 )
-ATTENTIONS.register("mhsa", Attention)
-ATTENTIONS.register("eva", EvaAttention)
-ATTENTIONS.register("eva_split", EvaSplitAttention)
-ATTENTIONS.register("gqa", GroupedQueryAttention)
-ATTENTIONS.register("diff", DiffAttention)
+ATTENTIONS.register("mhsa", Attention, options=AttentionOptions)
+ATTENTIONS.register("eva", EvaAttention, options=AttentionOptions)
+ATTENTIONS.register("eva_split", EvaSplitAttention, options=AttentionOptions)
+ATTENTIONS.register("gqa", GroupedQueryAttention, options=GroupedQueryOptions)
+ATTENTIONS.register("diff", DiffAttention, options=AttentionOptions)

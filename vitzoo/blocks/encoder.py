@@ -1,17 +1,17 @@
 """Encoder-block slot: how attention and MLP are wired with norms and residuals.
 
-Contract: ``factory(dim, attn, mlp, norm, layer_scale, drop_path) -> nn.Module`` mapping
-``(b, n, dim) -> (b, n, dim)``; ``attn`` and ``mlp`` are built modules, ``norm`` a norm factory,
-``layer_scale`` the LayerScale init value (None disables it) and ``drop_path`` this block's
-stochastic-depth rate. Parameter names follow timm's ``Block``: ``norm1``, ``attn``, ``ls1``,
-``norm2``, ``mlp``, ``ls2``. A model with rotary positions calls ``forward(x, rotation)`` and the block
-hands the rotation to its attention.
+Contract: ``factory(dim, attn, mlp, norm, drop_path, *, options) -> nn.Module`` with ``forward(x, rotation)``
+mapping ``(b, n, dim) -> (b, n, dim)``; ``attn`` and ``mlp`` are built modules, ``norm`` a norm factory,
+``drop_path`` this block's stochastic-depth rate, and ``rotation`` the rotary positions the block hands
+to its attention (None without RoPE). Parameter names follow timm's ``Block``: ``norm1``, ``attn``,
+``ls1``, ``norm2``, ``mlp``, ``ls2``.
 """
 
 from __future__ import annotations
 
 import copy
 from collections import OrderedDict
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -20,8 +20,20 @@ from torch import nn
 from vitzoo.blocks.attention import Attention, DiffAttention, attend, differential_attend
 from vitzoo.blocks.mlp import Mlp
 from vitzoo.blocks.norm import NormFactory
+from vitzoo.blocks.options import BlockOptions
 from vitzoo.blocks.rope import Rotation
-from vitzoo.blocks.table import BlockTable
+from vitzoo.blocks.table import BlockTable, like_module
+from vitzoo.fields import POSITIVE
+
+
+@dataclass(frozen=True)
+class LayerScaleOptions(BlockOptions):
+    """Options of every encoder-block entry."""
+
+    ranges = {"layer_scale": POSITIVE}
+
+    layer_scale: float | None = None
+    """initial value of LayerScale, a learned per-channel scale of each residual branch (CaiT); None: off"""
 
 
 class LayerScale(nn.Module):
@@ -50,20 +62,15 @@ class DropPath(nn.Module):
         return x * mask / keep
 
 
-def run_attn(attn: nn.Module, x: torch.Tensor, rotation: Rotation | None) -> torch.Tensor:
-    """Call an attention block, passing the rotation only when there is one (so attention blocks written
-    without RoPE still serve models without it)."""
-    return attn(x) if rotation is None else attn(x, rotation)
-
-
 class _ResidualBlock(nn.Module):
     """The parts every residual wiring shares; subclasses differ only in ``forward``."""
 
     def __init__(
-        self, dim: int, attn: nn.Module, mlp: nn.Module, norm: NormFactory,
-        layer_scale: float | None = None, drop_path: float = 0.0,
+        self, dim: int, attn: nn.Module, mlp: nn.Module, norm: NormFactory, drop_path: float = 0.0, *,
+        options: LayerScaleOptions = LayerScaleOptions(),
     ) -> None:
         super().__init__()
+        layer_scale = options.layer_scale
         self.norm1 = norm(dim)
         self.attn = attn
         self.ls1 = LayerScale(dim, layer_scale) if layer_scale else nn.Identity()
@@ -77,8 +84,8 @@ class _ResidualBlock(nn.Module):
 class PreNormBlock(_ResidualBlock):
     """x + attn(norm(x)), then x + mlp(norm(x)): the pre-norm block of ViT and timm's ``Block``."""
 
-    def forward(self, x: torch.Tensor, rotation: Rotation | None = None) -> torch.Tensor:
-        x = x + self.drop_path1(self.ls1(run_attn(self.attn, self.norm1(x), rotation)))
+    def forward(self, x: torch.Tensor, rotation: Rotation | None) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), rotation)))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x
 
@@ -86,8 +93,8 @@ class PreNormBlock(_ResidualBlock):
 class PostNormBlock(_ResidualBlock):
     """norm(x + attn(x)), then norm(x + mlp(x)): the original Transformer wiring (Vaswani et al. 2017)."""
 
-    def forward(self, x: torch.Tensor, rotation: Rotation | None = None) -> torch.Tensor:
-        x = self.norm1(x + self.drop_path1(self.ls1(run_attn(self.attn, x, rotation))))
+    def forward(self, x: torch.Tensor, rotation: Rotation | None) -> torch.Tensor:
+        x = self.norm1(x + self.drop_path1(self.ls1(self.attn(x, rotation))))
         x = self.norm2(x + self.drop_path2(self.ls2(self.mlp(x))))
         return x
 
@@ -95,10 +102,10 @@ class PostNormBlock(_ResidualBlock):
 class ParallelBlock(_ResidualBlock):
     """x + attn(norm(x)) + mlp(norm(x)): attention and MLP side by side (GPT-J; ViT-22B)."""
 
-    def forward(self, x: torch.Tensor, rotation: Rotation | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotation: Rotation | None) -> torch.Tensor:
         return (
             x
-            + self.drop_path1(self.ls1(run_attn(self.attn, self.norm1(x), rotation)))
+            + self.drop_path1(self.ls1(self.attn(self.norm1(x), rotation)))
             + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         )
 
@@ -107,8 +114,8 @@ class ResPostNormBlock(_ResidualBlock):
     """x + norm(attn(x)), then x + norm(mlp(x)): the norm closes each residual branch (res-post-norm
     of Swin V2, Liu et al. 2022; timm's ``ResPostBlock``)."""
 
-    def forward(self, x: torch.Tensor, rotation: Rotation | None = None) -> torch.Tensor:
-        x = x + self.drop_path1(self.ls1(self.norm1(run_attn(self.attn, x, rotation))))
+    def forward(self, x: torch.Tensor, rotation: Rotation | None) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.norm1(self.attn(x, rotation))))
         x = x + self.drop_path2(self.ls2(self.norm2(self.mlp(x))))
         return x
 
@@ -120,15 +127,16 @@ class EvaBlock(_ResidualBlock):
     registered as ``eva_attn_scale``)."""
 
     def __init__(
-        self, dim: int, attn: nn.Module, mlp: nn.Module, norm: NormFactory, layer_scale: float | None = None,
-        drop_path: float = 0.0, scale_mlp: bool = True,
+        self, dim: int, attn: nn.Module, mlp: nn.Module, norm: NormFactory, drop_path: float = 0.0,
+        scale_mlp: bool = True, *, options: LayerScaleOptions = LayerScaleOptions(),
     ) -> None:
-        super().__init__(dim, attn, mlp, norm, None, drop_path)
+        super().__init__(dim, attn, mlp, norm, drop_path)
+        layer_scale = options.layer_scale
         self.gamma_1 = nn.Parameter(torch.full((dim,), float(layer_scale))) if layer_scale else None
         self.gamma_2 = nn.Parameter(torch.full((dim,), float(layer_scale))) if layer_scale and scale_mlp else None
 
-    def forward(self, x: torch.Tensor, rotation: Rotation | None = None) -> torch.Tensor:
-        x = x + self.drop_path1(self._scale(run_attn(self.attn, self.norm1(x), rotation), self.gamma_1))
+    def forward(self, x: torch.Tensor, rotation: Rotation | None) -> torch.Tensor:
+        x = x + self.drop_path1(self._scale(self.attn(self.norm1(x), rotation), self.gamma_1))
         x = x + self.drop_path2(self._scale(self.mlp(self.norm2(x)), self.gamma_2))
         return x
 
@@ -145,10 +153,11 @@ class ParallelBranchesBlock(nn.Module):
     """
 
     def __init__(
-        self, dim: int, attn: nn.Module, mlp: nn.Module, norm: NormFactory, layer_scale: float | None = None,
-        drop_path: float = 0.0, num_parallel: int = 2,
+        self, dim: int, attn: nn.Module, mlp: nn.Module, norm: NormFactory, drop_path: float = 0.0,
+        num_parallel: int = 2, *, options: LayerScaleOptions = LayerScaleOptions(),
     ) -> None:
         super().__init__()
+        layer_scale = options.layer_scale
 
         def branch(name: str, module: nn.Module) -> nn.Sequential:
             return nn.Sequential(OrderedDict([
@@ -160,8 +169,8 @@ class ParallelBranchesBlock(nn.Module):
         self.attns = nn.ModuleList(branch("attn", attn if j == 0 else copy.deepcopy(attn)) for j in range(num_parallel))
         self.ffns = nn.ModuleList(branch("mlp", mlp if j == 0 else copy.deepcopy(mlp)) for j in range(num_parallel))
 
-    def forward(self, x: torch.Tensor, rotation: Rotation | None = None) -> torch.Tensor:
-        x = x + sum(b.drop_path(b.ls(run_attn(b.attn, b.norm(x), rotation))) for b in self.attns)
+    def forward(self, x: torch.Tensor, rotation: Rotation | None) -> torch.Tensor:
+        x = x + sum(b.drop_path(b.ls(b.attn(b.norm(x), rotation))) for b in self.attns)
         return x + sum(ffn(x) for ffn in self.ffns)
 
 
@@ -180,8 +189,8 @@ class ParallelScalingBlock(nn.Module):
     fuses: type[nn.Module] = Attention  # the attention block this block takes apart
 
     def __init__(
-        self, dim: int, attn: nn.Module, mlp: nn.Module, norm: NormFactory, layer_scale: float | None = None,
-        drop_path: float = 0.0,
+        self, dim: int, attn: nn.Module, mlp: nn.Module, norm: NormFactory, drop_path: float = 0.0, *,
+        options: LayerScaleOptions = LayerScaleOptions(),
     ) -> None:
         super().__init__()
         if type(attn) is not self.fuses or type(mlp) is not Mlp or not isinstance(attn.norm, nn.Identity):
@@ -195,7 +204,7 @@ class ParallelScalingBlock(nn.Module):
         self.q_norm, self.k_norm = attn.q_norm, attn.k_norm
         self.mlp_act, self.mlp_drop = mlp.act, mlp.drop1
         self._make_output(attn, mlp)
-        self.ls = LayerScale(dim, layer_scale) if layer_scale else nn.Identity()
+        self.ls = LayerScale(dim, options.layer_scale) if options.layer_scale else nn.Identity()
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def _make_output(self, attn: nn.Module, mlp: nn.Module) -> None:
@@ -208,7 +217,7 @@ class ParallelScalingBlock(nn.Module):
     def _output(self, attended: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         return self.attn_out_proj(attended) + self.mlp_out_proj(hidden)
 
-    def forward(self, x: torch.Tensor, rotation: Rotation | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotation: Rotation | None) -> torch.Tensor:
         hidden, qkv = self.in_proj(self.in_norm(x)).split([self.hidden_dim, 3 * x.shape[-1]], dim=-1)
         if self.mlp_bias is not None:
             hidden = hidden + self.mlp_bias
@@ -224,10 +233,10 @@ class DiffParallelScalingBlock(ParallelScalingBlock):
     fuses = DiffAttention
 
     def __init__(
-        self, dim: int, attn: nn.Module, mlp: nn.Module, norm: NormFactory, layer_scale: float | None = None,
-        drop_path: float = 0.0,
+        self, dim: int, attn: nn.Module, mlp: nn.Module, norm: NormFactory, drop_path: float = 0.0, *,
+        options: LayerScaleOptions = LayerScaleOptions(),
     ) -> None:
-        super().__init__(dim, attn, mlp, norm, layer_scale, drop_path)
+        super().__init__(dim, attn, mlp, norm, drop_path, options=options)
         self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2 = (
             attn.lambda_q1, attn.lambda_k1, attn.lambda_q2, attn.lambda_k2,
         )
@@ -248,15 +257,20 @@ class DiffParallelScalingBlock(ParallelScalingBlock):
         return self.out_proj(torch.cat([attended, hidden], dim=-1))
 
 
+def _block_probe(module: nn.Module, args: tuple) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """``forward(x, None)`` on ``(2, 5, dim)`` tokens must keep their shape."""
+    x = torch.randn(2, 5, args[0], **like_module(module))
+    return module(x, None), tuple(x.shape)
+
+
 ENCODER_BLOCKS: BlockTable = BlockTable(
-    "block", "factory(dim, attn, mlp, norm, layer_scale, drop_path) -> module (b, n, dim) -> (b, n, dim)"
+    "block", "factory(dim, attn, mlp, norm, drop_path, *, options) -> module with forward(x, rotation) "
+    "(b, n, dim) -> (b, n, dim)", probe=_block_probe,
 )
-ENCODER_BLOCKS.register("prenorm", PreNormBlock)
-ENCODER_BLOCKS.register("postnorm", PostNormBlock)
-ENCODER_BLOCKS.register("parallel", ParallelBlock)
-ENCODER_BLOCKS.register("respost", ResPostNormBlock)
-ENCODER_BLOCKS.register("parallel2", partial(ParallelBranchesBlock, num_parallel=2))
-ENCODER_BLOCKS.register("parallel_scaling", ParallelScalingBlock)
-ENCODER_BLOCKS.register("diff_parallel_scaling", DiffParallelScalingBlock)
-ENCODER_BLOCKS.register("eva", EvaBlock)
-ENCODER_BLOCKS.register("eva_attn_scale", partial(EvaBlock, scale_mlp=False))
+for _name, _factory in (
+    ("prenorm", PreNormBlock), ("postnorm", PostNormBlock), ("parallel", ParallelBlock), ("respost", ResPostNormBlock),
+    ("parallel2", partial(ParallelBranchesBlock, num_parallel=2)), ("parallel_scaling", ParallelScalingBlock),
+    ("diff_parallel_scaling", DiffParallelScalingBlock), ("eva", EvaBlock),
+    ("eva_attn_scale", partial(EvaBlock, scale_mlp=False)),
+):
+    ENCODER_BLOCKS.register(_name, _factory, options=LayerScaleOptions)

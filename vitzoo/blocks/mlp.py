@@ -1,14 +1,14 @@
 """Feed-forward (MLP) slot.
 
-Contract: ``factory(dim: int, hidden_dim: int, bias: bool, drop: float) -> nn.Module`` mapping
-``(b, n, dim) -> (b, n, dim)``. Parameter names follow timm (``fc1``/``fc2``; ``fc1_g``/``fc1_x``
-for gated units). The keyword ``inner_norm`` (a norm factory for the hidden activations, before
-``fc2``) is passed only when a spec asks for it.
+Contract: ``factory(dim: int, hidden_dim: int, norm: NormFactory, drop: float, *, options) -> nn.Module``
+mapping ``(b, n, dim) -> (b, n, dim)``; ``norm`` is the model's norm factory and ``drop`` the dropout
+after each layer. Parameter names follow timm (``fc1``/``fc2``; ``fc1_g``/``fc1_x`` for gated units).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -16,7 +16,24 @@ from einops import rearrange
 from torch import nn
 
 from vitzoo.blocks.norm import NormFactory
+from vitzoo.blocks.options import BlockOptions
 from vitzoo.blocks.table import BlockTable
+
+
+@dataclass(frozen=True)
+class MlpOptions(BlockOptions):
+    """Options of every MLP entry."""
+
+    bias: bool = True
+    """biases on the MLP's linear layers (AIMv2 has none)"""
+
+
+@dataclass(frozen=True)
+class InnerNormMlpOptions(MlpOptions):
+    """Options of the MLPs that can normalize their hidden activations."""
+
+    inner_norm: bool = False
+    """norm on the hidden activations before the output layer (Sub-LN of BEiT-3; EVA-02)"""
 
 
 class QuickGELU(nn.Module):
@@ -33,14 +50,15 @@ class Mlp(nn.Module):
     """
 
     def __init__(
-        self, dim: int, hidden_dim: int, bias: bool = True, drop: float = 0.0,
-        act: Callable[[], nn.Module] = nn.GELU, *, inner_norm: NormFactory | None = None,
+        self, dim: int, hidden_dim: int, norm: NormFactory, drop: float = 0.0,
+        act: Callable[[], nn.Module] = nn.GELU, *, options: InnerNormMlpOptions = InnerNormMlpOptions(),
     ) -> None:
         super().__init__()
+        bias = options.bias
         self.fc1 = nn.Linear(dim, hidden_dim, bias=bias)
         self.act = act()
         self.drop1 = nn.Dropout(drop)
-        self.norm = inner_norm(hidden_dim) if inner_norm else nn.Identity()
+        self.norm = norm(hidden_dim) if options.inner_norm else nn.Identity()
         self.fc2 = nn.Linear(hidden_dim, dim, bias=bias)
         self.drop2 = nn.Dropout(drop)
 
@@ -52,15 +70,16 @@ class GatedMlp(nn.Module):
     """Gated linear unit: act(fc1_g x) * fc1_x x -> fc2 (SwiGLU, Shazeer 2020; timm ``SwiGLU``)."""
 
     def __init__(
-        self, dim: int, hidden_dim: int, bias: bool = True, drop: float = 0.0,
-        act: Callable[[], nn.Module] = nn.SiLU, *, inner_norm: NormFactory | None = None,
+        self, dim: int, hidden_dim: int, norm: NormFactory, drop: float = 0.0,
+        act: Callable[[], nn.Module] = nn.SiLU, *, options: InnerNormMlpOptions = InnerNormMlpOptions(),
     ) -> None:
         super().__init__()
+        bias = options.bias
         self.fc1_g = nn.Linear(dim, hidden_dim, bias=bias)
         self.fc1_x = nn.Linear(dim, hidden_dim, bias=bias)
         self.act = act()
         self.drop1 = nn.Dropout(drop)
-        self.norm = inner_norm(hidden_dim) if inner_norm else nn.Identity()
+        self.norm = norm(hidden_dim) if options.inner_norm else nn.Identity()
         self.fc2 = nn.Linear(hidden_dim, dim, bias=bias)
         self.drop2 = nn.Dropout(drop)
 
@@ -74,17 +93,18 @@ class PackedGatedMlp(nn.Module):
     """
 
     def __init__(
-        self, dim: int, hidden_dim: int, bias: bool = True, drop: float = 0.0,
-        act: Callable[[], nn.Module] = nn.SiLU, *, inner_norm: NormFactory | None = None,
+        self, dim: int, hidden_dim: int, norm: NormFactory, drop: float = 0.0,
+        act: Callable[[], nn.Module] = nn.SiLU, *, options: InnerNormMlpOptions = InnerNormMlpOptions(),
     ) -> None:
         super().__init__()
+        bias = options.bias
         if hidden_dim % 2:
             raise ValueError(f"a packed gated MLP splits fc1 in two halves; hidden width {hidden_dim} is odd, "
                              f"pick mlp_ratio so that int(embed_dim * mlp_ratio) is even")
         self.fc1 = nn.Linear(dim, hidden_dim, bias=bias)
         self.act = act()
         self.drop1 = nn.Dropout(drop)
-        self.norm = inner_norm(hidden_dim // 2) if inner_norm else nn.Identity()
+        self.norm = norm(hidden_dim // 2) if options.inner_norm else nn.Identity()
         self.fc2 = nn.Linear(hidden_dim // 2, dim, bias=bias)
         self.drop2 = nn.Dropout(drop)
 
@@ -98,12 +118,11 @@ class NormedGatedMlp(nn.Module):
     timm's vitamin ``GeGluMlp``, whose input norm is always a LayerNorm with eps 1e-6)."""
 
     def __init__(
-        self, dim: int, hidden_dim: int, bias: bool = True, drop: float = 0.0,
-        act: Callable[[], nn.Module] = nn.GELU, *, inner_norm: NormFactory | None = None,
+        self, dim: int, hidden_dim: int, norm: NormFactory, drop: float = 0.0,
+        act: Callable[[], nn.Module] = nn.GELU, *, options: MlpOptions = MlpOptions(),
     ) -> None:
         super().__init__()
-        if inner_norm is not None:
-            raise ValueError("mlp='geglu_normed' already normalizes its input; set mlp_inner_norm=False")
+        bias = options.bias
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.w0 = nn.Linear(dim, hidden_dim, bias=bias)
         self.act = act()
@@ -117,12 +136,13 @@ class NormedGatedMlp(nn.Module):
         return self.drop2(self.w2(self.drop1(self.act(self.w0(x)) * self.w1(x))))
 
 
-MLPS: BlockTable = BlockTable("mlp", "factory(dim, hidden_dim, bias, drop) -> module (b, n, dim) -> (b, n, dim)")
-MLPS.register("gelu", partial(Mlp, act=nn.GELU))
-MLPS.register("gelu_tanh", partial(Mlp, act=partial(nn.GELU, approximate="tanh")))
-MLPS.register("quick_gelu", partial(Mlp, act=QuickGELU))
-MLPS.register("relu", partial(Mlp, act=nn.ReLU))
-MLPS.register("swiglu", partial(GatedMlp, act=nn.SiLU))
-MLPS.register("geglu", partial(GatedMlp, act=nn.GELU))
-MLPS.register("swiglu_packed", partial(PackedGatedMlp, act=nn.SiLU))
-MLPS.register("geglu_normed", partial(NormedGatedMlp, act=nn.GELU))
+MLPS: BlockTable = BlockTable(
+    "mlp", "factory(dim, hidden_dim, norm, drop, *, options) -> module (b, n, dim) -> (b, n, dim)"
+)
+for _name, _block, _act in (
+    ("gelu", Mlp, nn.GELU), ("gelu_tanh", Mlp, partial(nn.GELU, approximate="tanh")), ("quick_gelu", Mlp, QuickGELU),
+    ("relu", Mlp, nn.ReLU), ("swiglu", GatedMlp, nn.SiLU), ("geglu", GatedMlp, nn.GELU),
+    ("swiglu_packed", PackedGatedMlp, nn.SiLU),
+):
+    MLPS.register(_name, partial(_block, act=_act), options=InnerNormMlpOptions)
+MLPS.register("geglu_normed", partial(NormedGatedMlp, act=nn.GELU), options=MlpOptions)

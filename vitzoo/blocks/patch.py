@@ -1,16 +1,16 @@
 """Patch-embedding slot.
 
-Contract: ``factory(patch_size: int, in_chans: int, dim: int, bias: bool) -> nn.Module`` mapping
-images ``(b, c, H, W) -> (b, h, w, dim)`` with ``h = H / patch_size``. The grid stays explicit in the
-output so the position block can resample for any input size. The entries store the projection as
-timm does: ``proj.weight`` of shape ``(dim, c, p, p)`` (hybrids: ``(dim, cnn_channels, k, k)``). The
-keyword ``norm`` (a norm factory for the patch tokens, stored as ``norm``: AIMv2, timm's
-``embed_norm_layer``) is passed only when a spec asks for it.
+Contract: ``factory(patch_size: int, in_chans: int, dim: int, norm: NormFactory, *, options) -> nn.Module``
+mapping images ``(b, c, H, W) -> (b, h, w, dim)`` with ``h = H / patch_size``; ``norm`` is the model's
+norm factory. The grid stays explicit in the output so the position block can resample for any input
+size. The entries store the projection as timm does: ``proj.weight`` of shape ``(dim, c, p, p)``
+(hybrids: ``(dim, cnn_channels, k, k)``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -19,7 +19,24 @@ from einops import rearrange
 from torch import nn
 
 from vitzoo.blocks.norm import NormFactory
+from vitzoo.blocks.options import BlockOptions
 from vitzoo.blocks.table import BlockTable, like_module
+
+
+@dataclass(frozen=True)
+class ProjectionOptions(BlockOptions):
+    """Options of every patch-embedding entry."""
+
+    bias: bool = True
+    """bias on the patch projection (CLIP has none)"""
+
+
+@dataclass(frozen=True)
+class PatchOptions(ProjectionOptions):
+    """Options of the patch embeddings whose norm on the patch tokens is optional."""
+
+    norm: bool = False
+    """norm on the patch tokens, stored as ``patch_embed.norm`` (AIMv2; timm's embed_norm_layer)"""
 
 
 def patchify(images: torch.Tensor, p: int, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -99,12 +116,12 @@ class LinearPatchEmbed(nn.Module):
     """Cut the image into p x p patches with einops and project each with one matmul (ViT)."""
 
     def __init__(
-        self, patch_size: int, in_chans: int, dim: int, bias: bool = True, *, norm: NormFactory | None = None,
+        self, patch_size: int, in_chans: int, dim: int, norm: NormFactory, *, options: PatchOptions = PatchOptions(),
     ) -> None:
         super().__init__()
         self.patch_size = patch_size
-        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size, bias=bias)
-        self.norm = norm(dim) if norm else nn.Identity()
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size, bias=options.bias)
+        self.norm = norm(dim) if options.norm else nn.Identity()
 
     def weight_matrix(self) -> torch.Tensor:
         """The conv-shaped ``proj.weight`` as the ``(dim, c*p*p)`` matrix that patch rows multiply (a view)."""
@@ -116,16 +133,14 @@ class LinearPatchEmbed(nn.Module):
 
 class NormedLinearPatchEmbed(LinearPatchEmbed):
     """Normalize each raw patch vector before the projection (lucidrains' vit-pytorch): patch
-    statistics no longer depend on image contrast. Needs ``patch_norm``: its norm kind serves both
-    the ``norm_in`` over ``c * p * p`` pixels and the usual ``norm`` over ``dim``."""
+    statistics no longer depend on image contrast. The model's norm serves both the ``norm_in`` over
+    ``c * p * p`` pixels and the ``norm`` over ``dim``, which is always on."""
 
     def __init__(
-        self, patch_size: int, in_chans: int, dim: int, bias: bool = True, *, norm: NormFactory | None = None,
+        self, patch_size: int, in_chans: int, dim: int, norm: NormFactory, *,
+        options: ProjectionOptions = ProjectionOptions(),
     ) -> None:
-        if norm is None:
-            raise ValueError("patch_embed='linear_prenorm' normalizes patches with the spec's norm; "
-                             "set patch_norm=True")
-        super().__init__(patch_size, in_chans, dim, bias, norm=norm)
+        super().__init__(patch_size, in_chans, dim, norm, options=PatchOptions(bias=options.bias, norm=True))
         self.norm_in = norm(in_chans * patch_size * patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -190,8 +205,9 @@ class HybridPatchEmbed(nn.Module):
     """
 
     def __init__(
-        self, patch_size: int, in_chans: int, dim: int, bias: bool = True, *, norm: NormFactory | None = None,
+        self, patch_size: int, in_chans: int, dim: int, norm: NormFactory, *,
         backbone: Callable[[int], nn.Module], channels: int, reduction: int, proj: bool = True,
+        options: PatchOptions = PatchOptions(),
     ) -> None:
         super().__init__()
         if patch_size % reduction:
@@ -202,8 +218,9 @@ class HybridPatchEmbed(nn.Module):
                              f"use embed_dim={channels} and patch_size={reduction}")
         self.backbone = backbone(in_chans)
         cells = patch_size // reduction
-        self.proj = nn.Conv2d(channels, dim, kernel_size=cells, stride=cells, bias=bias) if proj else nn.Identity()
-        self.norm = norm(dim) if norm else nn.Identity()
+        self.proj = (nn.Conv2d(channels, dim, kernel_size=cells, stride=cells, bias=options.bias) if proj
+                     else nn.Identity())
+        self.norm = norm(dim) if options.norm else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = self.backbone(x)
@@ -219,33 +236,32 @@ def _patch_probe(module: nn.Module, args: tuple) -> tuple[torch.Tensor, tuple[in
 
 
 PATCH_EMBEDS: BlockTable = BlockTable(
-    "patch_embed", "factory(patch_size, in_chans, dim, bias) -> module (b, c, H, W) -> (b, h, w, dim)",
+    "patch_embed", "factory(patch_size, in_chans, dim, norm, *, options) -> module (b, c, H, W) -> (b, h, w, dim)",
     probe=_patch_probe,
 )
-PATCH_EMBEDS.register("linear", LinearPatchEmbed)
-PATCH_EMBEDS.register("conv", ConvPatchEmbed)
-PATCH_EMBEDS.register("linear_prenorm", NormedLinearPatchEmbed)
-PATCH_EMBEDS.register("hybrid_rstem", partial(HybridPatchEmbed, backbone=partial(resnetv2, layers=()),
-                                              channels=64, reduction=4))
-PATCH_EMBEDS.register("hybrid_r26", partial(HybridPatchEmbed, backbone=partial(resnetv2, layers=(2, 2, 2, 2)),
-                                            channels=2048, reduction=32))
-PATCH_EMBEDS.register("hybrid_r50_s16", partial(HybridPatchEmbed, backbone=partial(resnetv2, layers=(3, 4, 9)),
-                                                channels=1024, reduction=16))
-PATCH_EMBEDS.register("hybrid_r50", partial(HybridPatchEmbed, backbone=partial(resnetv2, layers=(3, 4, 6, 3)),
-                                            channels=2048, reduction=32))
-for _name, _stage, _channels, _reduction in (("resnet26d", 4, 2048, 32), ("resnet50d", 4, 2048, 32),
-                                             ("resnet50d", 3, 1024, 16)):
-    PATCH_EMBEDS.register(
-        f"hybrid_{_name}" + ("_s16" if _reduction == 16 else ""),
-        partial(HybridPatchEmbed, backbone=partial(timm_cnn_features, name=_name, stage=_stage),
-                channels=_channels, reduction=_reduction),
-    )
-for _size, _widths in (("s", (64, 128, 384)), ("b", (128, 256, 768)), ("l", (160, 320, 1024)),
-                       ("xl", (192, 384, 1152))):
-    PATCH_EMBEDS.register(
-        f"hybrid_vitamin_{_size}",
-        partial(HybridPatchEmbed, backbone=partial(vitamin_stem, widths=_widths, stem_width=_widths[0]),
-                channels=_widths[-1], reduction=16, proj=False),
-    )
-PATCH_EMBEDS.register("hybrid_mobileclip_b", partial(HybridPatchEmbed, backbone=partial(mobileclip_stem, width=768),
-                                                     channels=768, reduction=16, proj=False))
+PATCH_EMBEDS.register("linear", LinearPatchEmbed, options=PatchOptions)
+PATCH_EMBEDS.register("conv", ConvPatchEmbed, options=PatchOptions)
+PATCH_EMBEDS.register("linear_prenorm", NormedLinearPatchEmbed, options=ProjectionOptions)
+HYBRID_STEMS: dict[str, Callable] = {
+    "hybrid_rstem": partial(HybridPatchEmbed, backbone=partial(resnetv2, layers=()), channels=64, reduction=4),
+    "hybrid_r26": partial(HybridPatchEmbed, backbone=partial(resnetv2, layers=(2, 2, 2, 2)), channels=2048,
+                          reduction=32),
+    "hybrid_r50_s16": partial(HybridPatchEmbed, backbone=partial(resnetv2, layers=(3, 4, 9)), channels=1024,
+                              reduction=16),
+    "hybrid_r50": partial(HybridPatchEmbed, backbone=partial(resnetv2, layers=(3, 4, 6, 3)), channels=2048,
+                          reduction=32),
+    **{f"hybrid_{name}" + ("_s16" if reduction == 16 else ""): partial(
+        HybridPatchEmbed, backbone=partial(timm_cnn_features, name=name, stage=stage), channels=channels,
+        reduction=reduction,
+    ) for name, stage, channels, reduction in (("resnet26d", 4, 2048, 32), ("resnet50d", 4, 2048, 32),
+                                               ("resnet50d", 3, 1024, 16))},
+    **{f"hybrid_vitamin_{size}": partial(
+        HybridPatchEmbed, backbone=partial(vitamin_stem, widths=widths, stem_width=widths[0]), channels=widths[-1],
+        reduction=16, proj=False,
+    ) for size, widths in (("s", (64, 128, 384)), ("b", (128, 256, 768)), ("l", (160, 320, 1024)),
+                           ("xl", (192, 384, 1152)))},
+    "hybrid_mobileclip_b": partial(HybridPatchEmbed, backbone=partial(mobileclip_stem, width=768), channels=768,
+                                   reduction=16, proj=False),
+}
+for _name, _stem in HYBRID_STEMS.items():
+    PATCH_EMBEDS.register(_name, _stem, options=PatchOptions)

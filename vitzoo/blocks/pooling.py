@@ -1,8 +1,9 @@
 """Pooling (readout) slot: turns the token sequence into one vector per image.
 
-Contract: ``factory(dim, num_heads, mlp_ratio, norm, mlp, num_prefix) -> nn.Module`` mapping
-``(b, n, dim) -> (b, dim)``; ``norm`` and ``mlp`` are the model's norm and MLP factories and
-``num_prefix`` counts the class/distillation/register tokens at the front of the sequence.
+Contract: ``factory(dim, num_heads, mlp_ratio, norm, mlp, num_prefix, *, options) -> nn.Module`` mapping
+``(b, n, dim) -> (b, dim)``; ``norm`` is the model's norm factory, ``mlp(dim, hidden_dim)`` builds the
+model's MLP entry, and ``num_prefix`` counts the class/distillation/register tokens at the front of the
+sequence.
 The model stores the pooling module as ``attn_pool``, timm's name for its only pooling block with
 weights; the parameter-free readouts leave no keys.
 """
@@ -10,6 +11,7 @@ weights; the parameter-free readouts leave no keys.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -17,19 +19,56 @@ from einops import rearrange, reduce, repeat
 from torch import nn
 
 from vitzoo.blocks.norm import NormFactory
+from vitzoo.blocks.options import BlockOptions
 from vitzoo.blocks.table import BlockTable, like_module
+from vitzoo.fields import AT_LEAST_ONE, POSITIVE
+
+
+@dataclass(frozen=True)
+class PoolOptions(BlockOptions):
+    """Options of the readouts over patch tokens."""
+
+    include_prefix: bool = False
+    """also read the class and register tokens (timm's pool_include_prefix)"""
+
+
+@dataclass(frozen=True)
+class AttentionPoolOptions(PoolOptions):
+    """Options of attention pooling."""
+
+    ranges = {"num_heads": AT_LEAST_ONE, "mlp_ratio": POSITIVE}
+
+    num_heads: int | None = None
+    """heads of the pooling attention; None: the model's num_heads (Perception Encoder: 8)"""
+    mlp_ratio: float | None = None
+    """hidden width / embed_dim of the pooling MLP; None: the model's mlp_ratio"""
+
+    def check(self, spec) -> None:
+        if self.num_heads is not None and spec.embed_dim % self.num_heads:
+            raise ValueError(f"num_heads={self.num_heads} must divide embed_dim={spec.embed_dim}")
+        if self.mlp_ratio is not None and spec.embed_dim * self.mlp_ratio < 1:
+            raise ValueError(f"mlp_ratio={self.mlp_ratio} gives an MLP of hidden width 0; use at least 1 / embed_dim")
+
+
+MlpFactory = Callable[[int, int], nn.Module]
 
 
 class _Readout(nn.Module):
     def __init__(
-        self, dim: int, num_heads: int, mlp_ratio: float, norm: NormFactory, mlp: Callable, num_prefix: int,
+        self, dim: int, num_heads: int, mlp_ratio: float, norm: NormFactory, mlp: MlpFactory, num_prefix: int, *,
+        options: PoolOptions = PoolOptions(),
     ) -> None:
         super().__init__()
-        self.num_prefix = num_prefix
+        self.num_prefix = 0 if options.include_prefix else num_prefix
 
 
-class ClassTokenPool(_Readout):
+class ClassTokenPool(nn.Module):
     """The class token's final state (ViT, BERT)."""
+
+    def __init__(
+        self, dim: int, num_heads: int, mlp_ratio: float, norm: NormFactory, mlp: MlpFactory, num_prefix: int,
+    ) -> None:
+        super().__init__()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x[:, 0]
@@ -72,17 +111,18 @@ class AttentionPool(nn.Module):
     """
 
     def __init__(
-        self, dim: int, num_heads: int, mlp_ratio: float, norm: NormFactory, mlp: Callable, num_prefix: int,
+        self, dim: int, num_heads: int, mlp_ratio: float, norm: NormFactory, mlp: MlpFactory, num_prefix: int, *,
+        options: AttentionPoolOptions = AttentionPoolOptions(),
     ) -> None:
         super().__init__()
-        self.num_heads = num_heads
-        self.num_prefix = num_prefix
+        self.num_heads = options.num_heads or num_heads
+        self.num_prefix = 0 if options.include_prefix else num_prefix
         self.latent = nn.Parameter(nn.init.trunc_normal_(torch.empty(1, 1, dim), std=dim**-0.5))
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
         self.norm = norm(dim)
-        self.mlp = mlp(dim, int(dim * mlp_ratio), True, 0.0)
+        self.mlp = mlp(dim, int(dim * (options.mlp_ratio or mlp_ratio)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x[:, self.num_prefix:]
@@ -101,13 +141,11 @@ def _pool_probe(module: nn.Module, args: tuple) -> tuple[torch.Tensor, tuple[int
 
 
 POOLS: BlockTable = BlockTable(
-    "pool", "factory(dim, num_heads, mlp_ratio, norm, mlp, num_prefix) -> module (b, n, dim) -> (b, dim)",
+    "pool", "factory(dim, num_heads, mlp_ratio, norm, mlp, num_prefix, *, options) -> module (b, n, dim) -> (b, dim)",
     probe=_pool_probe,
 )
 POOLS.register("token", ClassTokenPool)
-POOLS.register("avg", AvgPool)
-POOLS.register("max", MaxPool)
-POOLS.register("avgmax", AvgMaxPool)
-POOLS.register("map", AttentionPool)
-POOLS.register("none", NoPool)
+for _name, _pool in (("avg", AvgPool), ("max", MaxPool), ("avgmax", AvgMaxPool), ("none", NoPool)):
+    POOLS.register(_name, _pool, options=PoolOptions)
+POOLS.register("map", AttentionPool, options=AttentionPoolOptions)
 POOLS.alias("gap", "avg")  # global average pooling, as papers and big_vision call it

@@ -1,26 +1,48 @@
 """Position-embedding slot.
 
-Contract: ``factory(grid_size: tuple[int, int], dim: int, num_prefix: int) -> nn.Module`` with
+Contract: ``factory(grid_size: tuple[int, int], dim: int, num_prefix: int, *, options) -> nn.Module`` with
 
 - ``init_table() -> nn.Parameter | None``: the learnable table the model stores as ``pos_embed``
-  (timm's layout ``(1, num_prefix + h * w, dim)``), or None for a fixed or absent embedding;
-- ``forward(table, grid) -> Tensor | None``: the embedding ``(1, num_prefix + h * w, dim)`` for a
-  patch grid ``(h, w)``, or None when there is nothing to add.
+  (timm's layout ``(1, rows, dim)``), or None for a fixed or absent embedding;
+- ``forward(table, grid) -> Tensor | None``: the embedding for a patch grid ``(h, w)``, either
+  ``(1, num_prefix + h * w, dim)`` (added after the prefix tokens are put in front) or ``(1, h * w, dim)``
+  (added to the patch tokens only: DeiT-3, DINOv2 with registers), or None when there is nothing to add.
 
-``num_prefix`` counts the prefix tokens (class, distillation, registers) that get a position of
-their own; it is 0 when the table covers patch tokens only (DeiT-3, DINOv2 with registers).
+``num_prefix`` counts the prefix tokens (class, distillation, registers) in front of the patch tokens.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
 
+from vitzoo.blocks.options import BlockOptions
 from vitzoo.blocks.table import BlockTable
+from vitzoo.fields import POSITIVE
 
 Grid = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class PositionOptions(BlockOptions):
+    """Options of the absolute position embeddings."""
+
+    prefix: bool = True
+    """the prefix tokens get positions too; False: patch tokens only (timm's no_embed_class)"""
+
+
+@dataclass(frozen=True)
+class SinCosOptions(PositionOptions):
+    """Options of the fixed sine-cosine embedding."""
+
+    ranges = {"temperature": POSITIVE}
+
+    temperature: float = 10000.0
+    """frequency base of the sines and cosines"""
 
 
 def resample_table(
@@ -44,11 +66,13 @@ def resample_table(
 class LearnedPosition(nn.Module):
     """Learned absolute position table (ViT), resampled bicubically for other grids."""
 
-    def __init__(self, grid_size: Grid, dim: int, num_prefix: int) -> None:
+    def __init__(
+        self, grid_size: Grid, dim: int, num_prefix: int, *, options: PositionOptions = PositionOptions(),
+    ) -> None:
         super().__init__()
         self.grid_size = tuple(grid_size)
         self.dim = dim
-        self.num_prefix = num_prefix
+        self.num_prefix = num_prefix if options.prefix else 0
 
     def init_table(self) -> nn.Parameter:
         table = torch.empty(1, self.num_prefix + self.grid_size[0] * self.grid_size[1], self.dim)
@@ -63,14 +87,16 @@ class SinCos2dPosition(nn.Module):
     al. 2022): a quarter of the channels each for sin/cos of the row and of the column. Prefix
     tokens get zeros. Nothing is learned or saved, so any grid works without resampling."""
 
-    def __init__(self, grid_size: Grid, dim: int, num_prefix: int, temperature: float = 10000.0) -> None:
+    def __init__(
+        self, grid_size: Grid, dim: int, num_prefix: int, *, options: SinCosOptions = SinCosOptions(),
+    ) -> None:
         super().__init__()
         if dim % 4:
             raise ValueError(f"pos_embed='sincos2d' needs embed_dim divisible by 4, got {dim}")
         self.grid_size = tuple(grid_size)
         self.dim = dim
-        self.num_prefix = num_prefix
-        self.temperature = temperature
+        self.num_prefix = num_prefix if options.prefix else 0
+        self.temperature = options.temperature
         self.register_buffer("default", self._build(self.grid_size, None), persistent=False)
 
     def _build(self, grid: Grid, device: torch.device | None) -> torch.Tensor:
@@ -110,18 +136,21 @@ class NoPosition(nn.Module):
 
 
 def _position_probe(module: nn.Module, args: tuple) -> tuple[torch.Tensor | None, tuple[int, ...]]:
-    """``forward(init_table(), grid_size)`` must be a ``(1, num_prefix + h * w, dim)`` table, or None."""
+    """``forward(init_table(), grid_size)`` must be a ``(1, num_prefix + h * w, dim)`` or ``(1, h * w, dim)``
+    table, or None."""
     grid_size, dim, num_prefix = args
-    expected = (1, num_prefix + grid_size[0] * grid_size[1], dim)
+    patches = grid_size[0] * grid_size[1]
     out = module(module.init_table(), tuple(grid_size))
-    return (torch.empty(expected) if out is None else out), expected  # None: nothing to add, allowed
+    if out is None:  # nothing to add, allowed
+        return torch.empty(1, patches, dim), (1, patches, dim)
+    return out, (1, patches if out.shape[1] == patches else num_prefix + patches, dim)
 
 
 POSITIONS: BlockTable = BlockTable(
-    "pos_embed", "factory(grid_size, dim, num_prefix) -> module with init_table() and forward(table, grid) "
-    "-> (1, num_prefix + h * w, dim) or None", probe=_position_probe,
+    "pos_embed", "factory(grid_size, dim, num_prefix, *, options) -> module with init_table() and "
+    "forward(table, grid) -> (1, [num_prefix +] h * w, dim) or None", probe=_position_probe,
 )
-POSITIONS.register("learned", LearnedPosition)
-POSITIONS.register("sincos2d", SinCos2dPosition)
+POSITIONS.register("learned", LearnedPosition, options=PositionOptions)
+POSITIONS.register("sincos2d", SinCos2dPosition, options=SinCosOptions)
 POSITIONS.register("none", NoPosition)
 POSITIONS.alias("sincos", "sincos2d")

@@ -1,29 +1,52 @@
 """Rotary position slot: 2-D RoPE, a rotation of q and k by angles that depend on each token's position.
 
-Contract: ``factory(head_dim, grid_size, num_prefix, *, temperature, ref_grid, grid_offset, xy, num_heads,
-depth) -> nn.Module`` with ``forward(grid) -> Rotation | None`` for a patch grid ``(h, w)``.
-``temperature`` None means the entry's own default; ``ref_grid`` rescales positions to a reference grid
-(EVA-02 fine-tuned at a new size); ``grid_offset`` shifts the positions; ``xy`` orders the coordinate
-channels (x, y) instead of (y, x); ``rescale`` (passed only when a spec sets it) multiplies the positions
-by one random factor, log-uniform in ``[1 / rescale, rescale]``, at every call in training mode. The
-rotation covers ``num_prefix + h * w`` tokens and leaves the
-prefix tokens (class, registers) as they are, so attention applies it to the whole sequence. A rotation
-may differ per layer and head (``(depth, heads, n, head_dim)``, learned frequencies); the model hands
-block ``i`` its :meth:`Rotation.layer`. Fixed rotations store nothing in the state_dict, as in timm.
+Contract: ``factory(head_dim, grid_size, num_prefix, num_heads, depth, *, options) -> nn.Module`` with
+``forward(grid) -> Rotation | None`` for a patch grid ``(h, w)`` (the rotary entries' options are
+:class:`RopeOptions`). The rotation covers ``num_prefix + h * w`` tokens and leaves the prefix tokens
+(class, registers) as they are, so attention applies it to the whole sequence. A rotation may differ per
+layer and head (``(depth, heads, n, head_dim)``, learned frequencies); the model hands block ``i`` its
+:meth:`Rotation.layer`. Fixed rotations store nothing in the state_dict, as in timm.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from einops import rearrange, repeat
 from torch import nn
 
+from vitzoo.blocks.options import BlockOptions
 from vitzoo.blocks.table import BlockTable
+from vitzoo.fields import AT_LEAST_ONE, POSITIVE
 
 Grid = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class RopeOptions(BlockOptions):
+    """Options of the rotary entries."""
+
+    ranges = {"temperature": POSITIVE, "ref_grid": AT_LEAST_ONE, "rescale": AT_LEAST_ONE}
+
+    temperature: float | None = None
+    """frequency base; None: the entry's own (axial 1e4, dinov3 100, mixed 10)"""
+    ref_grid: tuple[int, int] | None = None
+    """positions rescaled to this patch grid, the one of pretraining (EVA-02)"""
+    grid_offset: float = 0.0
+    """added to every position (Perception Encoder: 1)"""
+    xy: bool = False
+    """coordinate channels ordered (x, y) instead of (y, x) (ROPE-ViT, Perception Encoder)"""
+    rescale: float | None = None
+    """training only: positions times one random factor, log-uniform in [1/R, R], per call (DINOv3)"""
+
+    def check(self, spec) -> None:
+        head_dim = spec.embed_dim // spec.num_heads
+        if head_dim % 4:
+            raise ValueError(f"2-D RoPE splits each head in 4 parts; head_dim = embed_dim / num_heads = {head_dim} "
+                             f"is not divisible by 4")
 
 
 class Rotation(NamedTuple):
@@ -55,16 +78,15 @@ class AxialRope(nn.Module):
     learned = False  # learned frequencies: rebuilt every call so gradients reach them, never cached
 
     def __init__(
-        self, head_dim: int, grid_size: Grid, num_prefix: int, *, temperature: float | None = None,
-        ref_grid: Grid | None = None, grid_offset: float = 0.0, xy: bool = False, num_heads: int = 1, depth: int = 1,
-        rescale: float | None = None,
+        self, head_dim: int, grid_size: Grid, num_prefix: int, num_heads: int = 1, depth: int = 1, *,
+        options: RopeOptions = RopeOptions(),
     ) -> None:
         super().__init__()
-        if head_dim % 4:
-            raise ValueError(f"2-D RoPE splits each head in 4 parts; head_dim={head_dim} is not divisible by 4")
         self.head_dim, self.grid_size, self.num_prefix = head_dim, tuple(grid_size), num_prefix
+        temperature = options.temperature
         self.temperature = self.default_temperature if temperature is None else float(temperature)
-        self.ref_grid, self.grid_offset, self.xy, self.rescale = ref_grid, grid_offset, xy, rescale
+        self.ref_grid, self.grid_offset, self.xy = options.ref_grid, options.grid_offset, options.xy
+        self.rescale = options.rescale
         self.register_buffer("pair", self._pairing()[0], persistent=False)
         self._init_frequencies(num_heads, depth)
         self.register_buffer("cached", None if self.learned else self._build(self.grid_size), persistent=False)
@@ -162,7 +184,7 @@ class MixedRope(AxialRope):
 class NoRope(nn.Module):
     """No rotary embedding: attention sees positions only through the position table (ViT)."""
 
-    def __init__(self, head_dim: int, grid_size: Grid, num_prefix: int, **options: object) -> None:
+    def __init__(self, head_dim: int, grid_size: Grid, num_prefix: int, num_heads: int, depth: int) -> None:
         super().__init__()
 
     def forward(self, grid: Grid) -> None:
@@ -180,11 +202,11 @@ def _rope_probe(module: nn.Module, args: tuple) -> tuple[torch.Tensor, tuple[int
 
 
 ROPES: BlockTable = BlockTable(
-    "rope", "factory(head_dim, grid_size, num_prefix, *, temperature, ref_grid, grid_offset, xy, num_heads, depth) "
-    "-> module with forward(grid) -> Rotation of ([depth, heads,] num_prefix + h * w, head_dim) or None",
+    "rope", "factory(head_dim, grid_size, num_prefix, num_heads, depth, *, options) -> module with forward(grid) "
+    "-> Rotation of ([depth, heads,] num_prefix + h * w, head_dim) or None",
     probe=_rope_probe,
 )
 ROPES.register("none", NoRope)
-ROPES.register("axial", AxialRope)
-ROPES.register("dinov3", DinoV3Rope)
-ROPES.register("mixed", MixedRope)
+ROPES.register("axial", AxialRope, options=RopeOptions)
+ROPES.register("dinov3", DinoV3Rope, options=RopeOptions)
+ROPES.register("mixed", MixedRope, options=RopeOptions)

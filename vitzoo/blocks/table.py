@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any, Generic, TypeVar
 
 import torch
 from torch import nn
 
+from vitzoo.blocks.options import BlockOptions
 from vitzoo.errors import did_you_mean
 
 T = TypeVar("T", bound=Callable)
@@ -37,10 +39,12 @@ def like_module(module: nn.Module) -> dict[str, Any]:
 class BlockTable(Generic[T]):
     """Maps names to block factories for one slot (``"mlp"``, ``"norm"``, ...).
 
-    A factory is a class, or a ``functools.partial`` of one, called with the slot's documented
-    constructor arguments. Unknown names raise a ``ValueError`` listing the valid names. Blocks
-    registered with ``verify=True`` (the user's, via :func:`vitzoo.register_block`) are called
-    once on a tiny input the first time a model builds them, so a contract violation surfaces as a
+    A factory is a class, a function or a ``functools.partial`` of one, called with the slot's documented
+    constructor arguments; an entry registered with an options class (:mod:`vitzoo.blocks.options`) is
+    also given ``options=<instance>``, the values the spec chose for it. Unknown names raise a
+    ``ValueError`` listing the valid names. Blocks registered with ``verify=True`` (the user's, via
+    :func:`vitzoo.register_block`) are called once on a tiny input the first time a model builds them,
+    so a contract violation surfaces as a
     :class:`BlockContractError` naming the slot, the block and the contract, not deep inside torch.
     Aliases (``"gap"`` for ``"avg"``) are other names for an entry; specs store the canonical name.
     """
@@ -50,20 +54,29 @@ class BlockTable(Generic[T]):
         self.contract = contract
         self.probe = probe
         self._entries: dict[str, T] = {}
+        self._options: dict[str, type[BlockOptions] | None] = {}
         self._aliases: dict[str, str] = {}
         self._unverified: set[str] = set()
 
-    def register(self, name: str, factory: T | None = None, *, overwrite: bool = False, verify: bool = False):
-        """Add ``factory`` under ``name``; usable as ``table.register(name)`` class decorator."""
+    def register(
+        self, name: str, factory: T | None = None, *, options: type[BlockOptions] | None = None,
+        overwrite: bool = False, verify: bool = False,
+    ):
+        """Add ``factory`` under ``name``, taking the options ``options`` declares (None: no options);
+        usable as ``table.register(name)`` class decorator."""
 
         def add(obj: T) -> T:
             if not callable(obj):
                 raise TypeError(f"{self.slot} block {name!r} must be a class or callable, got {obj!r}")
+            if options is not None and not (isinstance(options, type) and issubclass(options, BlockOptions)):
+                raise TypeError(f"{self.slot} block {name!r}: options must be a BlockOptions dataclass, "
+                                f"got {options!r}")
             if (name in self._entries or name in self._aliases) and not overwrite:
                 raise ValueError(
                     f"{self.slot} block {name!r} is already registered; pass overwrite=True to replace it"
                 )
             self._entries[name] = obj
+            self._options[name] = options
             self._unverified.discard(name)
             if verify:
                 self._unverified.add(name)
@@ -84,6 +97,7 @@ class BlockTable(Generic[T]):
         """Remove ``name`` and return its factory (e.g. to re-register it in a notebook)."""
         self.get(name)
         self._unverified.discard(name)
+        self._options.pop(name)
         return self._entries.pop(name)
 
     def get(self, name: str) -> T:
@@ -93,9 +107,19 @@ class BlockTable(Generic[T]):
         except KeyError:
             raise ValueError(f"unknown {self.slot} block {name!r}; {did_you_mean(name, self.known_names())}") from None
 
-    def build(self, name: str, *args: Any, **kwargs: Any) -> nn.Module:
-        """Construct block ``name`` with the slot's arguments; check the contract of a user block once."""
-        factory = self.get(name)
+    def options_class(self, name: str) -> type[BlockOptions] | None:
+        """The options class entry ``name`` (or an alias of it) declares; None if it takes no options."""
+        self.get(name)
+        return self._options[self.canonical(name)]
+
+    def build(self, name: str, *args: Any, options: BlockOptions | None = None) -> nn.Module:
+        """Construct block ``name`` with the slot's arguments and, if the entry declares options, ``options``
+        (its defaults when None); check the contract of a user block once."""
+        factory, declared = self.get(name), self.options_class(name)
+        if options is not None and not isinstance(options, declared or ()):
+            raise TypeError(f"{self.slot} block {name!r} takes {declared.__name__ if declared else 'no options'}, "
+                            f"got {type(options).__name__}")
+        kwargs = {} if declared is None else {"options": declared() if options is None else options}
         try:
             module = factory(*args, **kwargs)
         except TypeError as err:
@@ -145,11 +169,12 @@ class BlockTable(Generic[T]):
         return iter(self._entries)
 
     def describe(self) -> dict[str, str]:
-        """Each name with the first line of its block's docstring."""
+        """Each name with the first paragraph of its block's docstring (and the arguments a partial binds)."""
         out = {}
         for name, obj in self._entries.items():
-            doc = (getattr(obj, "func", obj).__doc__ or "").strip().splitlines()
-            out[name] = doc[0] if doc else ""
+            doc = " ".join((getattr(obj, "func", obj).__doc__ or "").strip().split("\n\n")[0].split())
+            bound = _short(obj) if isinstance(obj, partial) else ""
+            out[name] = f"{doc} [{bound}]" if bound else doc
         return out
 
 
@@ -165,7 +190,10 @@ def _binds(factory: Callable, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
 
 
 def _short(value: Any) -> str:
-    """An argument as an error message shows it: numbers and names, not module reprs."""
+    """An argument as a message shows it: numbers and names, not module reprs; a partial as a call."""
     if isinstance(value, int | float | bool | str | tuple | type(None)):
         return repr(value)
+    if isinstance(value, partial):
+        bound = [*map(_short, value.args), *(f"{k}={_short(v)}" for k, v in value.keywords.items())]
+        return f"{_short(value.func)}({', '.join(bound)})"
     return getattr(value, "__name__", type(value).__name__)

@@ -230,7 +230,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-classes", type=positive_int, help="checked against the data (default: the data's classes)")
     p.add_argument("--img-size", type=positive_int, help="train at this size (position embedding resampled)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a spec field, e.g. --set mlp=swiglu --set drop_rate=0.1 (repeatable)")
+                   help="override a spec field or block option, e.g. --set mlp=swiglu --set attn.qk_norm=true "
+                        "--set drop.head=0.1 (repeatable)")
     p.add_argument("--freeze", action="store_true", help="linear probe: train the head only")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations in backward")
     length = p.add_mutually_exclusive_group()

@@ -13,6 +13,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from vitzoo.migrate import flat_changes, spec_from_saved
+from vitzoo.spec import nest
+
 # Where and how the run executes and what it logs; the weights do not depend on them (across
 # devices or strategies, up to the last bits of floating point).
 ADJUSTABLE = frozenset({
@@ -26,8 +29,9 @@ LENGTH = "steps"
 
 def recorded_settings(state: dict[str, Any]) -> dict[str, Any]:
     """One flat dict of everything that defines a run, from a checkpoint's trainer state: the caller's
-    ``run_settings``, the training options (``config``), ``spec.<field>`` and the number of processes."""
-    spec = {f"spec.{k}": v for k, v in state["spec"].items()}
+    ``run_settings``, the training options (``config``), ``spec.<field>`` and the number of processes. A
+    spec written by vitzoo 0.1 is read as today's, so its run resumes."""
+    spec = {f"spec.{k}": v for k, v in spec_from_saved(state["spec"]).to_dict().items()}
     return {**(state.get("run_settings") or {}), **state["config"], **spec, "processes": state["world_size"]}
 
 
@@ -37,6 +41,7 @@ def changes_on_resume(saved: dict[str, Any], current: dict[str, Any], step: int,
     A setting only one side records (the checkpoint predates it, or the caller does not pass it) is
     not compared. ``step`` is the checkpoint's; the run must go on beyond it.
     """
+    saved, current = _canonical(saved), _canonical(current)
     changed = {k: [saved[k], current[k]] for k in saved.keys() & current.keys() if saved[k] != current[k]}
     refused = sorted(k for k in changed if k not in ADJUSTABLE | {LENGTH})
     if refused:
@@ -51,3 +56,11 @@ def changes_on_resume(saved: dict[str, Any], current: dict[str, Any], step: int,
         raise ValueError(f"{where} is at step {step} already; --steps {current[LENGTH]} would train nothing: "
                          f"pass --steps (or --epochs) beyond step {step} to train further")
     return {k: changed[k] for k in sorted(changed)}
+
+
+def _canonical(settings: dict[str, Any]) -> dict[str, Any]:
+    """Spec overrides in one spelling: ``{"attn.qk_norm": True}``, ``{"attn": {"qk_norm": True}}`` and vitzoo
+    0.1's ``{"qk_norm": True}`` all become the second."""
+    if not isinstance(settings.get("overrides"), dict):
+        return settings
+    return {**settings, "overrides": nest(flat_changes(settings["overrides"]))}

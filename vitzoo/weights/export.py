@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from vitzoo.migrate import spec_from_saved
 from vitzoo.size import MAX_PARAMS
 from vitzoo.spec import ViTSpec
 from vitzoo.vit import VisionTransformer
@@ -59,7 +60,7 @@ def read_config(folder: str | os.PathLike) -> tuple[ViTSpec, dict[str, Any]]:
     if not isinstance(cfg, dict):
         raise WeightsError(f"{path}: \"pretrained_cfg\" must be an object, got {type(cfg).__name__}")
     try:
-        return ViTSpec.from_dict(config["spec"]), cfg
+        return spec_from_saved(config["spec"]), cfg
     except ValueError as err:
         raise WeightsError(f"{path}: {err}") from None
 

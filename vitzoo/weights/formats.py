@@ -28,7 +28,7 @@ from einops import rearrange
 from vitzoo.weights.files import StateDict, WeightsError
 
 Rules = tuple[tuple[str, str], ...]  # (regex on the source key, timm key template)
-Hints = dict[str, object]  # ViTSpec fields and values
+Hints = dict[str, object]  # ViTSpec fields or dotted option paths (``norm.eps``) and their values
 
 
 @dataclass(frozen=True)
@@ -233,16 +233,16 @@ def _vit_pytorch_layout(state_dict: StateDict) -> StateDict:
 def _hf_hints(converted: StateDict) -> Hints:
     """HF ViT/DeiT normalise with epsilon 1e-12, DINOv2 (HF's one ViT with LayerScale) with 1e-6; register
     tokens come in the ``no_embed_class`` layout (see :func:`_hf_layout`)."""
-    hints: Hints = {"norm_eps": 1e-6 if "blocks.0.ls1.gamma" in converted else 1e-12}
-    return {**hints, "no_embed_class": True} if "reg_token" in converted else hints
+    hints: Hints = {"norm.eps": 1e-6 if "blocks.0.ls1.gamma" in converted else 1e-12}
+    return {**hints, "pos_embed.prefix": False} if "reg_token" in converted else hints
 
 
 def _hf_tower_hints(converted: StateDict) -> Hints:
     """CLIP has a class token, a norm before the blocks and epsilon 1e-5; SigLIP neither of the first two,
     epsilon 1e-6 and GELU in its tanh approximation."""
     if "cls_token" in converted:
-        return {"norm_eps": 1e-5, "pre_norm": True}
-    return {"norm_eps": 1e-6, "mlp": "gelu_tanh"}
+        return {"norm.eps": 1e-5, "pre_norm": True}
+    return {"norm.eps": 1e-6, "mlp": "gelu_tanh"}
 
 
 FORMATS: dict[str, Format] = {
@@ -327,7 +327,7 @@ FORMATS: dict[str, Format] = {
             (r"visual\.proj_bias", "head.bias"),
         ),
         drop=r"(?!visual\.).*",  # the text tower, logit scale and anything else outside the image tower
-        hints=lambda converted: {"norm_eps": 1e-5, "pre_norm": True},
+        hints=lambda converted: {"norm.eps": 1e-5, "pre_norm": True},
     ),
     "open_clip_timm": Format(
         "OpenCLIP with a timm image tower", r"visual\.trunk\.(blocks\.\d+|patch_embed)\..*",
@@ -373,7 +373,7 @@ FORMATS: dict[str, Format] = {
             (r"transformer\.norm\.(\w+)", r"norm.\1"),
             (r"mlp_head\.(\w+)", r"head.\1"),
         ),
-        hints=lambda converted: {"norm_eps": 1e-5, "patch_embed": "linear_prenorm", "patch_norm": True},
+        hints=lambda converted: {"norm.eps": 1e-5, "patch_embed": "linear_prenorm"},
     ),
     "sapiens2": Format(
         "Meta Sapiens2",
@@ -406,14 +406,15 @@ def spec_hints(name: str, converted: StateDict) -> Hints:
     ``pool="mean"``, big_vision's ``gap``): ``pool="avg"`` with the norm before pooling.
     """
     hints: Hints = {
-        "dist_token": "dist_token" in converted, "patch_bias": "patch_embed.proj.bias" in converted,
-        "qkv_bias": any(f"blocks.0.attn.{b}" in converted for b in ("qkv.bias", "q_proj.bias", "q_bias")),
+        "dist_token": "dist_token" in converted, "patch_embed.bias": "patch_embed.proj.bias" in converted,
+        "attn.qkv_bias": any(f"blocks.0.attn.{b}" in converted for b in ("qkv.bias", "q_proj.bias", "q_bias")),
         "reg_tokens": converted["reg_token"].shape[1] if "reg_token" in converted else 0,
     }
     if name != "timm":
         hints.update(FORMATS[name].hints(converted))
         if "cls_token" not in converted:
-            hints.update(class_token=False, pool="map" if "attn_pool.latent" in converted else "avg", fc_norm=False)
+            hints.update(class_token=False, pool="map" if "attn_pool.latent" in converted else "avg",
+                         final_norm="tokens")
     return hints
 
 

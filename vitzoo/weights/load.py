@@ -47,7 +47,7 @@ def adapt_state_dict(model: VisionTransformer, state_dict: StateDict) -> tuple[S
     out, report = dict(state_dict), LoadReport()
     pos = out.get("pos_embed")
     if pos is not None and "pos_embed" in own and pos.shape != own["pos_embed"].shape:
-        n_prefix = 0 if spec.no_embed_class else spec.num_prefix_tokens
+        n_prefix = spec.positioned_prefix
         old = _grid_of(pos.shape[1], n_prefix, spec.grid_size)
         out["pos_embed"] = resample_table(pos, old, spec.grid_size, n_prefix)
         report.adapted.append(f"pos_embed: resampled {tuple(pos.shape)} -> {tuple(out['pos_embed'].shape)}, "

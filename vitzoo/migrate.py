@@ -1,0 +1,112 @@
+"""Specs written by vitzoo 0.1, and timm's keyword arguments, read into today's spec.
+
+vitzoo 0.1 kept every block option as a flat spec field (``qk_norm``, ``rope_temperature``,
+``drop_path_rate``...); they now live on their slot (``attn.qk_norm``, ``rope.temperature``,
+``drop.path``). A ``config.json``, checkpoint or run folder written then still loads: its spec is
+translated on reading. timm's ``create_model`` keywords (``drop_path_rate=0.1``, ``qk_norm=True``,
+``init_values=1e-5``, ``global_pool="avg"``) are the same flat names, so ``create_model`` accepts them too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vitzoo.blocks import SLOTS
+from vitzoo.blocks.options import option_names
+from vitzoo.spec import ViTSpec
+
+# flat field of vitzoo 0.1 -> (its default there, the dotted path it moved to)
+V1_FIELDS: dict[str, tuple[Any, str]] = {
+    "norm_eps": (1e-6, "norm.eps"),
+    "qkv_bias": (True, "attn.qkv_bias"),
+    "qk_norm": (False, "attn.qk_norm"),
+    "kv_heads": (None, "attn.kv_heads"),
+    "attn_inner_norm": (False, "attn.inner_norm"),
+    "mlp_inner_norm": (False, "mlp.inner_norm"),
+    "patch_norm": (False, "patch_embed.norm"),
+    "patch_bias": (True, "patch_embed.bias"),
+    "pool_include_prefix": (False, "pool.include_prefix"),
+    "pool_num_heads": (None, "pool.num_heads"),
+    "pool_mlp_ratio": (None, "pool.mlp_ratio"),
+    "layer_scale": (None, "block.layer_scale"),
+    "rope_temperature": (None, "rope.temperature"),
+    "rope_ref_grid": (None, "rope.ref_grid"),
+    "rope_grid_offset": (0.0, "rope.grid_offset"),
+    "rope_xy": (False, "rope.xy"),
+    "rope_rescale": (None, "rope.rescale"),
+    "no_embed_class": (False, "pos_embed.prefix"),  # negated
+    "proj_bias": (True, "attn.proj_bias"),  # and mlp.bias
+    "fc_norm": (None, "final_norm"),  # with final_norm, one placement
+    "drop_rate": (0.0, "drop.head"),
+    "pos_drop_rate": (0.0, "drop.pos"),
+    "patch_drop_rate": (0.0, "drop.patch"),
+    "attn_drop_rate": (0.0, "drop.attn"),
+    "proj_drop_rate": (0.0, "drop.proj"),
+    "drop_path_rate": (0.0, "drop.path"),
+}
+# timm's own names for settings vitzoo 0.1 did not spell the same way
+TIMM_ARGUMENTS = {"init_values": "layer_scale", "global_pool": "pool"}
+# the keywords of timm's VisionTransformer that create_model takes as timm does
+TIMM_KEYWORDS = (*TIMM_ARGUMENTS, "qkv_bias", "qk_norm", "proj_bias", "no_embed_class", "fc_norm", "final_norm",
+                 "drop_rate", "pos_drop_rate", "patch_drop_rate", "attn_drop_rate", "proj_drop_rate", "drop_path_rate")
+
+
+def flat_changes(flat: dict[str, Any]) -> dict[str, Any]:
+    """Flat settings (vitzoo 0.1 fields or timm keywords) as dotted changes for :meth:`ViTSpec.replace`;
+    the keys that are neither pass through unchanged."""
+    out = {key: value for key, value in flat.items() if key not in V1_FIELDS and key not in TIMM_ARGUMENTS}
+    for timm_name, name in TIMM_ARGUMENTS.items():
+        if timm_name in flat:
+            value = flat[timm_name]
+            out.update(_moved(name, "none" if name == "pool" and value == "" else value))
+    for name in V1_FIELDS:
+        if name in flat and name != "fc_norm":
+            out.update(_moved(name, flat[name]))
+    if "fc_norm" in flat or isinstance(flat.get("final_norm"), bool):
+        out["final_norm"] = _final_norm(flat.get("final_norm", True), flat.get("fc_norm"))
+    return out
+
+
+def timm_keywords(overrides: dict[str, Any]) -> dict[str, Any]:
+    """``create_model`` keywords with timm's names (``drop_path_rate=0.1``) as spec changes (``drop.path``)."""
+    timm = {k: v for k, v in overrides.items() if k in TIMM_KEYWORDS and not (k == "final_norm" and isinstance(v, str))}
+    return {**{k: v for k, v in overrides.items() if k not in timm}, **flat_changes(timm)}
+
+
+def _moved(name: str, value: Any) -> dict[str, Any]:
+    if name == "no_embed_class":
+        return {"pos_embed.prefix": not value}
+    if name == "proj_bias":
+        return {"attn.proj_bias": value, "mlp.bias": value}
+    if name == "pool":
+        return {"pool": value}
+    return {V1_FIELDS[name][1]: value}
+
+
+def _final_norm(final_norm: bool, fc_norm: bool | None) -> str:
+    if not final_norm:
+        return "none"
+    return "auto" if fc_norm is None else "pooled" if fc_norm else "tokens"
+
+
+def spec_from_saved(data: dict[str, Any]) -> ViTSpec:
+    """The spec of a file's ``spec`` table, written by this vitzoo or by vitzoo 0.1 (flat fields). A 0.1
+    field left at its default is dropped when today's entry has no such option (0.1 wrote every field)."""
+    if not any(key in V1_FIELDS for key in data) and not isinstance(data.get("final_norm"), bool):
+        return ViTSpec.from_dict(data)
+    defaults = {name: default for name, (default, _) in V1_FIELDS.items()}
+    kept = {k: v for k, v in data.items() if k not in defaults or v != defaults[k] or _declared(data, k)}
+    kept.setdefault("final_norm", True)
+    return ViTSpec.from_dict(flat_changes(kept))
+
+
+def _declared(data: dict[str, Any], name: str) -> bool:
+    """Whether the entry a 0.1 spec chose for the slot of ``name`` has that option today."""
+    path = V1_FIELDS[name][1]
+    slot, _, option = path.partition(".")
+    if slot not in SLOTS:
+        return True
+    entry = data.get(slot, getattr(ViTSpec(), slot).name)
+    entries = entry if isinstance(entry, list | tuple) else [entry]
+    table = SLOTS[slot]
+    return all(e in table and option in option_names(table.options_class(e)) for e in entries)
