@@ -19,7 +19,7 @@ import logging
 import math
 import sys
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -165,6 +165,7 @@ def _other_run(folder: Path, resume: bool) -> str | None:
 
 
 def _train(config: FinetuneConfig, world: World, progress: bool) -> dict[str, Any]:
+    """The run itself; ``config`` stays as the caller gave it, the settings it leaves open are filled in a copy."""
     out = Path(config.out)
     with torch.device("meta"):  # only the preprocessing config is needed before the data is known
         cfg = create_model(config.model, img_size=config.img_size, **config.overrides).pretrained_cfg
@@ -173,12 +174,12 @@ def _train(config: FinetuneConfig, world: World, progress: bool) -> dict[str, An
     classes = num_classes(train_data)
     torch.manual_seed(config.train.seed)
     model = build_model(config, classes)
-    train = config.train
-    epoch_steps = max(1, steps_per_epoch(len(train_data), train, world.world_size))
-    if config.epochs is not None:
-        train.steps = max(1, round(config.epochs * epoch_steps))
-    train.eval_every = config.eval_every or min(epoch_steps, train.steps)
-    train.checkpoint_every = config.checkpoint_every or train.eval_every
+    epoch_steps = max(1, steps_per_epoch(len(train_data), config.train, world.world_size))
+    steps = config.train.steps if config.epochs is None else max(1, round(config.epochs * epoch_steps))
+    eval_every = config.eval_every or min(epoch_steps, steps)
+    train = replace(config.train, steps=steps, eval_every=eval_every,
+                    checkpoint_every=config.checkpoint_every or eval_every)
+    config = replace(config, train=train)
     log = RunLog(out, config.resume) if world.main else None
     if log and not config.resume:
         out.mkdir(parents=True, exist_ok=True)
