@@ -43,11 +43,11 @@ def main() -> None:
     )
     print(format_card(model_card(args.model, img_size=args.img_size, patch_size=4)))
 
-    # 3. The recipe and the loop; checkpoints land in --out/checkpoints and --resume-style restarts work.
-    batch_size = 64
-    steps = int(args.epochs * len(train_data) // batch_size)
-    config = TrainConfig(steps=steps, batch_size=batch_size, lr=2e-3, weight_decay=0.05, warmup_steps=steps // 10,
-                         label_smoothing=0.1, eval_every=max(1, steps // 5), checkpoint_every=max(1, steps // 5))
+    # 3. The recipe (TrainConfig's defaults, but for the values given here) and the loop; checkpoints land in
+    # --out/checkpoints and --resume-style restarts work.
+    steps = int(args.epochs * len(train_data) // TrainConfig.batch_size)
+    config = TrainConfig(steps=steps, lr=2e-3, warmup_steps=steps // 10, label_smoothing=0.1,
+                         eval_every=max(1, steps // 5), checkpoint_every=max(1, steps // 5))
     result = fit(model, train_data, val_data, config, run_dir=Path(args.out),
                  on_eval=lambda row: print(f"step {row['step']}: val acc {row['val_acc']:.3f}"))
     print(f"final: {result.final}")

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from copy import deepcopy
 from dataclasses import replace
 from pathlib import Path
 
@@ -144,6 +145,18 @@ def test_paper_notebook_in_a_few_lines(tmp_path):
     )
     summary = finetune(config, progress=False)
     assert summary["classes"] == 10 and summary["steps"] == 2 and 0.0 <= summary["val_acc"] <= 1.0
+
+
+def test_finetune_leaves_the_callers_config_as_it_was(tmp_path):
+    """The steps of ``epochs`` and the evaluation and checkpoint intervals are the run's, recorded in run.json;
+    the config the caller passed (and may pass again) keeps its own values."""
+    config = FinetuneConfig(model="vit_pico_patch4_32", img_size=16, out=str(tmp_path), epochs=0.05,
+                            overrides=dict(depth=1, embed_dim=32), train=TrainConfig(batch_size=32, warmup_steps=1))
+    before = deepcopy(config)
+    summary = finetune(config, progress=False)
+    assert config == before and config.train.steps == 300 and config.train.eval_every == 100
+    run = json.loads((tmp_path / "run.json").read_text())["train"]
+    assert summary["steps"] == run["steps"] == run["eval_every"] == run["checkpoint_every"] == 2  # 0.05 of 44
 
 
 def _image_tree(root: Path, counts: dict[str, int]) -> None:

@@ -20,13 +20,16 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitzoo.arguments import add_options, best_device, parsed_fields
 from vitzoo.card import count_macs
 from vitzoo.errors import run_command
+from vitzoo.fields import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, check_fields, described
 from vitzoo.inputs import available_device
 from vitzoo.memory import peak_rss_bytes, peak_tensor_bytes
 from vitzoo.registry import create_model, model_spec
@@ -46,6 +49,8 @@ COLUMNS = (
 # torch.cuda.get_device_name contains wins, so the more specific names come first.
 DATASHEET_BF16_PEAK = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
 Step = Callable[[], None]
+StepKind = Literal["infer", "train"]
+Dtype = Literal["fp32", "bf16"]  # bf16: autocast
 MEMORY_ROUNDS = 3  # resident-set measurements per contender; the median is reported
 
 
@@ -53,9 +58,38 @@ MEMORY_ROUNDS = 3  # resident-set measurements per contender; the median is repo
 class Mode:
     """One measured configuration: inference or training step, fp32 or bf16 autocast, eager or compiled."""
 
-    step: str  # "infer" | "train"
-    dtype: str  # "fp32" | "bf16"
+    step: StepKind
+    dtype: Dtype
     compiled: bool
+
+
+@dataclass
+class BenchConfig:
+    """What ``vitzoo bench`` measures, and for how long. Each field carries its default, range and help
+    (:func:`vitzoo.fields.described`), which the constructor checks and the command offers as options."""
+
+    models: tuple[str, ...] = described(("vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224"),
+                                        "registry names to measure")
+    batch_size: int = described(16, "images per step", AT_LEAST_ONE)
+    rounds: int = described(5, "interleaved timing rounds; medians are reported", AT_LEAST_ONE)
+    round_seconds: float = described(1.0, "least time each contender runs per round", NON_NEGATIVE)
+    dtypes: tuple[Dtype, ...] = described(("fp32", "bf16"), "precisions to measure, comma-separated (bf16: autocast)")
+    steps: tuple[StepKind, ...] = described(("infer", "train"), "what to time, comma-separated: infer (a forward) "
+                                            "and train (forward, backward, AdamW)")
+    compile: Literal["off", "on", "both"] = described("both", "measure eager, compiled (torch.compile) or both")
+    compare: tuple[str, ...] = described(("timm", "torchvision", "hf"),
+                                         "contenders besides vitzoo, comma-separated (torchvision and hf where they "
+                                         "have the architecture and are installed)")
+    variants: tuple[str, ...] = described((), "extra vitzoo contenders with one spec field changed, e.g. "
+                                          "patch_embed=conv")
+    device: str = described(help="cpu, cuda, cuda:N, ...", factory=best_device)
+    threads: int = described(0, "torch CPU threads (0: torch's default)", NON_NEGATIVE)
+    peak_tflops: float | None = described(None, "dense bf16 peak of the device for an MFU column (None: the "
+                                          "datasheet figure of H100/H200/A100; none on CPU)", POSITIVE)
+    out: str | None = described(None, "also write the Markdown report to this file")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 class _Logits(nn.Module):
@@ -177,22 +211,22 @@ def graph_breaks(model: nn.Module, input_size: tuple[int, ...]) -> tuple[int, in
 
 
 def measure(
-    name: str, mode: Mode, args: argparse.Namespace, roof: dict[str, float], peak: float | None = None,
+    name: str, mode: Mode, config: BenchConfig, roof: dict[str, float], peak: float | None = None,
 ) -> list[dict]:
     """All contenders of one model in one mode: interleaved timing rounds, then memory; one row each."""
-    device = torch.device(args.device)
-    models = contenders(name, args.compare, args.variants)
+    device = torch.device(config.device)
+    models = contenders(name, config.compare, config.variants)
     input_size = models["vitzoo"].pretrained_cfg["input_size"]
     flops = 2 * count_macs(models["vitzoo"], input_size)
     flops *= 3 if mode.step == "train" else 1  # backward costs about twice the forward
-    images = torch.randn(args.batch_size, *input_size, device=device)
+    images = torch.randn(config.batch_size, *input_size, device=device)
     steps = {impl: make_step(m, mode, images) for impl, m in models.items()}
     for step in steps.values():  # warm-up; compiles here
         step(), step()
     per_step = _timed(steps["timm"], 1, device)
-    iters = max(1, math.ceil(args.round_seconds / per_step))
+    iters = max(1, math.ceil(config.round_seconds / per_step))
     seconds: dict[str, list[float]] = {impl: [] for impl in steps}
-    for _ in range(args.rounds):
+    for _ in range(config.rounds):
         for impl, step in steps.items():
             seconds[impl].append(_timed(step, iters, device))
     tensors = {impl: peak_tensor_bytes(step, device) for impl, step in steps.items()}  # exact: measured once
@@ -204,7 +238,7 @@ def measure(
     rss = {impl: int(statistics.median(v)) if v and None not in v else None for impl, v in samples.items()}
     rows = []
     for impl, times in seconds.items():
-        speed = args.batch_size * iters / statistics.median(times)
+        speed = config.batch_size * iters / statistics.median(times)
         ratios = [t / s for s, t in zip(times, seconds["timm"], strict=True)]
         rows.append({
             "model": name, "compile": "compiled" if mode.compiled else "eager", "dtype": mode.dtype,
@@ -261,24 +295,24 @@ def bf16_peak(device: torch.device, tflops: float | None = None) -> float | None
     return next((peak for key, peak in DATASHEET_BF16_PEAK.items() if key in name), None)
 
 
-def run(args: argparse.Namespace) -> str:
+def run(config: BenchConfig) -> str:
     """The whole benchmark as a Markdown report: machine, GEMM roof, results, graph breaks."""
-    device = available_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    for name in args.models:  # a misspelt name fails now, with the closest names, not after the roof
+    device = available_device(config.device)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    for name in config.models:  # a misspelt name fails now, with the closest names, not after the roof
         model_spec(name)
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
-    roof = {d: gemm_roof(dtypes[d], device) for d in args.dtypes}
-    peak = bf16_peak(device, args.peak_tflops)
+    roof = {d: gemm_roof(dtypes[d], device) for d in config.dtypes}
+    peak = bf16_peak(device, config.peak_tflops)
     result_columns = COLUMNS + ("MFU %",) if peak else COLUMNS
-    compile_modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+    compile_modes = {"off": [False], "on": [True], "both": [False, True]}[config.compile]
     rows = []
-    for name in args.models:
+    for name in config.models:
         for compiled in compile_modes:
-            for dtype in args.dtypes:
-                for step in args.steps:
-                    measured = measure(name, Mode(step, dtype, compiled), args, roof, peak)
+            for dtype in config.dtypes:
+                for step in config.steps:
+                    measured = measure(name, Mode(step, dtype, compiled), config, roof, peak)
                     print(*markdown_table(measured, result_columns).splitlines()[2:], sep="\n", file=sys.stderr,
                           flush=True)
                     rows += measured
@@ -291,10 +325,10 @@ def run(args: argparse.Namespace) -> str:
         "",
         markdown_table(rows, result_columns),
     ]
-    if args.compile != "off":
+    if config.compile != "off":
         columns = ("model", "graphs", "graph breaks")
         breaks = []
-        for name in args.models:
+        for name in config.models:
             model = create_model(name)
             breaks.append(dict(zip(columns, (name, *graph_breaks(model, model.pretrained_cfg["input_size"])),
                                    strict=True)))
@@ -304,36 +338,26 @@ def run(args: argparse.Namespace) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The benchmark's options, shared by ``vitzoo bench`` and ``benchmarks/bench.py``."""
-    split = lambda text: text.split(",")  # noqa: E731
-    parser.add_argument("models", nargs="*", default=["vit_tiny_patch16_224", "vit_small_patch16_224",
-                                                       "vit_base_patch16_224"])
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds; medians are reported")
-    parser.add_argument("--round-seconds", type=float, default=1.0, help="least time each contender runs per round")
-    parser.add_argument("--dtypes", type=split, default=["fp32", "bf16"], help="fp32,bf16 (bf16 = autocast)")
-    parser.add_argument("--steps", type=split, default=["infer", "train"], help="infer,train")
-    parser.add_argument("--compile", choices=("off", "on", "both"), default="both")
-    parser.add_argument("--compare", type=split, default=["timm", "torchvision", "hf"],
-                        help="comparators besides timm: torchvision,hf (skipped where unavailable)")
-    parser.add_argument("--variants", type=split, default=[],
-                        help="extra vitzoo contenders with one spec field changed, e.g. patch_embed=conv")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    parser.add_argument("--peak-tflops", type=float, default=None,
-                        help="dense bf16 peak of the device for an MFU column (default: datasheet figure of "
-                             "H100/H200/A100; none on CPU)")
-    parser.add_argument("--out", help="also write the Markdown report to this file")
+    """The benchmark's options, the fields of :class:`BenchConfig` (shared by ``vitzoo bench`` and
+    ``benchmarks/bench.py``); ``--device`` is checked when the benchmark starts."""
+    parser.add_argument("models", nargs="*", default=BenchConfig.models,
+                        help=f"registry names to measure (default: {' '.join(BenchConfig.models)})")
+    add_options(parser, BenchConfig, [
+        "batch_size", "rounds", "round_seconds", "dtypes", "steps", "compile", "compare", "variants", "device",
+        "threads", "peak_tflops", "out",
+    ])
+
+
+def _config_from_args(args: argparse.Namespace) -> BenchConfig:
+    return BenchConfig(**{**parsed_fields(BenchConfig, args), "models": tuple(args.models)})
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    bad = [x for x in (*args.dtypes, *args.steps) if x not in ("fp32", "bf16", "infer", "train")]
-    if bad:
-        raise ValueError(f"unknown --dtypes/--steps value(s) {bad}; use fp32,bf16 and infer,train")
-    report = run(args)
+    config = _config_from_args(args)
+    report = run(config)
     print(report)
-    if args.out:
-        with open(args.out, "w") as out:
+    if config.out:
+        with open(config.out, "w") as out:
             out.write(report)
     return 0
 

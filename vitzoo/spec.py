@@ -12,7 +12,7 @@ from vitzoo.blocks import SLOTS
 from vitzoo.blocks.options import BlockOptions
 from vitzoo.choice import PER_LAYER_SLOTS, Choice, layer_options, make_choice, merge, varies_per_layer
 from vitzoo.errors import did_you_mean
-from vitzoo.fields import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, RATE, Range, check_fields, field_types, parse_text
+from vitzoo.fields import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, RATE, check_fields, described, field_types, parse_text
 
 FINAL_NORMS = ("auto", "tokens", "pooled", "none")
 # What a command-line value may be when its field is not known.
@@ -23,15 +23,15 @@ UNKNOWN_FIELD = bool | int | float | str | None | tuple[bool | int | float | str
 class Dropouts:
     """Dropout rates of the whole model (timm's ``*_drop_rate`` arguments)."""
 
-    head: float = 0.0  # before the classifier (timm's drop_rate)
-    pos: float = 0.0  # after adding position embeddings
-    patch: float = 0.0  # training only: drop this fraction of patch tokens (FLIP)
-    attn: float = 0.0  # on attention weights
-    proj: float = 0.0  # after attention and MLP projections
-    path: float = 0.0  # stochastic depth, rising linearly to this rate at the last block
+    head: float = described(0.0, "before the classifier (timm's drop_rate)", RATE)
+    pos: float = described(0.0, "after adding position embeddings", RATE)
+    patch: float = described(0.0, "training only: drop this fraction of patch tokens (FLIP)", RATE)
+    attn: float = described(0.0, "on attention weights", RATE)
+    proj: float = described(0.0, "after attention and MLP projections", RATE)
+    path: float = described(0.0, "stochastic depth, rising linearly to this rate at the last block", RATE)
 
     def __post_init__(self) -> None:
-        check_fields(self, dict.fromkeys(field_types(Dropouts), RATE))
+        check_fields(self)
 
 
 GROUPS = {"drop": Dropouts}  # top-level fields that hold a small dataclass of their own
@@ -49,35 +49,38 @@ class ViTSpec:
     """
 
     # input and output
-    img_size: tuple[int, int] = (224, 224)  # (H, W) the position table is laid out for
-    patch_size: int = 16  # square patch side in pixels
-    in_chans: int = 3  # image channels
-    num_classes: int = 1000  # classifier outputs; 0 means no head (pooled features out)
-    dynamic_img_size: bool = False  # accept any image size divisible by patch_size
-    crop_remainder: bool = False  # drop pixels past the last whole patch instead of refusing (timm so400m/14 at 384)
+    img_size: tuple[int, int] = described((224, 224), "(H, W) the position table is laid out for", AT_LEAST_ONE)
+    patch_size: int = described(16, "square patch side in pixels", AT_LEAST_ONE)
+    in_chans: int = described(3, "image channels", AT_LEAST_ONE)
+    num_classes: int = described(1000, "classifier outputs; 0 means no head (pooled features out)", NON_NEGATIVE)
+    dynamic_img_size: bool = described(False, "accept any image size divisible by patch_size")
+    crop_remainder: bool = described(
+        False, "drop pixels past the last whole patch instead of refusing (timm so400m/14 at 384)")
     # width and depth
-    embed_dim: int = 768  # token width
-    depth: int = 12  # number of encoder blocks
-    num_heads: int = 12  # attention heads per block
-    mlp_ratio: float = 4.0  # MLP hidden width / embed_dim
+    embed_dim: int = described(768, "token width", AT_LEAST_ONE)
+    depth: int = described(12, "number of encoder blocks", AT_LEAST_ONE)
+    num_heads: int = described(12, "attention heads per block", AT_LEAST_ONE)
+    mlp_ratio: float = described(4.0, "MLP hidden width / embed_dim", POSITIVE)
     # blocks, by name in the slot tables, with their options
-    patch_embed: Choice = Choice("linear")  # image -> patch tokens
-    pos_embed: Choice = Choice("learned")  # learned | sincos2d | none
-    attn: Choice = Choice("mhsa")  # token mixer
-    mlp: Choice = Choice("gelu")  # channel mixer
-    norm: Choice = Choice("layernorm")  # every norm in the model
-    block: Choice = Choice("prenorm")  # residual wiring
-    pool: Choice = Choice("token")  # readout: token | avg | max | avgmax | map | none
-    rope: Choice = Choice("none")  # rotary positions on q/k inside attention: none | axial (EVA-02) | dinov3 | mixed
+    patch_embed: Choice = described(Choice("linear"), "image -> patch tokens")
+    pos_embed: Choice = described(Choice("learned"), "learned | sincos2d | none")
+    attn: Choice = described(Choice("mhsa"), "token mixer")
+    mlp: Choice = described(Choice("gelu"), "channel mixer")
+    norm: Choice = described(Choice("layernorm"), "every norm in the model")
+    block: Choice = described(Choice("prenorm"), "residual wiring")
+    pool: Choice = described(Choice("token"), "readout: token | avg | max | avgmax | map | none")
+    rope: Choice = described(
+        Choice("none"), "rotary positions on q/k inside attention: none | axial (EVA-02) | dinov3 | mixed")
     # prefix tokens
-    class_token: bool = True  # learned [CLS] token in front
-    dist_token: bool = False  # DeiT distillation token after [CLS], read by a second head
-    reg_tokens: int = 0  # register tokens after the class/distillation tokens
+    class_token: bool = described(True, "learned [CLS] token in front")
+    dist_token: bool = described(False, "DeiT distillation token after [CLS], read by a second head")
+    reg_tokens: int = described(0, "register tokens after the class/distillation tokens", NON_NEGATIVE)
     # norms outside the blocks
-    pre_norm: bool = False  # norm after embedding, before the blocks (CLIP's ln_pre)
-    final_norm: str = "auto"  # after the blocks: tokens | pooled (after pooling) | none | auto (pooled for avg/max)
+    pre_norm: bool = described(False, "norm after embedding, before the blocks (CLIP's ln_pre)")
+    final_norm: str = described(
+        "auto", "after the blocks: tokens | pooled (after pooling) | none | auto (pooled for avg/max)")
     # regularisation
-    drop: Dropouts = Dropouts()
+    drop: Dropouts = described(Dropouts(), "dropout rates: head, pos, patch, attn, proj, path")
 
     def __post_init__(self) -> None:
         if isinstance(self.img_size, int) and not isinstance(self.img_size, bool):  # timm's square shorthand
@@ -89,14 +92,14 @@ class ViTSpec:
             value = getattr(self, name)
             if isinstance(value, dict):
                 object.__setattr__(self, name, _make_group(name, group, value))
-        check_fields(self, FIELD_RANGES, skip=tuple(SLOTS))
+        check_fields(self, skip=tuple(SLOTS))
         for slot, table in SLOTS.items():  # a table without a name sets options of the default entry
             default = next(f.default for f in dataclasses.fields(ViTSpec) if f.name == slot)
             object.__setattr__(self, slot, make_choice(table, merge(default, getattr(self, slot)), self.depth))
         self._validate()
 
     def _validate(self) -> None:
-        """Rules between fields; each field's own type and range are checked before (:data:`FIELD_RANGES`)."""
+        """Rules between fields; each field's own type and range are checked before (declared on the field)."""
         def fail(name: str, problem: str) -> None:
             raise ValueError(f"ViTSpec.{name}: {problem}")
 
@@ -317,10 +320,3 @@ def parse_assignment(text: str) -> tuple[str, Any]:
         raise ValueError(f"expected FIELD=VALUE (e.g. mlp=swiglu or attn.qk_norm=true), got {text!r}")
     return name.strip(), parse_value(value, name.strip())
 
-
-# The range of each numeric field (of each element, for tuples); the types come from the annotations.
-FIELD_RANGES: dict[str, Range] = {
-    **dict.fromkeys(("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads"), AT_LEAST_ONE),
-    **dict.fromkeys(("num_classes", "reg_tokens"), NON_NEGATIVE),
-    "mlp_ratio": POSITIVE,
-}

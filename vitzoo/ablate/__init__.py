@@ -22,7 +22,7 @@ import json
 import re
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,14 +33,16 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from vitzoo.ablate.report import write_report
-from vitzoo.arguments import device, non_negative_float, non_negative_int, positive_float, positive_int
+from vitzoo.arguments import add_device_option, add_options, parsed_fields, value_type
 from vitzoo.card import count_macs
 from vitzoo.errors import run_command
+from vitzoo.fields import AT_LEAST_ONE, NON_NEGATIVE, check_fields, described, field_like
 from vitzoo.memory import peak_tensor_bytes
 from vitzoo.registry import create_model, load_registry_file, model_spec
 from vitzoo.spec import parse_assignment, parse_value
 from vitzoo.train import TrainConfig, build_datasets, fit
 from vitzoo.train.data import add_data_arguments, check_images, num_classes
+from vitzoo.train.finetune import FinetuneConfig
 from vitzoo.train.recipe import build_optimizer
 from vitzoo.train.runfolder import claim_run_folder, run_files
 from vitzoo.weights.files import write_text_atomic
@@ -51,21 +53,29 @@ PREPROCESSING = ("input_size", "mean", "std", "interpolation", "crop_pct")
 
 @dataclass
 class AblationConfig:
-    """Everything that decides the numbers of an ablation; a resumed grid must match it exactly."""
+    """Everything that decides the numbers of an ablation; a resumed grid must match it exactly.
 
-    model: str  # registry name of the base model
-    grid: dict[str, list[Any]]  # spec field -> values to try; variants are the cartesian product
-    overrides: dict[str, Any] = field(default_factory=dict)  # spec fields fixed for every variant
-    data: str = "digits"  # digits | torchvision:NAME | ImageFolder path
-    steps: int = 200  # optimizer steps per run
-    seeds: list[int] = field(default_factory=lambda: [0])  # each variant trains once per seed
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    warmup_steps: int | None = None  # None: a tenth of the steps, at most 30
-    device: str = "cpu"
-    data_root: str = "data"  # where torchvision datasets live
-    download: bool = False  # let torchvision download its dataset
+    The settings it shares with fine-tuning are declared there (default, range, help) and taken from
+    :class:`TrainConfig` and :class:`FinetuneConfig`; ``vitzoo ablate`` builds its options from the fields.
+    """
+
+    model: str = described(help="registry name of the base model, e.g. vit_pico_patch4_32")
+    grid: dict[str, list[Any]] = described(help="spec field -> values to try; variants are the cartesian product")
+    overrides: dict[str, Any] = described(help="spec fields fixed for every variant", factory=dict)
+    data: str = field_like(FinetuneConfig, "data")
+    steps: int = field_like(TrainConfig, "steps", default=200)
+    seeds: list[int] = described(help="each variant trains once per seed", factory=lambda: [0])
+    batch_size: int = field_like(TrainConfig, "batch_size")
+    lr: float = field_like(TrainConfig, "lr")
+    weight_decay: float = field_like(TrainConfig, "weight_decay")
+    warmup_steps: int | None = described(None, "steps of linear warm-up (None: a tenth of the steps, at most 30)",
+                                         NON_NEGATIVE)
+    device: str = field_like(TrainConfig, "device")
+    data_root: str = field_like(FinetuneConfig, "data_root")
+    download: bool = field_like(FinetuneConfig, "download")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
     def train_config(self, seed: int) -> TrainConfig:
         """The one recipe every run uses; only the seed changes between seeds."""
@@ -238,20 +248,18 @@ def slug(name: str) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="registry name of the base model, e.g. vit_pico_patch4_32")
+    """The ablation options: the fields of :class:`AblationConfig` and the few only the command line has."""
+    add_options(p, AblationConfig, ["model"], flags={"model": "--model"})
     p.add_argument("--grid", action="append", default=[], metavar="FIELD=V1,V2",
                    help="spec field and the values to compare (repeat for a grid); per-layer: gelu+gelu+swiglu")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="spec override for every variant, e.g. depth=2 (per-layer values comma-separated)")
-    add_data_arguments(p)
-    p.add_argument("--steps", type=positive_int, default=200, help="optimizer steps per run")
-    p.add_argument("--seeds", type=positive_int, default=1, help="runs per variant, seeds 0..N-1")
-    p.add_argument("--batch-size", type=positive_int, default=64)
-    p.add_argument("--lr", type=positive_float, default=1e-3)
-    p.add_argument("--weight-decay", type=non_negative_float, default=0.05)
-    p.add_argument("--warmup-steps", type=non_negative_int, default=None,
-                   help="default: a tenth of the steps, at most 30")
-    p.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
+    add_data_arguments(p, AblationConfig)
+    add_options(p, AblationConfig, ["steps"])
+    p.add_argument("--seeds", type=value_type("number of seeds", int, AT_LEAST_ONE), default=1,
+                   help="runs per variant, seeds 0..N-1")
+    add_options(p, AblationConfig, ["batch_size", "lr", "weight_decay", "warmup_steps"])
+    add_device_option(p)
     p.add_argument("--out", default=None, help="results folder (default: ablations/MODEL); rerun to resume")
     p.add_argument("--overwrite", action="store_true",
                    help="start anew although --out holds another ablation: it is moved to <out>.old-<time>")
@@ -262,6 +270,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def _config_from_args(args: argparse.Namespace) -> AblationConfig:
+    return AblationConfig(**{
+        **parsed_fields(AblationConfig, args), "grid": dict(map(parse_grid, args.grid)),
+        "overrides": dict(map(parse_assignment, args.set)), "seeds": list(range(args.seeds)),
+    })
+
+
 def run_from_args(args: argparse.Namespace) -> int:
     """The ``ablate`` command: plugins and registry files first, then the grid; prints where results are."""
     for target in args.plugin:
@@ -270,12 +285,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         load_registry_file(path)
     if args.check_images:
         check_images(args.data)
-    config = AblationConfig(
-        model=args.model, grid=dict(map(parse_grid, args.grid)), overrides=dict(map(parse_assignment, args.set)),
-        data=args.data, steps=args.steps, seeds=list(range(args.seeds)), batch_size=args.batch_size, lr=args.lr,
-        weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, device=args.device,
-        data_root=args.data_root, download=args.download,
-    )
+    config = _config_from_args(args)
     result = run_ablation(config, args.out or Path("ablations") / args.model, progress=not args.no_progress,
                           overwrite=args.overwrite)
     print(f"{len(result.executed)} run(s) trained, {len(result.rows) - len(result.executed)} reused; "

@@ -20,31 +20,25 @@ from vitzoo.blocks.norm import NormFactory
 from vitzoo.blocks.options import BlockOptions
 from vitzoo.blocks.rope import Rotation, rotate
 from vitzoo.blocks.table import BlockTable, like_module
-from vitzoo.fields import AT_LEAST_ONE
+from vitzoo.fields import AT_LEAST_ONE, described
 
 
 @dataclass(frozen=True)
 class AttentionOptions(BlockOptions):
     """Options of every attention entry."""
 
-    qkv_bias: bool = True
-    """biases on the q, k, v projections"""
-    qk_norm: bool = False
-    """normalize q and k per head with the model's norm (ViT-22B)"""
-    proj_bias: bool = True
-    """bias on the output projection (AIMv2 has none)"""
-    inner_norm: bool = False
-    """norm before the output projection (Sub-LN of BEiT-3; EVA-02 CLIP)"""
+    qkv_bias: bool = described(True, "biases on the q, k, v projections")
+    qk_norm: bool = described(False, "normalize q and k per head with the model's norm (ViT-22B)")
+    proj_bias: bool = described(True, "bias on the output projection (AIMv2 has none)")
+    inner_norm: bool = described(False, "norm before the output projection (Sub-LN of BEiT-3; EVA-02 CLIP)")
 
 
 @dataclass(frozen=True)
 class GroupedQueryOptions(AttentionOptions):
     """Options of grouped-query attention."""
 
-    ranges = {"kv_heads": AT_LEAST_ONE}
-
-    kv_heads: int | None = None
-    """key/value heads, each shared by num_heads / kv_heads query heads; None: num_heads"""
+    kv_heads: int | None = described(
+        None, "key/value heads, each shared by num_heads / kv_heads query heads; None: num_heads", AT_LEAST_ONE)
 
     def check(self, spec) -> None:
         if self.kv_heads is not None and spec.num_heads % self.kv_heads:

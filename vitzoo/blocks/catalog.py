@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 from vitzoo.blocks import SLOTS
-from vitzoo.blocks.options import option_docs
 from vitzoo.fields import describe, field_types
 
 
@@ -49,10 +48,9 @@ def blocks_markdown() -> str:
         for cls in classes:
             users = ", ".join(f"`{n}`" for n in table if table.options_class(n) is cls)
             lines += ["", f"Options of {users}:", "", "| option | type | default | meaning |", "|---|---|---|---|"]
-            docs = option_docs(cls)
             for f in dataclasses.fields(cls):
                 lines.append(f"| `{f.name}` | {describe(field_types(cls)[f.name])} | `{f.default!r}` | "
-                             f"{docs.get(f.name, '')} |")
+                             f"{f.metadata.get('help', '')} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -23,17 +23,16 @@ from vitzoo.blocks.norm import NormFactory
 from vitzoo.blocks.options import BlockOptions
 from vitzoo.blocks.rope import Rotation
 from vitzoo.blocks.table import BlockTable, like_module
-from vitzoo.fields import POSITIVE
+from vitzoo.fields import POSITIVE, described
 
 
 @dataclass(frozen=True)
 class LayerScaleOptions(BlockOptions):
     """Options of every encoder-block entry."""
 
-    ranges = {"layer_scale": POSITIVE}
-
-    layer_scale: float | None = None
-    """initial value of LayerScale, a learned per-channel scale of each residual branch (CaiT); None: off"""
+    layer_scale: float | None = described(
+        None, "initial value of LayerScale, a learned per-channel scale of each residual branch (CaiT); None: off",
+        POSITIVE)
 
 
 class LayerScale(nn.Module):

@@ -18,22 +18,22 @@ from torch import nn
 from vitzoo.blocks.norm import NormFactory
 from vitzoo.blocks.options import BlockOptions
 from vitzoo.blocks.table import BlockTable
+from vitzoo.fields import described
 
 
 @dataclass(frozen=True)
 class MlpOptions(BlockOptions):
     """Options of every MLP entry."""
 
-    bias: bool = True
-    """biases on the MLP's linear layers (AIMv2 has none)"""
+    bias: bool = described(True, "biases on the MLP's linear layers (AIMv2 has none)")
 
 
 @dataclass(frozen=True)
 class InnerNormMlpOptions(MlpOptions):
     """Options of the MLPs that can normalize their hidden activations."""
 
-    inner_norm: bool = False
-    """norm on the hidden activations before the output layer (Sub-LN of BEiT-3; EVA-02)"""
+    inner_norm: bool = described(
+        False, "norm on the hidden activations before the output layer (Sub-LN of BEiT-3; EVA-02)")
 
 
 class QuickGELU(nn.Module):

@@ -13,7 +13,7 @@ from torch import nn
 
 from vitzoo.blocks.options import BlockOptions
 from vitzoo.blocks.table import BlockTable
-from vitzoo.fields import POSITIVE
+from vitzoo.fields import POSITIVE, described
 
 NormFactory = Callable[[int], nn.Module]
 
@@ -22,10 +22,7 @@ NormFactory = Callable[[int], nn.Module]
 class NormOptions(BlockOptions):
     """Options of the norm entries."""
 
-    ranges = {"eps": POSITIVE}
-
-    eps: float = 1e-6
-    """added to the variance before dividing (timm 1e-6; CLIP 1e-5; HF ViT 1e-12)"""
+    eps: float = described(1e-6, "added to the variance before dividing (timm 1e-6; CLIP 1e-5; HF ViT 1e-12)", POSITIVE)
 
 
 def layer_norm(dim: int, *, options: NormOptions) -> nn.Module:

@@ -21,22 +21,22 @@ from torch import nn
 from vitzoo.blocks.norm import NormFactory
 from vitzoo.blocks.options import BlockOptions
 from vitzoo.blocks.table import BlockTable, like_module
+from vitzoo.fields import described
 
 
 @dataclass(frozen=True)
 class ProjectionOptions(BlockOptions):
     """Options of every patch-embedding entry."""
 
-    bias: bool = True
-    """bias on the patch projection (CLIP has none)"""
+    bias: bool = described(True, "bias on the patch projection (CLIP has none)")
 
 
 @dataclass(frozen=True)
 class PatchOptions(ProjectionOptions):
     """Options of the patch embeddings whose norm on the patch tokens is optional."""
 
-    norm: bool = False
-    """norm on the patch tokens, stored as ``patch_embed.norm`` (AIMv2; timm's embed_norm_layer)"""
+    norm: bool = described(
+        False, "norm on the patch tokens, stored as patch_embed.norm (AIMv2; timm's embed_norm_layer)")
 
 
 def patchify(images: torch.Tensor, p: int, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -21,27 +21,24 @@ from torch import nn
 from vitzoo.blocks.norm import NormFactory
 from vitzoo.blocks.options import BlockOptions
 from vitzoo.blocks.table import BlockTable, like_module
-from vitzoo.fields import AT_LEAST_ONE, POSITIVE
+from vitzoo.fields import AT_LEAST_ONE, POSITIVE, described
 
 
 @dataclass(frozen=True)
 class PoolOptions(BlockOptions):
     """Options of the readouts over patch tokens."""
 
-    include_prefix: bool = False
-    """also read the class and register tokens (timm's pool_include_prefix)"""
+    include_prefix: bool = described(False, "also read the class and register tokens (timm's pool_include_prefix)")
 
 
 @dataclass(frozen=True)
 class AttentionPoolOptions(PoolOptions):
     """Options of attention pooling."""
 
-    ranges = {"num_heads": AT_LEAST_ONE, "mlp_ratio": POSITIVE}
-
-    num_heads: int | None = None
-    """heads of the pooling attention; None: the model's num_heads (Perception Encoder: 8)"""
-    mlp_ratio: float | None = None
-    """hidden width / embed_dim of the pooling MLP; None: the model's mlp_ratio"""
+    num_heads: int | None = described(
+        None, "heads of the pooling attention; None: the model's num_heads (Perception Encoder: 8)", AT_LEAST_ONE)
+    mlp_ratio: float | None = described(
+        None, "hidden width / embed_dim of the pooling MLP; None: the model's mlp_ratio", POSITIVE)
 
     def check(self, spec) -> None:
         if self.num_heads is not None and spec.embed_dim % self.num_heads:

@@ -22,7 +22,7 @@ from torch import nn
 
 from vitzoo.blocks.options import BlockOptions
 from vitzoo.blocks.table import BlockTable
-from vitzoo.fields import POSITIVE
+from vitzoo.fields import POSITIVE, described
 
 Grid = tuple[int, int]
 
@@ -31,18 +31,15 @@ Grid = tuple[int, int]
 class PositionOptions(BlockOptions):
     """Options of the absolute position embeddings."""
 
-    prefix: bool = True
-    """the prefix tokens get positions too; False: patch tokens only (timm's no_embed_class)"""
+    prefix: bool = described(
+        True, "the prefix tokens get positions too; False: patch tokens only (timm's no_embed_class)")
 
 
 @dataclass(frozen=True)
 class SinCosOptions(PositionOptions):
     """Options of the fixed sine-cosine embedding."""
 
-    ranges = {"temperature": POSITIVE}
-
-    temperature: float = 10000.0
-    """frequency base of the sines and cosines"""
+    temperature: float = described(10000.0, "frequency base of the sines and cosines", POSITIVE)
 
 
 def resample_table(

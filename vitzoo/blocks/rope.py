@@ -20,7 +20,7 @@ from torch import nn
 
 from vitzoo.blocks.options import BlockOptions
 from vitzoo.blocks.table import BlockTable
-from vitzoo.fields import AT_LEAST_ONE, POSITIVE
+from vitzoo.fields import AT_LEAST_ONE, POSITIVE, described
 
 Grid = tuple[int, int]
 
@@ -29,18 +29,15 @@ Grid = tuple[int, int]
 class RopeOptions(BlockOptions):
     """Options of the rotary entries."""
 
-    ranges = {"temperature": POSITIVE, "ref_grid": AT_LEAST_ONE, "rescale": AT_LEAST_ONE}
-
-    temperature: float | None = None
-    """frequency base; None: the entry's own (axial 1e4, dinov3 100, mixed 10)"""
-    ref_grid: tuple[int, int] | None = None
-    """positions rescaled to this patch grid, the one of pretraining (EVA-02)"""
-    grid_offset: float = 0.0
-    """added to every position (Perception Encoder: 1)"""
-    xy: bool = False
-    """coordinate channels ordered (x, y) instead of (y, x) (ROPE-ViT, Perception Encoder)"""
-    rescale: float | None = None
-    """training only: positions times one random factor, log-uniform in [1/R, R], per call (DINOv3)"""
+    temperature: float | None = described(
+        None, "frequency base; None: the entry's own (axial 1e4, dinov3 100, mixed 10)", POSITIVE)
+    ref_grid: tuple[int, int] | None = described(
+        None, "positions rescaled to this patch grid, the one of pretraining (EVA-02)", AT_LEAST_ONE)
+    grid_offset: float = described(0.0, "added to every position (Perception Encoder: 1)")
+    xy: bool = described(False, "coordinate channels ordered (x, y) instead of (y, x) (ROPE-ViT, Perception Encoder)")
+    rescale: float | None = described(
+        None, "training only: positions times one random factor, log-uniform in [1/R, R], per call (DINOv3)",
+        AT_LEAST_ONE)
 
     def check(self, spec) -> None:
         head_dim = spec.embed_dim // spec.num_heads

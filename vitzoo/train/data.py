@@ -19,6 +19,7 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 from torchvision import datasets
 from torchvision.transforms import v2 as T
 
+from vitzoo.arguments import add_options
 from vitzoo.errors import did_you_mean
 
 logger = logging.getLogger("vitzoo.data")
@@ -198,11 +199,10 @@ def torchvision_dataset(name: str, root: str | Path, cfg: dict[str, Any], downlo
                                 f"internet access (or copy it into --data-root)") from None
 
 
-def add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--data``, ``--data-root``, ``--download``: the dataset options every training command shares."""
-    parser.add_argument("--data", default="digits", help="digits | an ImageFolder path | torchvision:NAME")
-    parser.add_argument("--data-root", default="data", help="where torchvision datasets are stored")
-    parser.add_argument("--download", action="store_true", help="let torchvision download the dataset (internet)")
+def add_data_arguments(parser: argparse.ArgumentParser, config: type) -> None:
+    """``--data``, ``--data-root``, ``--download`` (fields of the command's ``config``) and ``--check-images``:
+    the dataset options every training command shares."""
+    add_options(parser, config, ["data", "data_root", "download"])
     parser.add_argument("--check-images", action="store_true",
                         help="decode every image of an ImageFolder before training and list the unreadable ones")
 

@@ -19,14 +19,15 @@ import logging
 import math
 import sys
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from vitzoo.arguments import device, non_negative_float, non_negative_int, positive_float, positive_int
+from vitzoo.arguments import add_device_option, add_options, parsed_fields
 from vitzoo.errors import run_command
+from vitzoo.fields import AT_LEAST_ONE, POSITIVE, Range, check_fields, described
 from vitzoo.registry import create_model
 from vitzoo.spec import parse_assignment
 from vitzoo.train.data import add_data_arguments, build_datasets, check_images, num_classes
@@ -42,26 +43,35 @@ logger = logging.getLogger("vitzoo.finetune")
 
 @dataclass
 class FinetuneConfig:
-    """What to fine-tune on what; ``train`` says how."""
+    """What to fine-tune on what; ``train`` says how. Each field carries its default, range and help
+    (:func:`vitzoo.fields.described`), which the constructor checks and ``vitzoo finetune`` offers."""
 
-    model: str
-    data: str = "digits"  # "digits", an ImageFolder path, or "torchvision:NAME"
-    data_root: str = "data"  # where torchvision datasets live (and are downloaded with download=True)
-    download: bool = False
-    val_fraction: float = 0.2  # held out per class when the data has no val split
-    pretrained: bool | str = False  # True: the hub weights; a path: a file or save_pretrained folder
-    num_classes: int | None = None  # None: the number of classes in the data
-    img_size: int | None = None  # None: the model's; another size resamples the position embedding
-    overrides: dict[str, Any] = field(default_factory=dict)  # spec fields: {"mlp": "swiglu", ...}
-    freeze: bool = False  # linear probing: train the head only
-    grad_checkpointing: bool = False
-    epochs: float | None = None  # when set, overrides train.steps
-    eval_every: int | None = None  # steps between evaluations; None: once per epoch
-    checkpoint_every: int | None = None  # steps between checkpoints; None: at each evaluation
-    out: str = "runs/finetune"
-    resume: bool = False
-    overwrite: bool = False  # move another run found in out to <out>.old-<time> instead of refusing to start
-    train: TrainConfig = field(default_factory=TrainConfig)
+    model: str = described(help="a registry name, e.g. vit_tiny_patch16_224 (see `vitzoo list`)")
+    data: str = described("digits", "digits | an ImageFolder path | torchvision:NAME")
+    data_root: str = described("data", "where torchvision datasets are stored")
+    download: bool = described(False, "let torchvision download the dataset (internet)")
+    val_fraction: float = described(0.2, "held out per class when the data has no val split",
+                                    Range(0, 1, open_low=True))
+    pretrained: bool | str = described(False, "True: the hub weights; a path: a file or save_pretrained folder")
+    num_classes: int | None = described(None, "checked against the data (None: the data's classes)", AT_LEAST_ONE)
+    img_size: int | None = described(None, "train at this size, the position embedding resampled (None: the "
+                                     "model's)", AT_LEAST_ONE)
+    overrides: dict[str, Any] = described(help="spec fields, e.g. {'mlp': 'swiglu'}", factory=dict)
+    freeze: bool = described(False, "linear probe: train the head only")
+    grad_checkpointing: bool = described(False, "recompute block activations in backward")
+    epochs: float | None = described(None, "passes over the training data; when set, overrides train.steps",
+                                     POSITIVE)
+    eval_every: int | None = described(None, "steps between evaluations (None: once per epoch)", AT_LEAST_ONE)
+    checkpoint_every: int | None = described(None, "steps between checkpoints (None: at each evaluation)",
+                                             AT_LEAST_ONE)
+    out: str = described("runs/finetune", "run folder: metrics, plot, checkpoints (one run each)")
+    resume: bool = described(False, "continue the run in out from its latest checkpoint")
+    overwrite: bool = described(False, "start anew although out holds a run: it is moved to <out>.old-<time>, "
+                                "not deleted")
+    train: TrainConfig = described(help="how to train", factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 def build_model(config: FinetuneConfig, data_classes: int) -> VisionTransformer:
@@ -165,6 +175,7 @@ def _other_run(folder: Path, resume: bool) -> str | None:
 
 
 def _train(config: FinetuneConfig, world: World, progress: bool) -> dict[str, Any]:
+    """The run itself; ``config`` stays as the caller gave it, the settings it leaves open are filled in a copy."""
     out = Path(config.out)
     with torch.device("meta"):  # only the preprocessing config is needed before the data is known
         cfg = create_model(config.model, img_size=config.img_size, **config.overrides).pretrained_cfg
@@ -173,12 +184,12 @@ def _train(config: FinetuneConfig, world: World, progress: bool) -> dict[str, An
     classes = num_classes(train_data)
     torch.manual_seed(config.train.seed)
     model = build_model(config, classes)
-    train = config.train
-    epoch_steps = max(1, steps_per_epoch(len(train_data), train, world.world_size))
-    if config.epochs is not None:
-        train.steps = max(1, round(config.epochs * epoch_steps))
-    train.eval_every = config.eval_every or min(epoch_steps, train.steps)
-    train.checkpoint_every = config.checkpoint_every or train.eval_every
+    epoch_steps = max(1, steps_per_epoch(len(train_data), config.train, world.world_size))
+    steps = config.train.steps if config.epochs is None else max(1, round(config.epochs * epoch_steps))
+    eval_every = config.eval_every or min(epoch_steps, steps)
+    train = replace(config.train, steps=steps, eval_every=eval_every,
+                    checkpoint_every=config.checkpoint_every or eval_every)
+    config = replace(config, train=train)
     log = RunLog(out, config.resume) if world.main else None
     if log and not config.resume:
         out.mkdir(parents=True, exist_ok=True)
@@ -206,68 +217,39 @@ def _train(config: FinetuneConfig, world: World, progress: bool) -> dict[str, An
 
 
 def _config_from_args(args: argparse.Namespace) -> FinetuneConfig:
-    train_fields = {f.name for f in fields(TrainConfig)} - {"eval_every", "checkpoint_every"}
-    train = TrainConfig(**{k: v for k, v in vars(args).items() if k in train_fields and v is not None})
-    if args.amp:
-        train.amp = True
+    # eval_every and checkpoint_every are the run's (None: per epoch); _train sets train's from them
+    train = TrainConfig(**parsed_fields(TrainConfig, args, exclude={f.name for f in fields(FinetuneConfig)}))
     pretrained: bool | str = args.pretrained if args.pretrained not in (None, "hub") else args.pretrained == "hub"
-    return FinetuneConfig(
-        model=args.model, data=args.data, data_root=args.data_root, download=args.download,
-        val_fraction=args.val_fraction, pretrained=pretrained, num_classes=args.num_classes, img_size=args.img_size,
-        overrides=dict(parse_assignment(text) for text in args.set), freeze=args.freeze,
-        grad_checkpointing=args.grad_checkpointing, epochs=args.epochs, eval_every=args.eval_every,
-        checkpoint_every=args.checkpoint_every, out=args.out, resume=args.resume, overwrite=args.overwrite, train=train,
-    )
+    return FinetuneConfig(**{**parsed_fields(FinetuneConfig, args), "pretrained": pretrained, "train": train,
+                             "overrides": dict(parse_assignment(text) for text in args.set)})
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The fine-tuning options (shared by ``vitzoo finetune`` and ``python -m vitzoo.train``)."""
-    p.add_argument("model", help="a registry name, e.g. vit_tiny_patch16_224 (see `vitzoo list`)")
-    add_data_arguments(p)
-    p.add_argument("--val-fraction", type=float, default=0.2, help="held out per class when there is no val split")
+    """The fine-tuning options (shared by ``vitzoo finetune`` and ``python -m vitzoo.train``): the fields of
+    :class:`FinetuneConfig` and :class:`TrainConfig`, and the few that only the command line has."""
+    add_options(p, FinetuneConfig, ["model"])
+    add_data_arguments(p, FinetuneConfig)
+    add_options(p, FinetuneConfig, ["val_fraction"])
     p.add_argument("--pretrained", nargs="?", const="hub", default=None,
                    help="start from weights: the hub's (no value) or a file / save_pretrained folder")
-    p.add_argument("--num-classes", type=positive_int, help="checked against the data (default: the data's classes)")
-    p.add_argument("--img-size", type=positive_int, help="train at this size (position embedding resampled)")
+    add_options(p, FinetuneConfig, ["num_classes", "img_size"])
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a spec field or block option, e.g. --set mlp=swiglu --set attn.qk_norm=true "
                         "--set drop.head=0.1 (repeatable)")
-    p.add_argument("--freeze", action="store_true", help="linear probe: train the head only")
-    p.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations in backward")
+    add_options(p, FinetuneConfig, ["freeze", "grad_checkpointing"])
     length = p.add_mutually_exclusive_group()
-    length.add_argument("--epochs", type=positive_float, help="passes over the training data")
-    length.add_argument("--steps", type=positive_int, help="optimizer steps (default 300)")
-    p.add_argument("--batch-size", type=positive_int, help="images per process per micro-batch (default 64)")
-    p.add_argument("--accum-steps", type=positive_int, help="micro-batches per optimizer step (default 1)")
-    p.add_argument("--lr", type=positive_float, help="peak learning rate (default 1e-3)")
-    p.add_argument("--weight-decay", type=non_negative_float,
-                   help="AdamW decoupled decay; norms, biases, tokens skip it")
-    p.add_argument("--layer-decay", type=positive_float, help="layer-wise lr decay, e.g. 0.75")
-    p.add_argument("--optimizer", choices=("adamw", "adam"))
-    p.add_argument("--warmup-steps", type=non_negative_int)
-    p.add_argument("--label-smoothing", type=non_negative_float)
-    p.add_argument("--mixup", type=non_negative_float, help="Mixup Beta concentration, e.g. 0.8 (DeiT); off by default")
-    p.add_argument("--cutmix", type=non_negative_float,
-                   help="CutMix Beta concentration, e.g. 1.0; with --mixup, one per batch")
-    p.add_argument("--grad-clip", type=non_negative_float, help="max gradient norm (0 disables)")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--ema-decay", type=positive_float, help="also keep and evaluate an EMA of the weights, e.g. 0.999")
-    p.add_argument("--eval-every", type=positive_int, help="steps between evaluations (default: once per epoch)")
-    p.add_argument("--checkpoint-every", type=positive_int,
-                   help="steps between checkpoints (default: each evaluation)")
-    p.add_argument("--keep-checkpoints", type=positive_int,
-                   help="newest checkpoints kept besides the best (default 2)")
-    p.add_argument("--strategy", choices=("ddp", "fsdp"), help="multi-process strategy under torchrun")
-    p.add_argument("--workers", dest="num_workers", type=non_negative_int,
-                   help="data-loading processes (default 0; same results)")
-    p.add_argument("--seed", type=non_negative_int)
-    p.add_argument("--device", type=device, help="cpu, cuda, cuda:N, ... (default: cuda when available)")
-    p.add_argument("--out", default="runs/finetune", help="run folder: metrics, plot, checkpoints (one run each)")
-    start = p.add_mutually_exclusive_group()
-    start.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
-    start.add_argument("--overwrite", action="store_true",
-                       help="start anew although --out holds a run: it is moved to <out>.old-<time>, not deleted")
+    add_options(length, FinetuneConfig, ["epochs"])
+    add_options(length, TrainConfig, ["steps"])
+    add_options(p, TrainConfig, [
+        "batch_size", "accum_steps", "lr", "weight_decay", "layer_decay", "optimizer", "warmup_steps",
+        "label_smoothing", "mixup", "cutmix", "grad_clip", "amp", "compile", "ema_decay",
+    ])
+    add_options(p, FinetuneConfig, ["eval_every", "checkpoint_every"])
+    add_options(p, TrainConfig, ["keep_checkpoints", "strategy", "num_workers", "seed"],
+                flags={"num_workers": "--workers"})
+    add_device_option(p)
+    add_options(p, FinetuneConfig, ["out"])
+    add_options(p.add_mutually_exclusive_group(), FinetuneConfig, ["resume", "overwrite"])
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -275,8 +257,6 @@ def run_from_args(args: argparse.Namespace) -> int:
     config = _config_from_args(args)
     if args.check_images:
         check_images(args.data)
-    if args.device is None:
-        config.train.device = "cuda" if torch.cuda.is_available() else "cpu"
     summary = finetune(config)
     return 0 if summary["ranks_identical"] else 1
 

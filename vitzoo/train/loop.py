@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from vitzoo.fields import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, RATE, check_fields
+from vitzoo.fields import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, RATE, check_fields, described
 from vitzoo.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from vitzoo.train.distributed import (
     World,
@@ -45,45 +45,45 @@ from vitzoo.vit import VisionTransformer
 
 @dataclass
 class TrainConfig:
-    """How to train; everything that affects the result is here, so runs are reproducible."""
+    """How to train; everything that affects the result is here, so runs are reproducible.
 
-    steps: int = 300  # optimizer steps
-    batch_size: int = 64  # images per process per micro-batch
-    accum_steps: int = 1  # micro-batches whose gradients make one optimizer step
-    lr: float = 1e-3  # peak learning rate
-    weight_decay: float = 0.05
-    layer_decay: float | None = None  # layer-wise lr decay factor, None = off
-    optimizer: str = "adamw"  # adamw | adam
-    warmup_steps: int = 30
-    label_smoothing: float = 0.0
-    mixup: float = 0.0  # Beta concentration for blending image pairs (e.g. 0.8), 0 = off
-    cutmix: float = 0.0  # Beta concentration for pasting boxes between image pairs (e.g. 1.0), 0 = off
-    grad_clip: float | None = 1.0  # max global grad norm, None = off
-    eval_every: int = 100  # steps between validation passes (and one at the end)
-    seed: int = 0  # model init is the caller's; this seeds data order, augmentation and dropout
-    device: str = "cpu"
-    amp: bool = False  # bf16 autocast for forward and loss
-    compile: bool = False  # torch.compile the model for the training step
-    ema_decay: float | None = None  # keep and evaluate an EMA of the weights, None = off
-    checkpoint_every: int = 0  # steps between checkpoints when a run folder is given (0: at the end only)
-    strategy: str = "ddp"  # with several processes: ddp | fsdp
-    num_workers: int = 0  # data-loading processes (any number resumes exactly)
-    keep_checkpoints: int = 2  # newest checkpoints kept, besides the best by validation accuracy
+    Each field carries its default, range and help (:func:`vitzoo.fields.described`): the constructor
+    checks the ranges, and ``vitzoo finetune`` and ``vitzoo ablate`` build their options from the fields.
+    """
+
+    steps: int = described(300, "optimizer steps", AT_LEAST_ONE)
+    batch_size: int = described(64, "images per process per micro-batch", AT_LEAST_ONE)
+    accum_steps: int = described(1, "micro-batches whose gradients make one optimizer step", AT_LEAST_ONE)
+    lr: float = described(1e-3, "peak learning rate", POSITIVE)
+    weight_decay: float = described(0.05, "AdamW decoupled decay; norms, biases and tokens skip it", NON_NEGATIVE)
+    layer_decay: float | None = described(None, "layer-wise lr decay factor, e.g. 0.75 (None: off)", POSITIVE)
+    optimizer: Literal["adamw", "adam"] = described("adamw", "the optimizer of the parameter groups")
+    warmup_steps: int = described(30, "steps of linear warm-up before the cosine decay", NON_NEGATIVE)
+    label_smoothing: float = described(0.0, "share of the target spread over all classes (0: off)", RATE)
+    mixup: float = described(0.0, "Beta concentration for blending image pairs, e.g. 0.8 (DeiT; 0: off)",
+                             NON_NEGATIVE)
+    cutmix: float = described(0.0, "Beta concentration for pasting boxes between image pairs, e.g. 1.0 (0: off); "
+                              "with mixup, one of the two per batch", NON_NEGATIVE)
+    grad_clip: float | None = described(1.0, "max global gradient norm (0 or None: off)", NON_NEGATIVE)
+    eval_every: int = described(100, "steps between validation passes (and one at the end)", AT_LEAST_ONE)
+    seed: int = described(0, "seeds data order, augmentation and dropout (the model's init is the caller's)",
+                          NON_NEGATIVE)
+    device: str = described("cpu", "where to train: cpu, cuda, cuda:N, ...")
+    amp: bool = described(False, "bf16 autocast for forward and loss")
+    compile: bool = described(False, "torch.compile the model for the training step")
+    ema_decay: float | None = described(None, "also keep and evaluate an EMA of the weights, e.g. 0.999 (None: off)",
+                                        RATE)
+    checkpoint_every: int = described(0, "steps between checkpoints when a run folder is given (0: at the end only)",
+                                      NON_NEGATIVE)
+    strategy: Literal["ddp", "fsdp"] = described("ddp", "how several processes (torchrun) share the model")
+    num_workers: int = described(0, "data-loading processes (any number gives the same results)", NON_NEGATIVE)
+    keep_checkpoints: int = described(2, "newest checkpoints kept, besides the best by validation accuracy",
+                                      AT_LEAST_ONE)
 
     def __post_init__(self) -> None:
-        # Python callers get the checks the command line's argparse types make: batch_size=0 would
-        # otherwise surface as a ZeroDivisionError, steps=0 as a run that silently does nothing.
-        check_fields(self, TRAIN_RANGES)
-
-
-# Bounds of TrainConfig's numbers (0 turns label smoothing, mixup, cutmix and clipping off).
-TRAIN_RANGES = {
-    "steps": AT_LEAST_ONE, "batch_size": AT_LEAST_ONE, "accum_steps": AT_LEAST_ONE, "lr": POSITIVE,
-    "weight_decay": NON_NEGATIVE, "layer_decay": POSITIVE, "warmup_steps": NON_NEGATIVE,
-    "label_smoothing": RATE, "mixup": NON_NEGATIVE, "cutmix": NON_NEGATIVE, "grad_clip": NON_NEGATIVE,
-    "eval_every": AT_LEAST_ONE, "ema_decay": RATE, "checkpoint_every": NON_NEGATIVE,
-    "keep_checkpoints": AT_LEAST_ONE, "num_workers": NON_NEGATIVE,
-}
+        # Python callers get the checks the command line makes: batch_size=0 would otherwise surface as a
+        # ZeroDivisionError, steps=0 as a run that silently does nothing.
+        check_fields(self)
 
 
 @dataclass
