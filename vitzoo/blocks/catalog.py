@@ -33,6 +33,14 @@ def blocks_markdown() -> str:
         "(`attn = { name = \"gqa\", kv_heads = [4, 2, 2, 1] }`). Aliases are other names for an entry.",
         "",
     ]
+    from vitzoo.spec import GROUPS, ViTSpec  # the spec imports the tables: read it once they exist
+
+    lines += ["## Model-wide fields", "", "Everything else about a model is one of these `ViTSpec` fields "
+              "(the slots are described below).", ""]
+    lines += _field_table(ViTSpec, exclude=tuple(SLOTS))
+    for group, cls in GROUPS.items():
+        lines += ["", f"`{group}` holds:", ""] + _field_table(cls)
+    lines.append("")
     for slot, table in SLOTS.items():
         lines += [f"## `{slot}`", "", f"Contract: `{table.contract}`", ""]
         aliases = {}
@@ -47,12 +55,20 @@ def blocks_markdown() -> str:
         classes = list(dict.fromkeys(c for c in map(table.options_class, table) if c is not None))
         for cls in classes:
             users = ", ".join(f"`{n}`" for n in table if table.options_class(n) is cls)
-            lines += ["", f"Options of {users}:", "", "| option | type | default | meaning |", "|---|---|---|---|"]
-            for f in dataclasses.fields(cls):
-                lines.append(f"| `{f.name}` | {describe(field_types(cls)[f.name])} | `{f.default!r}` | "
-                             f"{f.metadata.get('help', '')} |")
+            lines += ["", f"Options of {users}:", ""] + _field_table(cls)
         lines.append("")
     return "\n".join(lines)
+
+
+def _field_table(cls: type, exclude: tuple[str, ...] = ()) -> list[str]:
+    """A dataclass's fields as a Markdown table: name, type, default and the help declared with the field."""
+    rows = ["| field | type | default | meaning |", "|---|---|---|---|"]
+    for f in dataclasses.fields(cls):
+        if f.name not in exclude:
+            default = "below" if dataclasses.is_dataclass(f.default) else f"`{f.default!r}`"
+            help_text = f.metadata.get("help", "").replace("|", "\\|")
+            rows.append(f"| `{f.name}` | {describe(field_types(cls)[f.name])} | {default} | {help_text} |")
+    return rows
 
 
 if __name__ == "__main__":
