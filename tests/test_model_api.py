@@ -99,3 +99,11 @@ def test_console_script_entry_point():
     result = subprocess.run([sys.executable, "-m", "vitzoo.cli", "list", "vit_huge_*"],
                             capture_output=True, text=True, check=True)
     assert result.stdout.startswith("vit_huge_patch14_224")
+
+
+def test_command_runs_as_a_module_and_stops_quietly_when_its_reader_does():
+    listed = subprocess.run([sys.executable, "-m", "vitzoo", "list", "vit_huge_*"], capture_output=True, text=True,
+                            check=True)
+    assert listed.stdout.startswith("vit_huge_patch14_224")
+    piped = subprocess.run(f"{sys.executable} -m vitzoo list | head -n 1", shell=True, capture_output=True, text=True)
+    assert piped.stdout.count("\n") == 1 and piped.stderr == ""

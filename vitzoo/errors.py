@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import os
 import sys
 from collections.abc import Callable, Iterable
 
@@ -35,6 +36,9 @@ def run_command(prog: str, command: Callable[[], int]) -> int:
     """Run a command-line entry point: its exit code, or 2 after printing a bad-input error's message."""
     try:
         return command()
+    except BrokenPipeError:  # the reader went away (`vitzoo list | head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit fails no more
+        return 0
     except USER_ERRORS as err:
         print(f"{prog}: {user_message(err)}", file=sys.stderr)
         return 2
