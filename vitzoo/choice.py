@@ -8,14 +8,13 @@ entry's defaults and are not stored, so two ways of writing the same model give 
 
 from __future__ import annotations
 
-import typing
 from dataclasses import dataclass
 from typing import Any
 
 from vitzoo.blocks.options import BlockOptions, option_defaults, option_names
 from vitzoo.blocks.table import BlockTable
 from vitzoo.errors import did_you_mean
-from vitzoo.fields import FieldTypeError, field_types
+from vitzoo.fields import FieldTypeError, field_types, takes_tuple
 
 PER_LAYER_SLOTS = ("attn", "mlp", "block")  # slots whose entry and options may differ per layer
 
@@ -67,10 +66,8 @@ def _per_layer(table: BlockTable, option: str, value: Any, names: tuple[str, ...
         return False
     for name in names:
         cls = table.options_class(name)
-        if cls is not None and option in option_names(cls):
-            annotation = field_types(cls)[option]
-            if any(typing.get_origin(a) is tuple for a in typing.get_args(annotation) or (annotation,)):
-                return False
+        if cls is not None and option in option_names(cls) and takes_tuple(field_types(cls)[option]):
+            return False
     return True
 
 

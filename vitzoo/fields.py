@@ -90,6 +90,11 @@ def _options(annotation: Any) -> tuple[Any, ...]:
     return (annotation,)
 
 
+def takes_tuple(annotation: Any) -> bool:
+    """Whether a value of ``annotation`` may itself be a tuple (``tuple[int, int] | None``: yes; ``int``: no)."""
+    return any(typing.get_origin(option) is tuple for option in _options(annotation))
+
+
 def _fits(value: Any, annotation: Any) -> bool:
     """Whether ``value`` is exactly of the annotated type, without any conversion."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
@@ -158,14 +163,13 @@ def field_ranges(cls: type) -> dict[str, Range]:
     return {f.name: f.metadata["range"] for f in fields(cls) if f.metadata.get("range")}
 
 
-def check_fields(obj: Any, ranges: dict[str, Range] | None = None, skip: tuple[str, ...] = ()) -> None:
+def check_fields(obj: Any, skip: tuple[str, ...] = ()) -> None:
     """Refuse the first field of dataclass ``obj`` (but those in ``skip``, checked elsewhere) whose value does
-    not fit its annotation or its range (``ranges``; by default those declared on the fields, see
-    :func:`described`).
+    not fit its annotation or the range declared on the field (see :func:`described`).
 
     Raises :class:`FieldTypeError` or ValueError naming the field, the value and what it takes.
     """
-    ranges = field_ranges(type(obj)) if ranges is None else ranges
+    ranges = field_ranges(type(obj))
     for name, annotation in field_types(type(obj)).items():
         if name not in skip:
             check_value(f"{type(obj).__name__}.{name}", getattr(obj, name), annotation, ranges.get(name))

@@ -13,7 +13,7 @@ from typing import Any
 
 from vitzoo.blocks import SLOTS
 from vitzoo.blocks.options import option_names
-from vitzoo.spec import ViTSpec
+from vitzoo.spec import SLOT_DEFAULTS, ViTSpec
 
 # flat field of vitzoo 0.1 -> (its default there, the dotted path it moved to)
 V1_FIELDS: dict[str, tuple[Any, str]] = {
@@ -106,7 +106,7 @@ def _declared(data: dict[str, Any], name: str) -> bool:
     slot, _, option = path.partition(".")
     if slot not in SLOTS:
         return True
-    entry = data.get(slot, getattr(ViTSpec(), slot).name)
+    entry = data.get(slot, SLOT_DEFAULTS[slot].name)
     entries = entry if isinstance(entry, list | tuple) else [entry]
     table = SLOTS[slot]
     return all(e in table and option in option_names(table.options_class(e)) for e in entries)

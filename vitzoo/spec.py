@@ -4,7 +4,6 @@ options live on its slot (``attn = { name = "gqa", kv_heads = 2 }``, see :mod:`v
 from __future__ import annotations
 
 import dataclasses
-import typing
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,7 +11,17 @@ from vitzoo.blocks import SLOTS
 from vitzoo.blocks.options import BlockOptions
 from vitzoo.choice import PER_LAYER_SLOTS, Choice, layer_options, make_choice, merge, varies_per_layer
 from vitzoo.errors import did_you_mean
-from vitzoo.fields import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, RATE, check_fields, described, field_types, parse_text
+from vitzoo.fields import (
+    AT_LEAST_ONE,
+    NON_NEGATIVE,
+    POSITIVE,
+    RATE,
+    check_fields,
+    described,
+    field_types,
+    parse_text,
+    takes_tuple,
+)
 
 FINAL_NORMS = ("auto", "tokens", "pooled", "none")
 # What a command-line value may be when its field is not known.
@@ -94,8 +103,8 @@ class ViTSpec:
                 object.__setattr__(self, name, _make_group(name, group, value))
         check_fields(self, skip=tuple(SLOTS))
         for slot, table in SLOTS.items():  # a table without a name sets options of the default entry
-            default = next(f.default for f in dataclasses.fields(ViTSpec) if f.name == slot)
-            object.__setattr__(self, slot, make_choice(table, merge(default, getattr(self, slot)), self.depth))
+            object.__setattr__(self, slot, make_choice(table, merge(SLOT_DEFAULTS[slot], getattr(self, slot)),
+                                                       self.depth))
         self._validate()
 
     def _validate(self) -> None:
@@ -128,12 +137,9 @@ class ViTSpec:
                     if options is not None and (name, options) not in checked:
                         checked.add((name, options))
                         options.check(self)
-                except ValueError as err:  # "AttentionOptions.qk_norm: ..." reads "ViTSpec.attn.qk_norm: ..."
+                except ValueError as err:
                     owner = getattr(table.options_class(choice.name_at(i)), "__name__", "")
-                    message = str(err)
-                    if owner and message.startswith(f"{owner}."):
-                        raise type(err)(f"ViTSpec.{slot}.{message[len(owner) + 1:]}") from None
-                    raise type(err)(f"ViTSpec.{slot} ({choice.name_at(i)}): {message}") from None
+                    raise _spec_error(err, owner, slot, f"ViTSpec.{slot} ({choice.name_at(i)})") from None
 
     # derived quantities -------------------------------------------------------------------------
     @property
@@ -220,6 +226,10 @@ class ViTSpec:
         return cls().replace(**data)
 
 
+# Each slot's default entry, read once from the fields: what a slot table without a name adds options to.
+SLOT_DEFAULTS: dict[str, Choice] = {f.name: f.default for f in dataclasses.fields(ViTSpec) if f.name in SLOTS}
+
+
 def nest(changes: dict[str, Any]) -> dict[str, Any]:
     """Dotted keys folded into their field: ``{"attn": "gqa", "attn.kv_heads": 2}`` ->
     ``{"attn": {"name": "gqa", "kv_heads": 2}}``; unknown fields raise with the closest names."""
@@ -280,8 +290,17 @@ def _make_group(name: str, group: type, data: dict[str, Any]) -> Any:
             raise ValueError(f"ViTSpec.{name} has no field {key!r}; {did_you_mean(key, fields)}")
     try:
         return group(**data)
-    except ValueError as err:  # "Dropouts.path: ..." reads "ViTSpec.drop.path: ..."
-        raise type(err)(str(err).replace(f"{group.__name__}.", f"ViTSpec.{name}.", 1)) from None
+    except ValueError as err:
+        raise _spec_error(err, group.__name__, name, f"ViTSpec.{name}") from None
+
+
+def _spec_error(err: ValueError, owner: str, path: str, where: str) -> ValueError:
+    """A field check's refusal as the spec names the field: "AttentionOptions.qk_norm: ..." of the ``attn``
+    slot reads "ViTSpec.attn.qk_norm: ..."; any other message is prefixed with ``where``."""
+    message = str(err)
+    if owner and message.startswith(f"{owner}."):
+        return type(err)(f"ViTSpec.{path}.{message[len(owner) + 1:]}")
+    return type(err)(f"{where}: {message}")
 
 
 def value_type(field: str) -> Any:
@@ -297,8 +316,7 @@ def value_type(field: str) -> Any:
             cls = table.options_class(name)
             if cls is not None and option in field_types(cls):
                 annotation = field_types(cls)[option]
-                per_layer = top in PER_LAYER_SLOTS and not any(
-                    typing.get_origin(a) is tuple for a in typing.get_args(annotation) or (annotation,))
+                per_layer = top in PER_LAYER_SLOTS and not takes_tuple(annotation)
                 return annotation | tuple[annotation, ...] if per_layer else annotation
         return UNKNOWN_FIELD
     return field_types(ViTSpec).get(field, UNKNOWN_FIELD)
