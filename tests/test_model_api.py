@@ -23,7 +23,7 @@ def test_reset_classifier_changes_head_and_spec():
     assert model(torch.randn(2, 3, 64, 64)).shape == (2, 3) and model.spec.num_classes == 3
     model.reset_classifier(0)
     assert model(torch.randn(2, 3, 64, 64)).shape == (2, 192)
-    model.reset_classifier(4, pool="map")
+    model.reset_classifier(4, "map")
     assert model.spec.pool.name == "map" and model.spec.final_norm == "tokens"
     assert "attn_pool.latent" in model.state_dict()
     rebuilt = vitzoo.VisionTransformer(model.spec)
@@ -69,7 +69,7 @@ def test_wrong_image_size_says_what_to_do():
 def test_pretrained_cfg_carries_preprocessing():
     cfg = vitzoo.create_model("deit_base_distilled_patch16_384", depth=1).pretrained_cfg
     assert cfg["input_size"] == (3, 384, 384) and cfg["crop_pct"] == 1.0
-    assert cfg["mean"] == [0.485, 0.456, 0.406] and cfg["interpolation"] == "bicubic"
+    assert cfg["mean"] == (0.485, 0.456, 0.406) and cfg["interpolation"] == "bicubic"
     assert cfg["hf_hub_id"] == "timm/deit_base_distilled_patch16_384.fb_in1k"
 
 

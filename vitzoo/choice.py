@@ -131,6 +131,16 @@ def layer_options(table: BlockTable, choice: Choice, layer: int) -> tuple[str, B
     return name, cls(**values)
 
 
+def first_layers(table: BlockTable, choice: Choice, depth: int) -> Choice:
+    """``choice`` for a model cut to its first ``depth`` blocks: per-layer names and values shortened."""
+    name = choice.name[:depth] if isinstance(choice.name, tuple) else choice.name
+    options = tuple(
+        (k, v[:depth] if isinstance(v, tuple) and _per_layer(table, k, v, choice.names()) else v)
+        for k, v in choice.options
+    )
+    return Choice(name, options)
+
+
 def varies_per_layer(table: BlockTable, choice: Choice) -> bool:
     """Whether layers differ in entry or options (then each layer's options are built on their own)."""
     return isinstance(choice.name, tuple) or any(

@@ -67,10 +67,63 @@ def flat_changes(flat: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def timm_keywords(overrides: dict[str, Any]) -> dict[str, Any]:
-    """``create_model`` keywords with timm's names (``drop_path_rate=0.1``) as spec changes (``drop.path``)."""
+# timm's activation classes and names -> vitzoo's name for the activation
+ACTIVATIONS = {"GELU": "gelu", "GELUTanh": "gelu_tanh", "QuickGELU": "quick_gelu", "ReLU": "relu", "SiLU": "silu",
+               "gelu": "gelu", "gelu_tanh": "gelu_tanh", "quick_gelu": "quick_gelu", "relu": "relu",
+               "silu": "silu", "swish": "silu"}
+PLAIN_MLPS = {"gelu": "gelu", "gelu_tanh": "gelu_tanh", "quick_gelu": "quick_gelu", "relu": "relu"}  # act -> MLP
+GATED_MLPS = {"silu": "swiglu", "gelu": "geglu"}
+# timm keywords that choose how timm builds its layers for TorchScript or ONNX; vitzoo's modules are the same
+# either way (torch.jit.script traces them, export goes through torch.export), so they change nothing here
+NO_EFFECT = ("scriptable", "exportable", "no_jit")
+# timm keywords that take module classes; vitzoo chooses those parts by name in a slot
+LAYER_CLASSES = {"embed_layer": "patch_embed", "block_fn": "block", "mlp_layer": "mlp", "attn_layer": "attn",
+                 "embed_norm_layer": "patch_embed.norm"}
+NORM_CLASSES = {"LayerNorm": "layernorm", "RmsNorm": "rmsnorm", "RMSNorm": "rmsnorm"}
+
+
+def timm_keywords(overrides: dict[str, Any], mlp: str = "gelu") -> dict[str, Any]:
+    """``create_model`` keywords with timm's names (``drop_path_rate=0.1``, ``act_layer="quick_gelu"``) as spec
+    changes (``drop.path``, ``mlp``); ``mlp`` is the MLP entry an ``act_layer`` changes. What timm can build and
+    vitzoo cannot express is refused, naming the keyword."""
+    overrides = dict(overrides)
+    for name in NO_EFFECT:
+        overrides.pop(name, None)
+    refused = {k: v for k, v in overrides.items() if k in LAYER_CLASSES and v is not None}
+    if refused:
+        name = next(iter(refused))
+        raise ValueError(f"{name}: timm's module classes are not vitzoo blocks; choose the {LAYER_CLASSES[name]} by "
+                         f"name instead ({LAYER_CLASSES[name]}=...; docs/blocks.md lists every block)")
+    for name in LAYER_CLASSES:
+        overrides.pop(name, None)
+    if overrides.pop("weight_init", "") not in ("", None):
+        raise ValueError("weight_init: vitzoo initialises as timm's default (weight_init=''); the jax and moco "
+                         "schemes are not available; load weights with pretrained= instead")
+    for name, why in (("fix_init", "rescaled projection init"), ("dynamic_img_pad", "padding of images")):
+        if overrides.pop(name, False):
+            raise ValueError(f"{name}=True: vitzoo has no {why}; "
+                             + ("pad images to a multiple of patch_size yourself, or pass crop_remainder=True"
+                                if name == "dynamic_img_pad" else "build without it"))
+    if "act_layer" in overrides:
+        chosen = overrides.get("mlp", mlp)
+        overrides["mlp"] = _mlp_for(overrides.pop("act_layer"), chosen if isinstance(chosen, str) else mlp)
+    if "norm_layer" in overrides:
+        norm = overrides.pop("norm_layer")
+        overrides["norm"] = norm if isinstance(norm, str) else NORM_CLASSES.get(getattr(norm, "__name__", ""), norm)
+    if overrides.get("pos_embed") in ("learn", ""):
+        overrides["pos_embed"] = {"learn": "learned", "": "none"}[overrides["pos_embed"]]
     timm = {k: v for k, v in overrides.items() if k in TIMM_KEYWORDS and not (k == "final_norm" and isinstance(v, str))}
     return {**{k: v for k, v in overrides.items() if k not in timm}, **flat_changes(timm)}
+
+
+def _mlp_for(act_layer: Any, mlp: str) -> str:
+    """The MLP entry of kind ``mlp`` (plain or gated) with timm's activation ``act_layer`` (a name or class)."""
+    act = ACTIVATIONS.get(act_layer if isinstance(act_layer, str) else getattr(act_layer, "__name__", ""))
+    table = GATED_MLPS if mlp in GATED_MLPS.values() else PLAIN_MLPS
+    if act not in table:
+        raise ValueError(f"act_layer={act_layer!r}: the {mlp!r} MLP has no variant with that activation; "
+                         f"valid: {', '.join(table)}; or choose an MLP by name (mlp=...; docs/blocks.md lists them)")
+    return table[act]
 
 
 def _moved(name: str, value: Any) -> dict[str, Any]:

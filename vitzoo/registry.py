@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from vitzoo.errors import did_you_mean
+from vitzoo.features import FEATURE_KEYWORDS, FeatureGetter, features_model
 from vitzoo.migrate import timm_keywords
 from vitzoo.size import MAX_PARAMS
 from vitzoo.spec import ViTSpec, merge_fields, set_paths
@@ -181,8 +182,9 @@ def model_spec(name: str, **overrides: Any) -> ViTSpec:
 def create_model(
     name: str, pretrained: bool | str = False, *, num_classes: int | None = None,
     img_size: int | tuple[int, int] | None = None, pretrained_cfg_overlay: dict[str, Any] | None = None,
-    max_params: int | None = MAX_PARAMS, **overrides: Any,
-) -> VisionTransformer:
+    max_params: int | None = MAX_PARAMS, features_only: bool = False, checkpoint_path: str | None = None,
+    **overrides: Any,
+) -> VisionTransformer | FeatureGetter:
     """Build a model by registry name, like ``timm.create_model``; ``name.tag`` picks timm's weights of
     that tag (``vit_base_patch16_224.augreg_in21k``), and a ``save_pretrained`` folder is a name too.
 
@@ -200,7 +202,29 @@ def create_model(
     tensor size shows (HF's 1e-12 epsilon, its prefix tokens, qkv bias, pooling), unless an override
     says otherwise. ``max_params`` refuses a spec estimated above that many parameters before anything
     is allocated (None: no limit); raise it to build a model larger than the default 10 billion.
+
+    The rest of timm's keywords work as in timm: ``features_only=True`` returns the hidden states of
+    ``out_indices`` (default: the last 3 blocks) as maps, with ``feature_info`` (:mod:`vitzoo.features`);
+    ``checkpoint_path`` loads a file after building, as strictly as timm; ``pretrained_cfg`` (a dict)
+    overlays the preprocessing config; ``act_layer``/``norm_layer`` pick the MLP and norm entries; and
+    ``scriptable``/``exportable`` change nothing (the modules are the same either way).
     """
+    features = {k: overrides.pop(k) for k in FEATURE_KEYWORDS if k in overrides}
+    if features and not features_only:
+        raise ValueError(f"{', '.join(features)}: feature options apply with features_only=True")
+    if isinstance(overrides.get("pretrained_cfg"), dict):
+        pretrained_cfg_overlay = {**overrides.pop("pretrained_cfg"), **(pretrained_cfg_overlay or {})}
+    model = _create(name, pretrained, num_classes, img_size, pretrained_cfg_overlay, max_params, overrides)
+    if checkpoint_path:
+        load_pretrained(model, checkpoint_path)
+    return features_model(model, features) if features_only else model
+
+
+def _create(
+    name: str, pretrained: bool | str, num_classes: int | None, img_size: int | tuple[int, int] | None,
+    pretrained_cfg_overlay: dict[str, Any] | None, max_params: int | None, overrides: dict[str, Any],
+) -> VisionTransformer:
+    """The model :func:`create_model` builds before any feature wrapper or later checkpoint."""
     if is_folder_path(name):  # its config.json holds the spec and its weights come along
         if pretrained not in (False, True) or pretrained_cfg_overlay:
             raise ValueError(f"{name} is a save_pretrained folder, which brings its own weights and config; "
@@ -211,7 +235,7 @@ def create_model(
     entry = model_entry(name)
     cfg = {"architecture": name, **entry.pretrained_cfg, **(tagged_cfg(name, tag) if tag else {})}
     cfg.update(pretrained_cfg_overlay or {})
-    changes = timm_keywords(overrides)
+    changes = timm_keywords(overrides, entry.spec.mlp.name_at(entry.spec.depth - 1))
     if num_classes is not None or cfg.get("num_classes", entry.spec.num_classes) != entry.spec.num_classes:
         changes["num_classes"] = cfg["num_classes"] if num_classes is None else num_classes
     if img_size is not None:

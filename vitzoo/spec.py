@@ -9,7 +9,15 @@ from typing import Any
 
 from vitzoo.blocks import SLOTS
 from vitzoo.blocks.options import BlockOptions
-from vitzoo.choice import PER_LAYER_SLOTS, Choice, layer_options, make_choice, merge, varies_per_layer
+from vitzoo.choice import (
+    PER_LAYER_SLOTS,
+    Choice,
+    first_layers,
+    layer_options,
+    make_choice,
+    merge,
+    varies_per_layer,
+)
 from vitzoo.errors import did_you_mean
 from vitzoo.fields import (
     AT_LEAST_ONE,
@@ -182,6 +190,11 @@ class ViTSpec:
     def layer(self, slot: str, index: int = 0) -> tuple[str, BlockOptions | None]:
         """The entry name and options instance of ``slot`` at block ``index`` (0 for model-wide slots)."""
         return layer_options(SLOTS[slot], getattr(self, slot), index)
+
+    def first_layers(self, depth: int) -> dict[str, Any]:
+        """The changes that cut this spec to its first ``depth`` blocks (per-layer values shortened)."""
+        return {"depth": depth, **{slot: first_layers(SLOTS[slot], getattr(self, slot), depth)
+                                   for slot in PER_LAYER_SLOTS}}
 
     def get(self, path: str) -> Any:
         """A value by dotted path: ``"depth"``, ``"drop.path"``, ``"attn.kv_heads"`` (a slot option: the value

@@ -29,6 +29,7 @@ from timm.models.vision_transformer import VisionTransformer as TimmViT
 from torch import nn
 
 from vitzoo.blocks.patch import HYBRID_STEMS
+from vitzoo.migrate import ACTIVATIONS, GATED_MLPS, PLAIN_MLPS
 from vitzoo.spec import Dropouts, ViTSpec
 from vitzoo.vit import VisionTransformer
 
@@ -38,9 +39,6 @@ BLOCKS = {
     Block: "prenorm", ResPostBlock: "respost", ParallelThingsBlock: "parallel2",
     ParallelScalingBlock: "parallel_scaling",
 }
-ACTIVATIONS = {"GELUTanh": "gelu_tanh", "QuickGELU": "quick_gelu", "ReLU": "relu", "SiLU": "silu"}
-PLAIN_MLPS = {"gelu": "gelu", "gelu_tanh": "gelu_tanh", "quick_gelu": "quick_gelu", "relu": "relu"}
-GATED_MLPS = {"silu": "swiglu", "gelu": "geglu"}
 CFG_KEYS = ("hf_hub_id", "mean", "std", "crop_pct", "interpolation")
 
 

@@ -25,7 +25,11 @@ from vitzoo.inputs import block_indices, check_images
 from vitzoo.size import MAX_PARAMS, check_size
 from vitzoo.spec import ViTSpec
 
-IMAGENET_INCEPTION = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+# timm's preprocessing defaults for ViTs, and the keys of its pretrained_cfg that no registry entry sets
+DEFAULT_CFG = {
+    "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "crop_pct": 0.9, "crop_mode": "center",
+    "interpolation": "bicubic", "pool_size": None, "license": "apache-2.0",
+}
 
 
 class VisionTransformer(nn.Module):
@@ -63,10 +67,8 @@ class VisionTransformer(nn.Module):
         self._make_heads()
         self.grad_checkpointing = False
         self.distilled_training = False
-        self.pretrained_cfg = {
-            **IMAGENET_INCEPTION, "crop_pct": 0.9, "interpolation": "bicubic", **(pretrained_cfg or {}),
-            "input_size": (spec.in_chans, *spec.img_size), "num_classes": spec.num_classes,
-        }
+        cfg = {**DEFAULT_CFG, **(pretrained_cfg or {}), **self._derived_cfg()}
+        self.pretrained_cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}  # timm's types
         self._init_linear(self)
 
     # construction -------------------------------------------------------------------------------
@@ -104,6 +106,16 @@ class VisionTransformer(nn.Module):
         else:
             self.head_dist = None
 
+    def _derived_cfg(self) -> dict[str, Any]:
+        """The entries of ``pretrained_cfg`` that follow from the spec and the built modules, as timm names them."""
+        spec = self.spec
+        first_conv = next(name for name, m in self.patch_embed.named_modules() if isinstance(m, nn.Conv2d | nn.Linear))
+        return {
+            "input_size": (spec.in_chans, *spec.img_size), "num_classes": spec.num_classes,
+            "fixed_input_size": not spec.dynamic_img_size, "first_conv": f"patch_embed.{first_conv}",
+            "classifier": ("head", "head_dist") if spec.dist_token else "head",
+        }
+
     @staticmethod
     def _init_linear(module: nn.Module) -> None:
         """timm's default init for linear layers: truncated normal (std 0.02), zero bias."""
@@ -122,7 +134,18 @@ class VisionTransformer(nn.Module):
     def embed_dim(self) -> int:
         return self.spec.embed_dim
 
-    num_features = embed_dim
+    num_features = head_hidden_size = embed_dim
+
+    @property
+    def default_cfg(self) -> dict[str, Any]:
+        """timm's older name for :attr:`pretrained_cfg` (the same dict)."""
+        return self.pretrained_cfg
+
+    @property
+    def feature_info(self) -> list[dict[str, Any]]:
+        """What each block's output is as a feature map: its module, channels and stride in pixels (timm's)."""
+        return [dict(module=f"blocks.{i}", num_chs=self.embed_dim, reduction=self.spec.patch_size)
+                for i in range(len(self.blocks))]
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -151,10 +174,14 @@ class VisionTransformer(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.head
 
-    def reset_classifier(self, num_classes: int, pool: str | None = None) -> None:
-        """New head for ``num_classes`` (0 removes it); optionally a new pooling by name."""
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """New head for ``num_classes`` (0 removes it); optionally a new pooling by name (timm's ``''``: none).
+
+        As in timm, ``pretrained_cfg`` keeps describing the weights the model was built with.
+        """
         ref = next(self.parameters())
         changes: dict[str, Any] = {"num_classes": num_classes}
+        pool = "none" if global_pool == "" else global_pool
         if pool is not None and pool != self.spec.pool.name:
             changes.update(pool=pool, final_norm=self.spec.final_norm_at)  # the final norm stays where it is
         self.spec = self.spec.replace(**changes)
@@ -166,7 +193,30 @@ class VisionTransformer(nn.Module):
             if module is not None:
                 self._init_linear(module)
                 module.to(device=ref.device, dtype=ref.dtype).train(self.training)
-        self.pretrained_cfg["num_classes"] = num_classes
+
+    def prune_intermediate_layers(
+        self, indices: int | Sequence[int] = 1, prune_norm: bool = False, prune_head: bool = True,
+    ) -> list[int]:
+        """Drop what :meth:`forward_intermediates` of ``indices`` does not need: the blocks after the last one
+        asked for, the final norm (``prune_norm``), pooling and head (``prune_head``). The spec follows, so a
+        pruned model saves and rebuilds as what it is. Returns the block indices, counted from the start."""
+        take = block_indices(len(self.blocks), indices)
+        depth = max(take) + 1
+        changes: dict[str, Any] = {}
+        if depth < len(self.blocks):
+            self.blocks = self.blocks[:depth]
+            changes.update(self.spec.first_layers(depth))
+        if prune_norm and self.spec.final_norm_at == "tokens":
+            self.norm = nn.Identity()
+            changes["final_norm"] = "none"
+        if changes:
+            self.spec = self.spec.replace(**changes)
+        if prune_head:
+            self.reset_classifier(0, None if self.spec.dist_token else "")  # DeiT's pooling reads its two tokens
+            if not isinstance(self.fc_norm, nn.Identity):
+                self.fc_norm = nn.Identity()
+                self.spec = self.spec.replace(final_norm="none")
+        return take
 
     # forward ------------------------------------------------------------------------------------
     def _grid(self, x: torch.Tensor) -> tuple[int, int]:
