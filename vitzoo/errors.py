@@ -12,15 +12,18 @@ from collections.abc import Callable, Iterable
 USER_ERRORS = (ValueError, FileNotFoundError)
 
 
-def did_you_mean(name: str, options: Iterable[str], limit: int = 5) -> str:
-    """Return a sentence naming the options closest to ``name`` (or all options when few)."""
+def did_you_mean(
+    name: str, options: Iterable[str], limit: int = 5, listed: str = "vitzoo.list_models() or `vitzoo list`",
+) -> str:
+    """Return a sentence naming the options closest to ``name`` (or all options when few, else where
+    ``listed`` they are)."""
     options = sorted(set(options))
     close = difflib.get_close_matches(name, options, n=limit, cutoff=0.5)
     if close:
         return "closest: " + ", ".join(close)
     if len(options) <= 12:
         return "valid: " + ", ".join(options)
-    return f"{len(options)} valid names; list them with vitzoo.list_models() or `vitzoo list`"
+    return f"{len(options)} valid names; see {listed}"
 
 
 def user_message(err: BaseException) -> str:

@@ -239,6 +239,7 @@ class ViTSpec:
         return cls().replace(**data)
 
 
+FIELDS_LISTED = "docs/blocks.md, which lists every field"
 # Each slot's default entry, read once from the fields: what a slot table without a name adds options to.
 SLOT_DEFAULTS: dict[str, Choice] = {f.name: f.default for f in dataclasses.fields(ViTSpec) if f.name in SLOTS}
 
@@ -251,7 +252,8 @@ def nest(changes: dict[str, Any]) -> dict[str, Any]:
     for key in sorted(changes, key=lambda k: "." in k):  # whole values first, then the options set on them
         top, dot, option = key.partition(".")
         if top not in names:
-            raise ValueError(f"ViTSpec has no field {top!r}; {_moved(top) or did_you_mean(top, names)}")
+            hint = _moved(top) or did_you_mean(top, names, listed=FIELDS_LISTED)
+            raise ValueError(f"ViTSpec has no field {top!r}; {hint}")
         if not dot:
             out[key] = changes[key]
         elif top not in (*SLOTS, *GROUPS):
@@ -300,7 +302,7 @@ def _make_group(name: str, group: type, data: dict[str, Any]) -> Any:
     fields = [f.name for f in dataclasses.fields(group)]
     for key in data:
         if key not in fields:
-            raise ValueError(f"ViTSpec.{name} has no field {key!r}; {did_you_mean(key, fields)}")
+            raise ValueError(f"ViTSpec.{name} has no field {key!r}; {did_you_mean(key, fields, listed=FIELDS_LISTED)}")
     try:
         return group(**data)
     except ValueError as err:

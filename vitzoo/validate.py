@@ -141,7 +141,7 @@ def validate(name: str, depth: int | None = None) -> Validation:
     """Compare the vitzoo model ``name`` with timm's (structure at full size, numerics at ``depth``)."""
     if not timm.is_model(name):
         raise ValueError(f"timm has no model {name!r}, so there is nothing to compare with; "
-                         f"{did_you_mean(name, timm.list_models())}")
+                         f"{did_you_mean(name, timm.list_models(), listed='timm.list_models()')}")
     result = Validation(name)
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -183,7 +183,8 @@ def num_classes(dataset: Dataset) -> int:
 def torchvision_dataset(name: str, root: str | Path, cfg: dict[str, Any], download: bool) -> tuple[Dataset, Dataset]:
     """A torchvision classification dataset by class name (``CIFAR10``, ``FakeData``, ...)."""
     if not hasattr(datasets, name):
-        raise ValueError(f"torchvision.datasets has no {name!r}; {did_you_mean(name, datasets.__all__)}")
+        hint = did_you_mean(name, datasets.__all__, listed="torchvision.datasets.__all__")
+        raise ValueError(f"torchvision.datasets has no {name!r}; {hint}")
     cls = getattr(datasets, name)
     if name == "FakeData":
         size = cfg["input_size"]
