@@ -24,6 +24,7 @@ from torch import nn
 
 from vitzoo.blocks.neck import NECKS
 from vitzoo.blocks.options import option_names
+from vitzoo.blocks.table import like_module
 from vitzoo.inputs import block_indices
 from vitzoo.registry import create_model
 from vitzoo.vit import VisionTransformer
@@ -49,7 +50,7 @@ def dense_trunk(model: str | VisionTransformer, last_block: int, **create_model_
     (last,) = block_indices(len(model.blocks), [last_block])
     model.reset_classifier(0)
     for name in ("attn_pool", "fc_norm"):
-        if any(True for _ in getattr(model, name).parameters()):
+        if list(getattr(model, name).parameters()):
             setattr(model, name, nn.Identity())
     del model.blocks[last + 1:]
     return model
@@ -70,8 +71,9 @@ class DetectionBackbone(nn.Module):
     With the default simple pyramid and patch size p the strides are p/4, p/2, p, 2p and 4p (4, 8, 16, 32,
     64 for p=16), the five levels torchvision's default anchor generator (sizes 32..512) and RoI pooler
     (``featmap_names=["0", "1", "2", "3"]``) expect. Images are padded to multiples of ``size_divisible``
-    (2p); give the same value to the detector (``FasterRCNN(..., size_divisible=backbone.size_divisible)``)
-    so that it pads first and computes exact strides (torchvision's default of 32 is already that for p=16).
+    (2p with those levels); give the same value to the detector
+    (``FasterRCNN(..., size_divisible=backbone.size_divisible)``) so that it pads first and computes exact
+    strides (torchvision's default of 32 is already that for p=16).
     """
 
     def __init__(self, trunk: VisionTransformer, neck: nn.Module) -> None:
@@ -107,15 +109,16 @@ def detection_backbone(
     becomes the backbone's ``trunk`` (see :func:`dense_trunk`).
     """
     trunk = dense_trunk(model, layer, **create_model_kwargs)
-    spec = {"name": neck} if isinstance(neck, str) else dict(neck)
-    name = spec.pop("name", "simple_pyramid")
+    given = {"name": neck} if isinstance(neck, str) else dict(neck)
+    name = given.pop("name", "simple_pyramid")
     declared = NECKS.options_class(name)
     if declared is not None and "out_channels" in option_names(declared):
-        spec.setdefault("out_channels", out_channels)
-    if declared is None and spec:
-        raise ValueError(f"neck {name!r} takes no options, got {sorted(spec)}; pass neck={name!r}")
-    options = declared(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()}) if declared else None
-    return DetectionBackbone(trunk, NECKS.build(name, trunk.embed_dim, trunk.spec.patch_size, options=options))
+        given.setdefault("out_channels", out_channels)
+    if declared is None and given:
+        raise ValueError(f"neck {name!r} takes no options, got {sorted(given)}; pass neck={name!r}")
+    options = declared(**{k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}) if declared else None
+    neck = NECKS.build(name, trunk.embed_dim, trunk.spec.patch_size, options=options)
+    return DetectionBackbone(trunk, neck.to(**like_module(trunk)))
 
 
 class LinearSegmenter(nn.Module):
@@ -124,7 +127,8 @@ class LinearSegmenter(nn.Module):
     ``blocks=1`` it is SETR-naive's readout without its hidden layer (Zheng et al. 2021).
 
     ``forward(images)`` gives logits ``(b, num_classes, H, W)`` for images of any size (padded to whole
-    patches inside, the logits cropped back). ``blocks``: the last n blocks if an int, else those indices.
+    patches inside, the logits cropped back). ``blocks``: the last n blocks if an int, else those indices. A
+    name is built as :func:`detection_backbone` builds it; a model passed in becomes ``trunk`` (:func:`dense_trunk`).
     """
 
     def __init__(
@@ -135,9 +139,9 @@ class LinearSegmenter(nn.Module):
         trunk = dense_trunk(model, -1, **create_model_kwargs)  # built and checked; blocks kept until known
         self.indices = block_indices(len(trunk.blocks), blocks)
         self.trunk = dense_trunk(trunk, max(self.indices))
-        width = len(self.indices) * self.trunk.embed_dim
-        self.norm = nn.BatchNorm2d(width)
-        self.classifier = nn.Conv2d(width, num_classes, 1)
+        width, like = len(self.indices) * self.trunk.embed_dim, like_module(self.trunk)
+        self.norm = nn.BatchNorm2d(width, **like)
+        self.classifier = nn.Conv2d(width, num_classes, 1, **like)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         patch = self.trunk.spec.patch_size
