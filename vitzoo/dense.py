@@ -35,7 +35,8 @@ def dense_trunk(model: str | VisionTransformer, last_block: int, **create_model_
 
     A name is built with ``num_classes=0, dynamic_img_size=True`` and ``create_model_kwargs``; a model is
     taken as it is and changed in place: its classifier is reset to none, attention pooling and a
-    pooled-feature norm become ``Identity`` and blocks after ``last_block`` are deleted.
+    pooled-feature norm become ``Identity`` and blocks after ``last_block`` are deleted. The trunk is for dense
+    use from then on: its ``spec`` still names the pooling and depth it was built with.
     """
     if isinstance(model, str):
         model = create_model(model, **{"num_classes": 0, "dynamic_img_size": True, **create_model_kwargs})
