@@ -2,6 +2,7 @@
 
 from vitzoo.ablate import ablate
 from vitzoo.blocks import BlockOptions, register_block
+from vitzoo.dense import DetectionBackbone, LinearSegmenter, detection_backbone
 from vitzoo.registry import create_model, list_models, model_entry, model_spec, register_model, unregister_model
 from vitzoo.spec import ViTSpec
 from vitzoo.timm_compat import from_timm
@@ -13,11 +14,14 @@ __version__ = "0.2.0"
 
 __all__ = [
     "BlockOptions",
+    "DetectionBackbone",
+    "LinearSegmenter",
     "ViTSpec",
     "VisionTransformer",
     "ablate",
     "create_model",
     "data_config",
+    "detection_backbone",
     "eval_transform",
     "export_timm",
     "from_pretrained",

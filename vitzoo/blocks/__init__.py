@@ -2,6 +2,8 @@
 
 The slot names are the spec fields that choose from them: ``patch_embed``, ``pos_embed``, ``attn``,
 ``mlp``, ``norm``, ``block``, ``pool`` and ``rope``. Each table's module documents its constructor contract.
+Tables of blocks built around a model rather than inside it (``neck``: dense features for detection and
+segmentation) are in ``OUTER_SLOTS``: no spec field names them, but they register and look up the same way.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from collections.abc import Callable
 from vitzoo.blocks.attention import ATTENTIONS
 from vitzoo.blocks.encoder import ENCODER_BLOCKS
 from vitzoo.blocks.mlp import MLPS
+from vitzoo.blocks.neck import NECKS
 from vitzoo.blocks.norm import NORMS
 from vitzoo.blocks.options import BlockOptions
 from vitzoo.blocks.patch import PATCH_EMBEDS
@@ -24,14 +27,16 @@ SLOTS: dict[str, BlockTable] = {
     table.slot: table
     for table in (PATCH_EMBEDS, POSITIONS, ATTENTIONS, MLPS, NORMS, ENCODER_BLOCKS, POOLS, ROPES)
 }
+OUTER_SLOTS: dict[str, BlockTable] = {NECKS.slot: NECKS}  # built beside a model, outside its spec
 
 
 def slot_table(slot: str) -> BlockTable:
-    """The table of one slot, by its spec field name."""
+    """The table of one slot, by its spec field name (or ``"neck"``)."""
+    tables = {**SLOTS, **OUTER_SLOTS}
     try:
-        return SLOTS[slot]
+        return tables[slot]
     except KeyError:
-        raise ValueError(f"unknown block slot {slot!r}; {did_you_mean(slot, SLOTS)}") from None
+        raise ValueError(f"unknown block slot {slot!r}; {did_you_mean(slot, tables)}") from None
 
 
 def register_block(
@@ -54,4 +59,4 @@ def register_block(
     return slot_table(slot).register(name, factory, options=options, overwrite=overwrite, verify=True)
 
 
-__all__ = ["SLOTS", "BlockContractError", "BlockOptions", "BlockTable", "register_block", "slot_table"]
+__all__ = ["OUTER_SLOTS", "SLOTS", "BlockContractError", "BlockOptions", "BlockTable", "register_block", "slot_table"]

@@ -10,7 +10,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from vitzoo.blocks import SLOTS
+from vitzoo.blocks import OUTER_SLOTS, SLOTS, BlockTable
 from vitzoo.fields import describe, field_types
 
 
@@ -41,23 +41,35 @@ def blocks_markdown() -> str:
     for group, cls in GROUPS.items():
         lines += ["", f"`{group}` holds:", ""] + _field_table(cls)
     lines.append("")
-    for slot, table in SLOTS.items():
-        lines += [f"## `{slot}`", "", f"Contract: `{table.contract}`", ""]
-        aliases = {}
-        for alias in table.known_names():
-            canonical = table.canonical(alias)
-            if canonical != alias:
-                aliases.setdefault(canonical, []).append(alias)
-        for name, doc in table.describe().items():
-            also = f" (alias: {', '.join(f'`{a}`' for a in aliases[name])})" if name in aliases else ""
-            plain = "" if table.options_class(name) else " No options."
-            lines.append(f"- `{name}`{also}: {doc}{plain}")
-        classes = list(dict.fromkeys(c for c in map(table.options_class, table) if c is not None))
-        for cls in classes:
-            users = ", ".join(f"`{n}`" for n in table if table.options_class(n) is cls)
-            lines += ["", f"Options of {users}:", ""] + _field_table(cls)
-        lines.append("")
+    for table in SLOTS.values():
+        lines += _table_section(table)
+    lines += ["## Blocks outside the spec", "", "Built beside a model from its features (`vitzoo.detection_backbone`),",
+              "not stored in a `ViTSpec` or in timm's checkpoints; registered the same way "
+              "(`register_block(\"neck\", ...)`).", ""]
+    for table in OUTER_SLOTS.values():
+        lines += _table_section(table)
     return "\n".join(lines)
+
+
+def _table_section(table: BlockTable) -> list[str]:
+    """One slot's entries, aliases and option tables."""
+    slot = table.slot
+    lines = [f"## `{slot}`", "", f"Contract: `{table.contract}`", ""]
+    aliases = {}
+    for alias in table.known_names():
+        canonical = table.canonical(alias)
+        if canonical != alias:
+            aliases.setdefault(canonical, []).append(alias)
+    for name, doc in table.describe().items():
+        also = f" (alias: {', '.join(f'`{a}`' for a in aliases[name])})" if name in aliases else ""
+        plain = "" if table.options_class(name) else " No options."
+        lines.append(f"- `{name}`{also}: {doc}{plain}")
+    classes = list(dict.fromkeys(c for c in map(table.options_class, table) if c is not None))
+    for cls in classes:
+        users = ", ".join(f"`{n}`" for n in table if table.options_class(n) is cls)
+        lines += ["", f"Options of {users}:", ""] + _field_table(cls)
+    lines.append("")
+    return lines
 
 
 def _field_table(cls: type, exclude: tuple[str, ...] = ()) -> list[str]:

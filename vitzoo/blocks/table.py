@@ -16,8 +16,8 @@ from vitzoo.errors import did_you_mean
 T = TypeVar("T", bound=Callable)
 
 # A probe calls a freshly built block once on a tiny input made from its constructor arguments and
-# returns (what came out, the shape the slot's contract promises).
-Probe = Callable[[nn.Module, tuple[Any, ...]], tuple[Any, tuple[int, ...]]]
+# returns (what came out, the shape the slot's contract promises: one per map for a block returning several).
+Probe = Callable[[nn.Module, tuple[Any, ...]], tuple[Any, tuple]]
 
 
 class BlockContractError(TypeError):
@@ -144,7 +144,7 @@ class BlockTable(Generic[T]):
             raise self._violation(name, f"its forward failed on a probe input: {type(err).__name__}: {err}") from err
         finally:
             module.train(was_training)
-        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        got = _shapes(out)
         if got != expected:
             raise self._violation(name, f"its forward returned {got}, expected shape {expected}")
         self._unverified.discard(name)
@@ -176,6 +176,16 @@ class BlockTable(Generic[T]):
             bound = _short(obj) if isinstance(obj, partial) else ""
             out[name] = f"{doc} [{bound}]" if bound else doc
         return out
+
+
+def _shapes(out: Any) -> Any:
+    """What a block returned, as its contract states it: a tensor's shape, a list of tensors' shapes (a neck's
+    maps), or the type's name for anything else."""
+    if isinstance(out, torch.Tensor):
+        return tuple(out.shape)
+    if isinstance(out, list | tuple) and all(isinstance(t, torch.Tensor) for t in out):
+        return tuple(tuple(t.shape) for t in out)
+    return type(out).__name__
 
 
 def _binds(factory: Callable, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
