@@ -65,6 +65,7 @@ def test_backbone_drops_what_the_dense_path_never_runs():
                                 num_classes=5, pool="map", class_token=False)
     backbone = vitzoo.detection_backbone(model, out_channels=16, layer=1)
     assert backbone.trunk is model and len(model.blocks) == 2 and model.num_classes == 0
+    assert (model.spec.depth, model.spec.pool.name) == (2, "none")  # the spec describes the pruned trunk
     sum(m.sum() for m in backbone(torch.randn(1, 3, 64, 64)).values()).backward()
     assert [n for n, p in backbone.named_parameters() if p.grad is None] == []
 

@@ -34,9 +34,8 @@ def dense_trunk(model: str | VisionTransformer, last_block: int, **create_model_
     """The model a dense head reads, with what that head never runs taken out (so no parameter idles).
 
     A name is built with ``num_classes=0, dynamic_img_size=True`` and ``create_model_kwargs``; a model is
-    taken as it is and changed in place: its classifier is reset to none, attention pooling and a
-    pooled-feature norm become ``Identity`` and blocks after ``last_block`` are deleted. The trunk is for dense
-    use from then on: its ``spec`` still names the pooling and depth it was built with.
+    taken as it is and pruned in place (:meth:`VisionTransformer.prune_intermediate_layers`): the classifier,
+    pooling and a pooled-feature norm go, and so do the blocks after ``last_block``; the spec follows.
     """
     if isinstance(model, str):
         model = create_model(model, **{"num_classes": 0, "dynamic_img_size": True, **create_model_kwargs})
@@ -48,12 +47,7 @@ def dense_trunk(model: str | VisionTransformer, last_block: int, **create_model_
     if not model.dynamic_img_size:
         raise ValueError("a dense head takes images of any size (a detector resizes them), so the model needs "
                          "dynamic_img_size=True: create_model(name, dynamic_img_size=True), or pass the name")
-    (last,) = block_indices(len(model.blocks), [last_block])
-    model.reset_classifier(0)
-    for name in ("attn_pool", "fc_norm"):
-        if list(getattr(model, name).parameters()):
-            setattr(model, name, nn.Identity())
-    del model.blocks[last + 1:]
+    model.prune_intermediate_layers([last_block])
     return model
 
 
