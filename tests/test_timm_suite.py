@@ -8,7 +8,7 @@ upstream lists tags), so a name timm leaves out of a test is left out here too.
 Which names run is chosen by ``VITZOO_TIMM_SUITE``:
 
 - unset: ``CI_NAMES``, the smallest name of each family (the set the default test run checks);
-- ``all``: every name vitzoo shares with timm (an hour or more; ``make timm-suite`` runs it resumably
+- ``all``: every name vitzoo shares with timm (many hours on CPU; ``make timm-suite`` runs it resumably
   and writes the table in docs/parity.md);
 - comma-separated shell patterns (``vit_small*,eva02*``): the names matching any of them.
 """

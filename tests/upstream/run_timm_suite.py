@@ -3,7 +3,7 @@
     python tests/upstream/run_timm_suite.py [--results runs/timm_suite.jsonl] [--out docs/parity.md]
                                             [--report] [-- PYTEST_ARGS...]
 
-The full run takes an hour or more, so it is incremental: each finished case is appended to the results
+The full run (2,718 cases) takes many hours on CPU, so it is incremental: each finished case is appended to the results
 file, and a new run leaves out the cases already there (delete the file to start over). A case during
 which the process died (killed, out of memory) is recorded as failed with that reason and not tried again.
 ``--report`` only rewrites the section from the results file. ``VITZOO_TIMM_SUITE`` (default ``all``)
