@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint errors-doc blocks-doc clean
+.PHONY: demo test lint errors-doc blocks-doc timm-suite clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,12 @@ errors-doc: $(STAMP)
 # docs/blocks.md: every slot, entry and option, from the block tables (a test fails when it is stale).
 blocks-doc: $(STAMP)
 	$(BIN)/python -m vitzoo.blocks.catalog docs/blocks.md
+
+# docs/parity.md, section "timm's own model tests": timm's tests/test_models.py on every name vitzoo shares
+# with timm: 2,718 cases, many hours on CPU (a day on two busy cores). Resumable: finished cases are kept
+# in runs/timm_suite.jsonl (delete it to start over).
+timm-suite: $(STAMP)
+	$(BIN)/python tests/upstream/run_timm_suite.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -74,15 +74,20 @@ def timm_weights(tmp_path_factory) -> Path:
     return write_state_dict(reference.state_dict(), tmp_path_factory.mktemp("w") / "model.safetensors")
 
 
-def fill_hub_cache(hf_home: Path, repo_id: str, weights: Path) -> None:
-    """Lay out ``weights`` the way huggingface_hub caches ``repo_id``'s model.safetensors."""
+def hub_snapshot(hf_home: Path, repo_id: str) -> Path:
+    """The folder where huggingface_hub's cache under ``hf_home`` keeps ``repo_id``'s files (created empty)."""
     repo = hf_home / "hub" / ("models--" + repo_id.replace("/", "--"))
     commit = "0" * 40
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(commit)
     snapshot = repo / "snapshots" / commit
     snapshot.mkdir(parents=True)
-    (snapshot / "model.safetensors").write_bytes(weights.read_bytes())
+    return snapshot
+
+
+def fill_hub_cache(hf_home: Path, repo_id: str, weights: Path) -> None:
+    """Lay out ``weights`` the way huggingface_hub caches ``repo_id``'s model.safetensors."""
+    (hub_snapshot(hf_home, repo_id) / "model.safetensors").write_bytes(weights.read_bytes())
 
 
 # Inputs that must be refused and the message each got, collected by the ``bad_input`` fixture over

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 import timm
 import torch
@@ -10,6 +12,7 @@ from timm.layers import SwiGLU
 from timm.models.vision_transformer import DiffParallelScalingBlock, ParallelScalingBlock, ResPostBlock
 
 import vitzoo
+import vitzoo.validate as validate_module
 from vitzoo.timm_compat import mlp_ratio_for, spec_from_timm
 from vitzoo.validate import TOL, validate
 
@@ -149,3 +152,16 @@ def test_new_blocks_compose_with_other_slots():
     assert "blocks.0.attn.proj.bias" not in keys and "blocks.0.mlp.fc1.bias" not in keys
     out = model(torch.randn(2, 3, 64, 64))
     assert out.shape == (2, 1000) and torch.isfinite(out).all()
+
+
+def test_validate_all_keeps_the_section_of_timms_own_tests(tmp_path, monkeypatch):
+    """``validate --all`` rewrites its own report and keeps the section tests/upstream/run_timm_suite.py wrote."""
+    out = tmp_path / "parity.md"
+    section = validate_module.SUITE_HEADING + "\n\n| upstream test | passed |\n"
+    out.write_text("# an older report\n\n" + section)
+    monkeypatch.setattr(validate_module, "timm_vit_names", list)
+    monkeypatch.setattr(validate_module, "timm_eva_names", list)
+    assert validate_module._cmd_validate(argparse.Namespace(all=True, name=None, depth=None, out=str(out))) == 0
+    text = out.read_text()
+    assert text.startswith("# timm VisionTransformer and Eva coverage") and "older report" not in text
+    assert text.endswith("\n\n" + section)

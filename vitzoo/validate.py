@@ -15,6 +15,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import timm
@@ -31,6 +32,7 @@ FULL_DEPTH_MAX_PARAMS = 100_000_000  # above this, numerics run at AUTO_DEPTH bl
 AUTO_DEPTH = 2
 TIMM_MODULES = ("vision_transformer", "deit", "vision_transformer_hybrid", "vitamin")
 EVA_MODULES = ("eva",)
+SUITE_HEADING = "## timm's own model tests"  # the section of docs/parity.md that tests/upstream writes
 PER_LAYER_TIMM_KWARGS = {"attn.kv_heads": "num_kv_heads"}  # per-layer spec options and timm's keyword for each
 
 
@@ -215,6 +217,16 @@ def coverage_report(results: list[Validation], eva: list[Validation], command: s
     return "\n".join(lines) + "\n"
 
 
+def split_suite_section(text: str) -> tuple[str, str]:
+    """``text`` before the section of timm's own model tests, and that section ('' when absent).
+
+    The section closes docs/parity.md; tests/upstream/run_timm_suite.py writes it and ``--all`` keeps it
+    when it rewrites the rest, so each of the two reports can be regenerated without the other.
+    """
+    head, heading, section = text.partition(SUITE_HEADING)
+    return head, heading + section
+
+
 def _sweep(names: list[str], depth: int | None) -> list[Validation]:
     results = []
     for name in names:
@@ -238,8 +250,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     results, eva = _sweep(timm_vit_names(), args.depth), _sweep(timm_eva_names(), args.depth)
     command = "vitzoo validate --all" + (f" --depth {args.depth}" if args.depth else "") + f" --out {args.out}"
-    with open(args.out, "w") as f:
-        f.write(coverage_report(results, eva, command, time.perf_counter() - start))
+    out = Path(args.out)
+    kept = split_suite_section(out.read_text())[1] if out.exists() else ""
+    out.write_text("\n".join(filter(None, [coverage_report(results, eva, command, time.perf_counter() - start), kept])))
     print(f"VisionTransformer: {sum(r.ok for r in results)} / {len(results)} covered; "
           f"Eva: {sum(r.ok for r in eva)} / {len(eva)} covered; report written to {args.out}")
     return 0

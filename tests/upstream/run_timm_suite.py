@@ -1,0 +1,158 @@
+"""Run timm's own model tests on every name vitzoo shares with timm and write the table into docs/parity.md.
+
+    python tests/upstream/run_timm_suite.py [--results runs/timm_suite.jsonl] [--out docs/parity.md]
+                                            [--report] [-- PYTEST_ARGS...]
+
+The full run (2,718 cases) takes many hours on CPU, so it is incremental: each finished case is appended to the results
+file, and a new run leaves out the cases already there (delete the file to start over). A case during
+which the process died (killed, out of memory) is recorded as failed with that reason and not tried again.
+``--report`` only rewrites the section from the results file. ``VITZOO_TIMM_SUITE`` (default ``all``)
+chooses the names as in tests/test_timm_suite.py, e.g. ``VITZOO_TIMM_SUITE='vit_small*'`` for a sample.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # ``tests.conftest`` and this checkout's vitzoo, as under ``python -m pytest``
+
+from tests.test_timm_suite import PRETRAINED_TEST, UPSTREAM_TESTS  # noqa: E402
+from vitzoo.validate import SUITE_HEADING, split_suite_section  # noqa: E402
+
+UPSTREAM_COMMIT = "aa4b5850c1543fa488abf260f18390eda46cf85d"
+SUITE = "tests/test_timm_suite.py"
+CASE_ID = re.compile(r"\[(test_\w+?)-(.+)\]$")
+DIED = "the process ended during this case (killed, or out of memory)"
+
+
+def read_results(path: Path) -> dict[str, dict]:
+    """The last record of each case in the results file (outcome ``started``: the process died in it)."""
+    results: dict[str, dict] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            results[record["case"]] = record
+    return results
+
+
+def _record(case: str, outcome: str, error: str = "", seconds: float = 0.0) -> dict:
+    match = CASE_ID.search(case)
+    test, model = match.groups() if match else (case, "")
+    return {"case": case, "test": test, "model": model, "outcome": outcome, "error": error, "seconds": seconds}
+
+
+def final(record: dict) -> dict:
+    """A case's outcome, a case the process died in counting as failed."""
+    return _record(record["case"], "failed", DIED) if record["outcome"] == "started" else record
+
+
+def _first_line(report: pytest.TestReport) -> str:
+    if report.skipped and isinstance(report.longrepr, tuple):
+        return str(report.longrepr[2]).removeprefix("Skipped: ")
+    crash = getattr(report.longrepr, "reprcrash", None)
+    lines = [line.strip() for line in (crash.message if crash else str(report.longrepr)).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].endswith(":"):  # TorchScript: "RuntimeError:", then the message
+        return f"{lines[0]} {lines[1]}"
+    return lines[0] if lines else ""
+
+
+class Recorder:
+    """pytest plugin: leaves out the cases already recorded, appends each case's outcome as it ends."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.done = read_results(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def _append(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def pytest_collection_modifyitems(self, config: pytest.Config, items: list[pytest.Item]) -> None:
+        for record in self.done.values():
+            if record["outcome"] == "started":
+                self._append(final(record))  # recorded as failed, so it is not tried again
+        known = [item for item in items if item.nodeid in self.done]
+        if known:
+            config.hook.pytest_deselected(items=known)
+            items[:] = [item for item in items if item.nodeid not in self.done]
+
+    def pytest_runtest_logstart(self, nodeid: str, location: tuple) -> None:
+        self._append(_record(nodeid, "started"))
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.when != "call" and report.passed:
+            return
+        error = "" if report.passed else _first_line(report)
+        self._append(_record(report.nodeid, report.outcome, error, round(report.duration, 2)))
+
+
+def suite_section(results: dict[str, dict]) -> str:
+    """Markdown: per upstream test, passed / failed / skipped counts, then each failure and its first line."""
+    by_test: dict[str, list[dict]] = defaultdict(list)
+    for record in results.values():
+        by_test[record["test"]].append(record)
+    seconds = sum(r.get("seconds", 0) for r in results.values())
+    lines = [
+        SUITE_HEADING, "",
+        f"timm's `tests/test_models.py` at commit `{UPSTREAM_COMMIT}` (vendored unchanged as "
+        "`tests/upstream/timm_test_models.py`), each test function run as written on the vitzoo names it is "
+        "parametrized with, `timm.create_model` replaced by `vitzoo.create_model`; `test_model_load_pretrained` "
+        "reads an offline hub cache holding timm's randomly initialised weights of each name.", "",
+        f"{len(results)} cases on {len({r['model'].partition('.')[0] for r in results.values()})} names, "
+        f"{seconds / 60:.0f} min of test time (CPU, torch {_torch_version()}), generated by:", "",
+        "```bash\nmake timm-suite   # python tests/upstream/run_timm_suite.py\n```", "",
+        "| upstream test | passed | failed | skipped |", "| --- | --- | --- | --- |",
+    ]
+    for test in (*UPSTREAM_TESTS, PRETRAINED_TEST):
+        outcomes = [r["outcome"] for r in by_test.get(test, [])]
+        lines.append(f"| `{test}` | {outcomes.count('passed')} | {outcomes.count('failed')} | "
+                     f"{outcomes.count('skipped')} |")
+    for test in (*UPSTREAM_TESTS, PRETRAINED_TEST):
+        failed = sorted((r for r in by_test.get(test, []) if r["outcome"] == "failed"), key=lambda r: r["model"])
+        if failed:
+            lines += ["", f"### `{test}` failures", "", "| model | first line of the error |", "| --- | --- |"]
+            lines += [f"| `{r['model']}` | {r['error'].replace('|', chr(92) + '|')} |" for r in failed]
+    return "\n".join(lines) + "\n"
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__
+
+
+def write_section(out: Path, section: str) -> None:
+    """Replace (or add) the section of timm's own tests at the end of ``out``, keeping the rest."""
+    head = split_suite_section(out.read_text())[0].rstrip("\n") + "\n\n" if out.exists() else ""
+    out.write_text(head + section)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results", type=Path, default=ROOT / "runs" / "timm_suite.jsonl")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "parity.md")
+    parser.add_argument("--report", action="store_true", help="only write the section from the results file")
+    parser.add_argument("pytest_args", nargs="*", help="more pytest arguments, after --")
+    args = parser.parse_args(argv)
+    if not args.report:
+        os.environ.setdefault("VITZOO_TIMM_SUITE", "all")
+        os.chdir(ROOT)
+        pytest.main(["-q", "-p", "no:cacheprovider", SUITE, *args.pytest_args], plugins=[Recorder(args.results)])
+    results = {case: final(r) for case, r in read_results(args.results).items()}
+    write_section(args.out, suite_section(results))
+    print(f"{len(results)} cases; section {SUITE_HEADING!r} written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
