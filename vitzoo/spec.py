@@ -22,7 +22,6 @@ from vitzoo.fields import (
     parse_text,
     takes_tuple,
 )
-from vitzoo.inputs import check_image_size
 
 FINAL_NORMS = ("auto", "tokens", "pooled", "none")
 # What a command-line value may be when its field is not known.
@@ -147,12 +146,6 @@ class ViTSpec:
     def grid_size(self) -> tuple[int, int]:
         """Patch grid (h, w) at ``img_size``."""
         return self.img_size[0] // self.patch_size, self.img_size[1] // self.patch_size
-
-    def patch_grid(self, height: int, width: int) -> tuple[int, int]:
-        """Patch grid (h, w) of an image size this model accepts; the error for one it does not says what to do."""
-        check_image_size(height, width, self.patch_size, None if self.dynamic_img_size else self.img_size,
-                         self.crop_remainder)
-        return height // self.patch_size, width // self.patch_size
 
     @property
     def num_prefix_tokens(self) -> int:

@@ -66,7 +66,9 @@ class VisionTransformer(nn.Module):
             setattr(self, name, param)
         self.position = self._build(POSITIONS, "pos_embed", 0, spec.grid_size, dim, spec.num_prefix_tokens)
         self.pos_embed = self.position.init_table()
-        self._pos_after_prefix = spec.positioned_prefix > 0  # the table has rows for the prefix tokens
+        with torch.no_grad():  # which of the position contract's layouts this entry gives, fixed here once
+            pos = self.position(self.pos_embed, spec.grid_size)
+        self._pos_with_prefix = None if pos is None else pos.shape[1] > spec.grid_size[0] * spec.grid_size[1]
         self.pos_drop = nn.Dropout(spec.drop.pos)
         self.rope = self._build(ROPES, "rope", 0, dim // spec.num_heads, spec.grid_size, spec.num_prefix_tokens,
                                 spec.num_heads, depth)
@@ -195,7 +197,8 @@ class VisionTransformer(nn.Module):
     def _embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Images -> token sequence (prefix tokens first) with positions added; also the grid.
 
-        Which branch runs is decided by the spec, never by a tensor's shape, so ``torch.fx`` can trace it.
+        Which branch runs was decided when the model was built, never by a tensor's shape, so ``torch.fx`` can
+        trace it.
         """
         spec, p = self.spec, self.spec.patch_size
         images = checked_images(images, next(self.parameters()), spec.in_chans, p,
@@ -205,9 +208,9 @@ class VisionTransformer(nn.Module):
             images = images[..., : grid[0] * p, : grid[1] * p]
         x = rearrange(self.patch_embed(images), "b h w d -> b (h w) d")
         tokens = [t for t in (self.cls_token, self.dist_token, self.reg_token) if t is not None]
-        if spec.pos_embed.name == "none":
+        if self._pos_with_prefix is None:
             x = prepend_tokens(x, tokens)
-        elif self._pos_after_prefix:
+        elif self._pos_with_prefix:
             x = prepend_tokens(x, tokens) + grid_dependent(self.position, self.pos_embed, grid)
         else:  # a table of the patch tokens only (timm's no_embed_class)
             x = prepend_tokens(x + grid_dependent(self.position, self.pos_embed, grid), tokens)
