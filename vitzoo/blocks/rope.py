@@ -5,7 +5,9 @@ Contract: ``factory(head_dim, grid_size, num_prefix, num_heads, depth, *, option
 :class:`RopeOptions`). The rotation covers ``num_prefix + h * w`` tokens and leaves the prefix tokens
 (class, registers) as they are, so attention applies it to the whole sequence. A rotation may differ per
 layer and head (``(depth, heads, n, head_dim)``, learned frequencies); the model hands block ``i`` its
-:meth:`Rotation.layer`. Fixed rotations store nothing in the state_dict, as in timm.
+:meth:`Rotation.layer`. Fixed rotations store nothing in the state_dict, as in timm. Only the ``none`` entry
+returns None: the model skips it by name, so a ``torch.fx`` graph, where the call is one opaque node, knows
+without running it.
 """
 
 from __future__ import annotations
