@@ -2,6 +2,7 @@
 
 from vitzoo.ablate import ablate
 from vitzoo.blocks import BlockOptions, register_block
+from vitzoo.export import export
 from vitzoo.registry import create_model, list_models, model_entry, model_spec, register_model, unregister_model
 from vitzoo.spec import ViTSpec
 from vitzoo.timm_compat import from_timm
@@ -19,6 +20,7 @@ __all__ = [
     "create_model",
     "data_config",
     "eval_transform",
+    "export",
     "export_timm",
     "from_pretrained",
     "from_timm",
