@@ -3,7 +3,9 @@
 Images are checked on tensor metadata only (type, shape, dtype), never on values. A wrong input
 should fail at the door with what to do, not as a matmul dtype error deep inside torch. The checks
 read no tensor data and branch on nothing data-dependent, so ``torch.compile`` folds them into its
-guards (one graph, no breaks) and they cost nothing at run time.
+guards (one graph, no breaks) and they cost nothing at run time. Under ``torch.fx`` symbolic tracing the
+model's check is one opaque node (:func:`checked_images`) that runs on the real input each time the traced
+graph does.
 """
 
 from __future__ import annotations
@@ -36,6 +38,39 @@ def check_images(images: Any, in_chans: int, dtype: torch.dtype) -> None:
         autocast = "" if images.dtype == torch.float64 else ", or run under torch.autocast"
         raise TypeError(f"this model's weights are {dtype}, got {images.dtype} images; convert the images with "
                         f"x.to({dtype}), or the model with model.to({images.dtype}){autocast}")
+
+
+def check_image_size(
+    height: int, width: int, patch_size: int, img_size: tuple[int, int] | None, crop_remainder: bool,
+) -> None:
+    """Refuse an image size the model does not take: another size than ``img_size`` (None: any size), or with
+    any size a side that is not a multiple of ``patch_size`` unless the remainder is cropped."""
+    p = patch_size
+    if img_size is None:
+        if (height % p or width % p) and not crop_remainder:
+            raise ValueError(f"image size {height}x{width} is not a multiple of patch_size={p}; "
+                             f"resize or pad each side to a multiple of {p}")
+    elif (height, width) != img_size:
+        raise ValueError(
+            f"this model expects {img_size[0]}x{img_size[1]} images, got {height}x{width}; "
+            f"resize the input, build the model with img_size=({height}, {width}), "
+            f"or pass dynamic_img_size=True to accept any multiple of {p}"
+        )
+
+
+def checked_images(
+    images: Any, weight: torch.Tensor, in_chans: int, patch_size: int, img_size: tuple[int, int] | None,
+    crop_remainder: bool,
+) -> torch.Tensor:
+    """``images`` once :func:`check_images` (against ``weight``'s dtype) and :func:`check_image_size` accept them.
+
+    Returning the images makes the rest of the model depend on the check, so a ``torch.fx`` graph, where
+    the model keeps this function as one opaque node (``torch.fx.wrap``), keeps it through dead-code
+    elimination and checks each real input.
+    """
+    check_images(images, in_chans, weight.dtype)
+    check_image_size(images.shape[-2], images.shape[-1], patch_size, img_size, crop_remainder)
+    return images
 
 
 def block_indices(depth: int, indices: int | Sequence[int] | None) -> list[int]:

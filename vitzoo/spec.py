@@ -22,6 +22,7 @@ from vitzoo.fields import (
     parse_text,
     takes_tuple,
 )
+from vitzoo.inputs import check_image_size
 
 FINAL_NORMS = ("auto", "tokens", "pooled", "none")
 # What a command-line value may be when its field is not known.
@@ -149,18 +150,9 @@ class ViTSpec:
 
     def patch_grid(self, height: int, width: int) -> tuple[int, int]:
         """Patch grid (h, w) of an image size this model accepts; the error for one it does not says what to do."""
-        p = self.patch_size
-        if self.dynamic_img_size:
-            if (height % p or width % p) and not self.crop_remainder:
-                raise ValueError(f"image size {height}x{width} is not a multiple of patch_size={p}; "
-                                 f"resize or pad each side to a multiple of {p}")
-        elif (height, width) != self.img_size:
-            raise ValueError(
-                f"this model expects {self.img_size[0]}x{self.img_size[1]} images, got {height}x{width}; "
-                f"resize the input, build the model with img_size=({height}, {width}), "
-                f"or pass dynamic_img_size=True to accept any multiple of {p}"
-            )
-        return height // p, width // p
+        check_image_size(height, width, self.patch_size, None if self.dynamic_img_size else self.img_size,
+                         self.crop_remainder)
+        return height // self.patch_size, width // self.patch_size
 
     @property
     def num_prefix_tokens(self) -> int:

@@ -21,11 +21,27 @@ from vitzoo.blocks.position import POSITIONS
 from vitzoo.blocks.rope import ROPES, Rotation
 from vitzoo.blocks.table import BlockTable
 from vitzoo.blocks.tokens import PREFIX_TOKENS, drop_patch_tokens, make_prefix_tokens, prepend_tokens
-from vitzoo.inputs import block_indices, check_images
+from vitzoo.inputs import block_indices, checked_images
 from vitzoo.size import MAX_PARAMS, check_size
 from vitzoo.spec import ViTSpec
+from vitzoo.traced import trace_at_input_size
 
 IMAGENET_INCEPTION = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+# torch.fx symbolic tracing keeps these as calls in the graph: the input check, einops and the token dropout
+# need real tensors and shapes
+torch.fx.wrap("checked_images")
+torch.fx.wrap("rearrange")
+torch.fx.wrap("drop_patch_tokens")
+
+
+@torch.fx.wrap
+def grid_dependent(block: nn.Module, *args: Any) -> Any:
+    """``block(*args)`` for a block whose output depends on the patch grid (position table, rotary angles).
+
+    Under ``torch.fx`` symbolic tracing the grid is symbols of the input's shape, so the block's own Python
+    (a resampling, a cached table for one grid) cannot run; this call stays one opaque graph node instead.
+    """
+    return block(*args)
 
 
 class VisionTransformer(nn.Module):
@@ -50,6 +66,7 @@ class VisionTransformer(nn.Module):
             setattr(self, name, param)
         self.position = self._build(POSITIONS, "pos_embed", 0, spec.grid_size, dim, spec.num_prefix_tokens)
         self.pos_embed = self.position.init_table()
+        self._pos_after_prefix = spec.positioned_prefix > 0  # the table has rows for the prefix tokens
         self.pos_drop = nn.Dropout(spec.drop.pos)
         self.rope = self._build(ROPES, "rope", 0, dim // spec.num_heads, spec.grid_size, spec.num_prefix_tokens,
                                 spec.num_heads, depth)
@@ -168,30 +185,40 @@ class VisionTransformer(nn.Module):
                 module.to(device=ref.device, dtype=ref.dtype).train(self.training)
         self.pretrained_cfg["num_classes"] = num_classes
 
-    # forward ------------------------------------------------------------------------------------
-    def _grid(self, x: torch.Tensor) -> tuple[int, int]:
-        """Patch grid for a batch of images, with an actionable error for a wrong type, shape or dtype."""
-        check_images(x, self.spec.in_chans, next(self.parameters()).dtype)
-        return self.spec.patch_grid(*x.shape[-2:])
+    def __prepare_scriptable__(self) -> nn.Module:
+        """What ``torch.jit.script(model)`` compiles: this model traced at its ``img_size`` in eval mode
+        (:func:`vitzoo.traced.trace_at_input_size`), as einops blocks are outside TorchScript. The script
+        module takes images of that size only; for other sizes use ``torch.onnx.export`` or ``torch.export``."""
+        return trace_at_input_size(self)
 
+    # forward ------------------------------------------------------------------------------------
     def _embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """Images -> token sequence (prefix tokens first) with positions added; also the grid."""
-        grid = self._grid(images)
-        if self.spec.crop_remainder:  # timm's patch convolution ignores the pixels past the last whole patch
-            images = images[..., : grid[0] * self.spec.patch_size, : grid[1] * self.spec.patch_size]
+        """Images -> token sequence (prefix tokens first) with positions added; also the grid.
+
+        Which branch runs is decided by the spec, never by a tensor's shape, so ``torch.fx`` can trace it.
+        """
+        spec, p = self.spec, self.spec.patch_size
+        images = checked_images(images, next(self.parameters()), spec.in_chans, p,
+                                None if spec.dynamic_img_size else spec.img_size, spec.crop_remainder)
+        grid = (images.shape[-2] // p, images.shape[-1] // p)
+        if spec.crop_remainder:  # timm's patch convolution ignores the pixels past the last whole patch
+            images = images[..., : grid[0] * p, : grid[1] * p]
         x = rearrange(self.patch_embed(images), "b h w d -> b (h w) d")
-        pos = self.position(self.pos_embed, grid)
         tokens = [t for t in (self.cls_token, self.dist_token, self.reg_token) if t is not None]
-        if pos is None:
+        if spec.pos_embed.name == "none":
             x = prepend_tokens(x, tokens)
-        elif pos.shape[1] == x.shape[1]:  # a table of the patch tokens only (timm's no_embed_class)
-            x = prepend_tokens(x + pos, tokens)
-        else:
-            x = prepend_tokens(x, tokens) + pos
+        elif self._pos_after_prefix:
+            x = prepend_tokens(x, tokens) + grid_dependent(self.position, self.pos_embed, grid)
+        else:  # a table of the patch tokens only (timm's no_embed_class)
+            x = prepend_tokens(x + grid_dependent(self.position, self.pos_embed, grid), tokens)
         x = self.pos_drop(x)
         if self.training and self.spec.drop.patch > 0:
             x = drop_patch_tokens(x, self.num_prefix_tokens, self.spec.drop.patch)
         return self.norm_pre(x), grid
+
+    def _rotation(self, grid: tuple[int, int]) -> Rotation | None:
+        """The rotary positions for ``grid``, None for a model without RoPE."""
+        return None if self.spec.rope.name == "none" else grid_dependent(self.rope, grid)
 
     def _run_block(self, i: int, x: torch.Tensor, rotation: Rotation | None) -> torch.Tensor:
         block = self.blocks[i]
@@ -203,7 +230,7 @@ class VisionTransformer(nn.Module):
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """Images ``(b, c, H, W)`` -> normalized tokens ``(b, prefix + h*w, dim)``."""
         x, grid = self._embed(images)
-        rotation = self.rope(grid)
+        rotation = self._rotation(grid)
         for i in range(len(self.blocks)):
             x = self._run_block(i, x, rotation)
         return self.norm(x)
@@ -245,7 +272,7 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         take = block_indices(len(self.blocks), indices)
         x, (h, w) = self._embed(images)
-        rotation = self.rope((h, w))
+        rotation = self._rotation((h, w))
         states = []
         for i in range(max(take) + 1 if stop_early else len(self.blocks)):
             x = self._run_block(i, x, rotation)

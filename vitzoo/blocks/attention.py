@@ -22,6 +22,10 @@ from vitzoo.blocks.rope import Rotation, rotate
 from vitzoo.blocks.table import BlockTable, like_module
 from vitzoo.fields import AT_LEAST_ONE, described
 
+# torch.fx symbolic tracing keeps the einops calls as graph nodes: einops needs real tensors and shapes
+torch.fx.wrap("rearrange")
+torch.fx.wrap("repeat")
+
 
 @dataclass(frozen=True)
 class AttentionOptions(BlockOptions):
@@ -58,15 +62,15 @@ def attend(
 
 def attend_heads(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_norm: nn.Module, k_norm: nn.Module, dropout: float = 0.0,
-    rotation: Rotation | None = None,
+    rotation: Rotation | None = None, groups: int = 1,
 ) -> torch.Tensor:
-    """Per-head q ``(b, h, n, d)`` and k, v ``(b, h_kv, n, d)`` -> ``(b, n, h * d)``: q/k norm, rotary
-    positions, each key/value head shared by ``h / h_kv`` query heads (all of them once rotated, as
-    grouped-query attention stores them), then ``F.scaled_dot_product_attention``."""
+    """Per-head q ``(b, h, n, d)`` and k, v ``(b, h / groups, n, d)`` -> ``(b, n, h * d)``: q/k norm, rotary
+    positions, each key/value head shared by ``groups`` query heads (all of them once rotated, as
+    grouped-query attention stores them), then ``F.scaled_dot_product_attention``. ``groups`` comes from the
+    block's configuration, not from the shapes, so the branch is static for ``torch.fx``."""
     q, k = q_norm(q), k_norm(k)
     if rotation is not None:
         q, k = rotate(q, rotation), rotate(k, rotation)
-    groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k, v = (repeat(t, "b h n d -> b (h g) n d", g=groups) for t in (k, v))
     x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
@@ -158,7 +162,8 @@ class GroupedQueryAttention(Attention):
     def forward(self, x: torch.Tensor, rotation: Rotation | None) -> torch.Tensor:
         q = rearrange(self.q_proj(x), "b n (h d) -> b h n d", h=self.num_heads)
         k, v = (rearrange(proj(x), "b n (h d) -> b h n d", h=self.kv_heads) for proj in (self.k_proj, self.v_proj))
-        x = attend_heads(q, k, v, self.q_norm, self.k_norm, self.attn_drop if self.training else 0.0, rotation)
+        x = attend_heads(q, k, v, self.q_norm, self.k_norm, self.attn_drop if self.training else 0.0, rotation,
+                         self.num_heads // self.kv_heads)
         return self.proj_drop(self.proj(self.norm(x)))
 
 

@@ -20,6 +20,9 @@ from vitzoo.blocks.options import BlockOptions
 from vitzoo.blocks.table import BlockTable
 from vitzoo.fields import described
 
+# torch.fx symbolic tracing keeps the einops calls as graph nodes: einops needs real tensors and shapes
+torch.fx.wrap("rearrange")
+
 
 @dataclass(frozen=True)
 class MlpOptions(BlockOptions):

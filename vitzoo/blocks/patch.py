@@ -23,6 +23,9 @@ from vitzoo.blocks.options import BlockOptions
 from vitzoo.blocks.table import BlockTable, like_module
 from vitzoo.fields import described
 
+# torch.fx symbolic tracing keeps the einops calls as graph nodes: einops needs real tensors and shapes
+torch.fx.wrap("rearrange")
+
 
 @dataclass(frozen=True)
 class ProjectionOptions(BlockOptions):
@@ -112,6 +115,16 @@ class PatchLinear(torch.autograd.Function):
         return grad_images, grad_weight, grad_bias, None
 
 
+@torch.fx.wrap
+def linear_patches(images: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, p: int) -> torch.Tensor:
+    """``F.linear(patchify(images), weight, bias)``: :class:`PatchLinear`, or the plain autograd graph where a
+    custom autograd function cannot be recorded (``torch.jit.trace`` would save a Python call that it
+    cannot serialize). One opaque node of a ``torch.fx`` graph, where it runs :class:`PatchLinear` too."""
+    if torch.jit.is_tracing():
+        return F.linear(patchify(images, p), weight, bias)
+    return PatchLinear.apply(images, weight, bias, p)
+
+
 class LinearPatchEmbed(nn.Module):
     """Cut the image into p x p patches with einops and project each with one matmul (ViT)."""
 
@@ -128,7 +141,7 @@ class LinearPatchEmbed(nn.Module):
         return rearrange(self.proj.weight, "d c p1 p2 -> d (c p1 p2)")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(PatchLinear.apply(x, self.weight_matrix(), self.proj.bias, self.patch_size))
+        return self.norm(linear_patches(x, self.weight_matrix(), self.proj.bias, self.patch_size))
 
 
 class NormedLinearPatchEmbed(LinearPatchEmbed):
@@ -223,10 +236,18 @@ class HybridPatchEmbed(nn.Module):
         self.norm = norm(dim) if options.norm else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = self.backbone(x)
-        if isinstance(features, (list, tuple)):  # timm feature extractors return one map per stage
-            features = features[-1]
-        return self.norm(rearrange(self.proj(features), "b d h w -> b h w d"))
+        return self.norm(rearrange(self.proj(cnn_features(self.backbone, x)), "b d h w -> b h w d"))
+
+
+@torch.fx.wrap
+def cnn_features(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The last feature map of a hybrid stem's CNN; timm's feature extractors return one map per stage.
+
+    One opaque node of a ``torch.fx`` graph: timm's CNNs pad by Python arithmetic on shapes, which symbolic
+    tracing cannot follow, and whether the CNN returns a list is only known by running it.
+    """
+    features = backbone(images)
+    return features[-1] if isinstance(features, (list, tuple)) else features
 
 
 def _patch_probe(module: nn.Module, args: tuple) -> tuple[torch.Tensor, tuple[int, ...]]:

@@ -8,6 +8,9 @@ import torch
 from einops import repeat
 from torch import nn
 
+# torch.fx symbolic tracing keeps the einops call as a graph node: einops needs real tensors and shapes
+torch.fx.wrap("repeat")
+
 PREFIX_TOKENS = ("cls_token", "dist_token", "reg_token")
 
 
