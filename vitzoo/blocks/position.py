@@ -44,7 +44,7 @@ class SinCosOptions(PositionOptions):
 def same_grid(grid: Grid, other: Grid) -> bool:
     """Whether ``grid`` is ``other``, so a table built for ``other`` serves as is. Never for a symbolic grid (an
     export with a dynamic image size): comparing it would pin the exported model to that one size."""
-    return all(isinstance(n, int) for n in grid) and tuple(grid) == tuple(other)
+    return not any(isinstance(n, torch.SymInt) for n in grid) and tuple(grid) == tuple(other)
 
 
 def bicubic_weights(old: int, new: int, device: torch.device | None = None) -> torch.Tensor:
@@ -55,7 +55,9 @@ def bicubic_weights(old: int, new: int, device: torch.device | None = None) -> t
     scale = old / new
     centers = (torch.arange(new, dtype=torch.float32, device=device) + 0.5) * scale
     offsets = torch.arange(old, dtype=torch.float32, device=device) + 0.5 - rearrange(centers, "n -> n 1")
-    x = offsets.abs() / torch.sym_max(scale, 1.0)
+    # max(scale, 1): sym_max keeps an exported size symbolic; torch.jit.trace gives sizes as tensors
+    stretch = scale.clamp(min=1.0) if isinstance(scale, torch.Tensor) else torch.sym_max(scale, 1.0)
+    x = offsets.abs() / stretch
     a = -0.5
     weights = torch.where(x < 1, ((a + 2) * x - (a + 3)) * x * x + 1,
                           torch.where(x < 2, (((x - 5) * x + 8) * x - 4) * a, 0.0))
