@@ -121,6 +121,8 @@ def test_wrong_requests_are_refused_with_what_to_do(tmp_path, capsys, bad_input)
     message = bad_input("vitzoo export", "--dynamic-size on a fixed-size model", capsys.readouterr().err)
     assert "--set dynamic_img_size=true" in message
     assert not (tmp_path / "p.onnx").exists()
+    with pytest.raises(ValueError, match="TorchScript export is a trace at one image size"):
+        export(tiny("vit_tiny_patch16_224", dynamic_img_size=True), tmp_path / "m.pt", "torchscript", dynamic_size=True)
     with pytest.raises(SystemExit):
         main(["export", "vit_pico_patch4_32", "--format", "tflite"])
     assert "invalid choice: 'tflite'" in capsys.readouterr().err

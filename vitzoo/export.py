@@ -15,6 +15,7 @@ has no antialiased bicubic resize.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -93,8 +94,11 @@ def _dynamic_shapes(model: VisionTransformer, dynamic_batch: bool, dynamic_size:
     return {"images": dims}
 
 
-def _check_dynamic_size(model: VisionTransformer, img_size: tuple[int, int]) -> None:
+def _check_dynamic_size(model: VisionTransformer, img_size: tuple[int, int], format: str) -> None:
     spec = model.spec
+    if format == "torchscript":
+        raise ValueError("dynamic_size: a TorchScript export is a trace at one image size; export with "
+                         "format='onnx' or 'exported' for any size")
     if not spec.dynamic_img_size:
         raise ValueError(f"dynamic_size needs a model built with dynamic_img_size=True; this one takes only "
                          f"{spec.img_size[0]}x{spec.img_size[1]} images. Build it with "
@@ -104,6 +108,13 @@ def _check_dynamic_size(model: VisionTransformer, img_size: tuple[int, int]) -> 
     if img_size[0] % p or img_size[1] % p:
         raise ValueError(f"dynamic_size exports at a multiple of patch_size={p}, got {img_size[0]}x{img_size[1]}; "
                          f"pass an img_size that is one")
+
+
+def _require_onnx() -> None:
+    missing = [name for name in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ModuleNotFoundError(f"format='onnx' needs {', '.join(missing)}: pip install 'vitzoo[export]' (or "
+                                  f"pip install onnx onnxscript onnxruntime)")
 
 
 def _write(model: VisionTransformer, path: Path, format: str, example: torch.Tensor,
@@ -174,6 +185,8 @@ def export(
     """
     if format not in SUFFIXES:
         raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(SUFFIXES)}")
+    if format == "onnx":
+        _require_onnx()
     if isinstance(model_or_name, str):
         sizes = {"img_size": img_size} if img_size is not None else {}
         model = create_model(model_or_name, **sizes, **create_kwargs)
@@ -184,11 +197,12 @@ def export(
         model, name = model_or_name, model_or_name.pretrained_cfg.get("architecture", "model")
     size = (img_size, img_size) if img_size is not None else tuple(model.spec.img_size)
     if dynamic_size:
-        _check_dynamic_size(model, size)
+        _check_dynamic_size(model, size, format)
     path = Path(path) if path is not None else Path(name + SUFFIXES[format])
     shapes = _example_sizes(model, batch_size, size, dynamic_batch, dynamic_size)
     parameter = next(model.parameters())
-    example = torch.randn(shapes[0], device=parameter.device, dtype=parameter.dtype)
+    # traced at the larger shape: a dynamic batch or grid traced at 1 would be fixed at 1
+    example = torch.randn(shapes[-1], device=parameter.device, dtype=parameter.dtype)
     training = model.training
     model.eval()
     try:
