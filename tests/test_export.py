@@ -17,19 +17,18 @@ from vitzoo.cli import main
 from vitzoo.export import check_export, export
 
 TOL = 1e-4
-# One model per mechanism the registry's families combine: name -> spec overrides, export keywords.
+# One model per mechanism the registry's families combine: name -> spec overrides, export keywords. The
+# Perception Encoder (position table and RoPE, MAP with a class token) is the dynamic export's model below.
 FAMILIES: dict[str, tuple[dict, dict]] = {
     "vit_tiny_patch16_224": ({}, {}),  # plain ViT: class token, learned table, LayerNorm, GELU
     "vit_small_patch14_reg4_dinov2": ({}, {}),  # class + register tokens, table of the patches only, LayerScale
-    "vit_medium_patch16_gap_256": ({}, {}),  # no class token, average pooling, fc_norm
     "deit_tiny_distilled_patch16_224": ({}, {}),  # DeiT: distillation token and its head
     "vit_base_patch16_siglip_224": ({}, {}),  # SigLIP: attention pooling (MAP)
     "vit_base_patch16_clip_quickgelu_224": ({}, {}),  # CLIP: pre-norm, quick_gelu
     "eva02_tiny_patch14_224": ({}, {}),  # EVA-02: axial RoPE, SwiGLU, sub-LN attention
     "vit_small_patch16_rope_mixed_224": ({}, {}),  # ROPE-ViT: learned mixed rotary frequencies
     "vit_tiny_patch16_dinov3_qkvb": ({}, {}),  # DINOv3: rotary positions on [-1, 1], no table
-    "vit_pe_core_tiny_patch16_384": ({}, {}),  # Perception Encoder: table and RoPE, MAP with a class token
-    "vit_dpwee_patch16_reg1_gap_256": ({}, {}),  # differential attention
+    "vit_dpwee_patch16_reg1_gap_256": ({}, {}),  # no class token, average pooling, differential attention
     "vit_tiny_r_s16_p8_224": ({}, {}),  # hybrid: a ResNet stem makes the patches
     "vitamin_small_224": ({"embed_dim": 384}, {}),  # ViTamin: MBConv stem, GeGLU
     "aimv2_large_patch14_224": ({"embed_dim": 256, "num_heads": 4}, {}),  # AIMv2: RMSNorm, SwiGLU
