@@ -15,6 +15,9 @@ from vitzoo.ablate import _config_from_args as ablation_from_args
 from vitzoo.ablate import add_arguments as add_ablation_arguments
 from vitzoo.arguments import add_options, best_device
 from vitzoo.bench import BenchConfig
+from vitzoo.export import ExportConfig
+from vitzoo.export import _config_from_args as export_from_args
+from vitzoo.export import add_arguments as add_export_arguments
 from vitzoo.fields import FieldTypeError, described
 from vitzoo.train import finetune
 from vitzoo.train.finetune import FinetuneConfig
@@ -29,6 +32,7 @@ COMMANDS = {
     "ablate": (add_ablation_arguments, ablation_from_args, ["--model", MODEL],
                lambda: AblationConfig(model=MODEL, grid={}, device=best_device())),
     "bench": (bench.add_arguments, bench._config_from_args, [], BenchConfig),
+    "export": (add_export_arguments, export_from_args, [MODEL], lambda: ExportConfig(model=MODEL)),
 }
 
 
@@ -50,7 +54,8 @@ def test_each_option_default_is_its_field_default(command):
     by design), ``--pretrained`` (alone it means the hub's weights) and the fields built of other options
     (``--grid``, ``--seeds N``: the list of seeds 0..N-1)."""
     add, _, _, _ = COMMANDS[command]
-    config = {"finetune": FinetuneConfig, "ablate": AblationConfig, "bench": BenchConfig}[command]
+    config = {"finetune": FinetuneConfig, "ablate": AblationConfig, "bench": BenchConfig,
+              "export": ExportConfig}[command]
     declared = {f.name: f for cls in (TrainConfig, config) for f in fields(cls)}  # the command's own win
     compared = [action for action in _parser(add)._actions if action.dest in declared and action.option_strings
                 and declared[action.dest].default is not MISSING and action.dest not in ("device", "pretrained")]
@@ -70,6 +75,7 @@ def test_each_option_default_is_its_field_default(command):
     ("ablate", ["--warmup-steps", "-1"], lambda: AblationConfig(model=MODEL, grid={}, warmup_steps=-1)),
     ("bench", ["--rounds", "0"], lambda: BenchConfig(rounds=0)),
     ("bench", ["--steps", "infer,backward"], lambda: BenchConfig(steps=("infer", "backward"))),
+    ("export", ["--tolerance", "0"], lambda: ExportConfig(model=MODEL, tolerance=0)),
 ])
 def test_the_command_line_refuses_what_the_dataclass_refuses_with_its_message(command, argv, make, capsys):
     add, _, minimal, _ = COMMANDS[command]

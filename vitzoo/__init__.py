@@ -3,6 +3,7 @@
 from vitzoo.ablate import ablate
 from vitzoo.blocks import BlockOptions, register_block
 from vitzoo.dense import DetectionBackbone, LinearSegmenter, detection_backbone
+from vitzoo.export import export
 from vitzoo.registry import create_model, list_models, model_entry, model_spec, register_model, unregister_model
 from vitzoo.spec import ViTSpec
 from vitzoo.timm_compat import from_timm
@@ -23,6 +24,7 @@ __all__ = [
     "data_config",
     "detection_backbone",
     "eval_transform",
+    "export",
     "export_timm",
     "from_pretrained",
     "from_timm",

@@ -20,6 +20,7 @@ import torch
 
 from vitzoo.fields import Range, check_value, field_default, field_types, parse_text
 from vitzoo.inputs import available_device
+from vitzoo.spec import parse_assignment
 
 
 def value_type(name: str, annotation: Any, bound: Range | None) -> Callable[[str], Any]:
@@ -78,6 +79,29 @@ def parsed_fields(config: type, args: argparse.Namespace, exclude: Iterable[str]
     """The values ``args`` holds for the fields of dataclass ``config`` (but ``exclude``), by field name."""
     given = vars(args)
     return {f.name: given[f.name] for f in fields(config) if f.name in given and f.name not in exclude}
+
+
+def add_pretrained_option(parser: argparse.ArgumentParser, purpose: str) -> None:
+    """``--pretrained``: alone the hub's weights, with a value a weights file or save_pretrained folder; read it
+    with :func:`pretrained_value`."""
+    parser.add_argument("--pretrained", nargs="?", const="hub", default=None,
+                        help=f"{purpose} weights: the hub's (no value) or a file / save_pretrained folder")
+
+
+def pretrained_value(args: argparse.Namespace) -> bool | str:
+    """What ``--pretrained`` means as ``create_model``'s ``pretrained``: False, True (the hub) or a path."""
+    return args.pretrained if args.pretrained not in (None, "hub") else args.pretrained == "hub"
+
+
+def add_set_option(parser: argparse.ArgumentParser, help: str) -> None:
+    """``--set FIELD=VALUE`` (repeatable): spec fields and block options; read them with :func:`spec_overrides`."""
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help=help)
+
+
+def spec_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``--set`` values by field name (``{"mlp": "swiglu", "attn.qk_norm": True}``); checked when the spec
+    is built."""
+    return dict(map(parse_assignment, args.set))
 
 
 def best_device() -> str:

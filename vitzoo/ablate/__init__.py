@@ -33,13 +33,13 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from vitzoo.ablate.report import write_report
-from vitzoo.arguments import add_device_option, add_options, parsed_fields, value_type
+from vitzoo.arguments import add_device_option, add_options, add_set_option, parsed_fields, spec_overrides, value_type
 from vitzoo.card import count_macs
 from vitzoo.errors import run_command
 from vitzoo.fields import AT_LEAST_ONE, NON_NEGATIVE, check_fields, described, field_like
 from vitzoo.memory import peak_tensor_bytes
 from vitzoo.registry import create_model, load_registry_file, model_spec
-from vitzoo.spec import parse_assignment, parse_value
+from vitzoo.spec import parse_value
 from vitzoo.train import TrainConfig, build_datasets, fit
 from vitzoo.train.data import add_data_arguments, check_images, num_classes
 from vitzoo.train.finetune import FinetuneConfig
@@ -252,8 +252,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_options(p, AblationConfig, ["model"], flags={"model": "--model"})
     p.add_argument("--grid", action="append", default=[], metavar="FIELD=V1,V2",
                    help="spec field and the values to compare (repeat for a grid); per-layer: gelu+gelu+swiglu")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="spec override for every variant, e.g. depth=2 (per-layer values comma-separated)")
+    add_set_option(p, "spec override for every variant, e.g. depth=2 (per-layer values comma-separated)")
     add_data_arguments(p, AblationConfig)
     add_options(p, AblationConfig, ["steps"])
     p.add_argument("--seeds", type=value_type("number of seeds", int, AT_LEAST_ONE), default=1,
@@ -273,7 +272,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _config_from_args(args: argparse.Namespace) -> AblationConfig:
     return AblationConfig(**{
         **parsed_fields(AblationConfig, args), "grid": dict(map(parse_grid, args.grid)),
-        "overrides": dict(map(parse_assignment, args.set)), "seeds": list(range(args.seeds)),
+        "overrides": spec_overrides(args), "seeds": list(range(args.seeds)),
     })
 
 

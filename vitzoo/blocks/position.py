@@ -16,8 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from einops import rearrange, repeat
+from einops import einsum, rearrange, repeat
 from torch import nn
 
 from vitzoo.blocks.options import BlockOptions
@@ -42,21 +41,42 @@ class SinCosOptions(PositionOptions):
     temperature: float = described(10000.0, "frequency base of the sines and cosines", POSITIVE)
 
 
-def resample_table(
-    table: torch.Tensor, old_grid: Grid, new_grid: Grid, num_prefix: int,
-    mode: str = "bicubic", antialias: bool = True,
-) -> torch.Tensor:
+def same_grid(grid: Grid, other: Grid) -> bool:
+    """Whether ``grid`` is ``other``, so a table built for ``other`` serves as is. Never for a symbolic grid (an
+    export with a dynamic image size): comparing it would pin the exported model to that one size."""
+    return not any(isinstance(n, torch.SymInt) for n in grid) and tuple(grid) == tuple(other)
+
+
+def bicubic_weights(old: int, new: int, device: torch.device | None = None) -> torch.Tensor:
+    """The ``(new, old)`` matrix of antialiased bicubic resampling along one axis: PIL's cubic kernel
+    (a = -0.5) on pixel centres, widened by the downscale factor, each row normalized. It equals
+    ``F.interpolate(mode="bicubic", antialias=True)``, but as plain tensor ops it also exports (ONNX has no
+    antialiased resize, pytorch#116306) and takes a symbolic ``new`` (a dynamic image size)."""
+    scale = old / new
+    centers = (torch.arange(new, dtype=torch.float32, device=device) + 0.5) * scale
+    offsets = torch.arange(old, dtype=torch.float32, device=device) + 0.5 - rearrange(centers, "n -> n 1")
+    # max(scale, 1): sym_max keeps an exported size symbolic; torch.jit.trace gives sizes as tensors
+    stretch = scale.clamp(min=1.0) if isinstance(scale, torch.Tensor) else torch.sym_max(scale, 1.0)
+    x = offsets.abs() / stretch
+    a = -0.5
+    weights = torch.where(x < 1, ((a + 2) * x - (a + 3)) * x * x + 1,
+                          torch.where(x < 2, (((x - 5) * x + 8) * x - 4) * a, 0.0))
+    return weights / weights.sum(dim=-1, keepdim=True)
+
+
+def resample_table(table: torch.Tensor, old_grid: Grid, new_grid: Grid, num_prefix: int) -> torch.Tensor:
     """Resize the grid part of a ``(1, num_prefix + h * w, dim)`` table; prefix rows stay as they are.
 
-    Interpolates in float32 with antialiasing, as timm's ``resample_abs_pos_embed`` does, so
-    resampled tables agree with timm's.
+    Antialiased bicubic in float32, as timm's ``resample_abs_pos_embed`` does, so resampled tables agree
+    with timm's. A symbolic grid is always resampled (:func:`same_grid`); to the same grid that is the identity.
     """
-    if tuple(old_grid) == tuple(new_grid):
+    if same_grid(new_grid, old_grid):
         return table
     prefix, grid = table[:, :num_prefix], table[:, num_prefix:]
-    image = rearrange(grid, "1 (h w) d -> 1 d h w", h=old_grid[0], w=old_grid[1]).float()
-    image = F.interpolate(image, size=tuple(new_grid), mode=mode, antialias=antialias, align_corners=False)
-    grid = rearrange(image, "1 d h w -> 1 (h w) d").to(table.dtype)
+    image = rearrange(grid, "1 (h w) d -> h w d", h=old_grid[0], w=old_grid[1]).float()
+    rows, cols = (bicubic_weights(old, new, image.device) for old, new in zip(old_grid, new_grid, strict=True))
+    image = einsum(rows, image, cols, "H h, h w d, W w -> H W d")
+    grid = rearrange(image, "h w d -> 1 (h w) d").to(table.dtype)
     return torch.cat([prefix, grid], dim=1)
 
 
@@ -114,7 +134,7 @@ class SinCos2dPosition(nn.Module):
         return None
 
     def forward(self, table: torch.Tensor | None, grid: Grid) -> torch.Tensor:
-        if tuple(grid) == self.grid_size:
+        if same_grid(grid, self.grid_size):
             return self.default
         return self._build(grid, self.default.device)
 

@@ -21,6 +21,7 @@ from einops import rearrange, repeat
 from torch import nn
 
 from vitzoo.blocks.options import BlockOptions
+from vitzoo.blocks.position import same_grid
 from vitzoo.blocks.table import BlockTable
 from vitzoo.fields import AT_LEAST_ONE, POSITIVE, described
 
@@ -131,7 +132,7 @@ class AxialRope(nn.Module):
         if self.training and self.rescale:  # DINOv3's training-time position augmentation
             bound = math.log(self.rescale)
             table = self._build(grid, torch.empty(1, device=self.pair.device).uniform_(-bound, bound).exp())
-        elif self.cached is not None and tuple(grid) == self.grid_size:
+        elif self.cached is not None and same_grid(grid, self.grid_size):
             table = self.cached
         else:
             table = self._build(grid)

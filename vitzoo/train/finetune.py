@@ -25,11 +25,18 @@ from typing import Any
 
 import torch
 
-from vitzoo.arguments import add_device_option, add_options, parsed_fields
+from vitzoo.arguments import (
+    add_device_option,
+    add_options,
+    add_pretrained_option,
+    add_set_option,
+    parsed_fields,
+    pretrained_value,
+    spec_overrides,
+)
 from vitzoo.errors import run_command
 from vitzoo.fields import AT_LEAST_ONE, POSITIVE, Range, check_fields, described
 from vitzoo.registry import create_model
-from vitzoo.spec import parse_assignment
 from vitzoo.train.data import add_data_arguments, build_datasets, check_images, num_classes
 from vitzoo.train.distributed import World, close_world, full_state_dict, gather_strings, init_world, weights_digest
 from vitzoo.train.loop import TrainConfig, TrainResult, fit, steps_per_epoch
@@ -219,9 +226,8 @@ def _train(config: FinetuneConfig, world: World, progress: bool) -> dict[str, An
 def _config_from_args(args: argparse.Namespace) -> FinetuneConfig:
     # eval_every and checkpoint_every are the run's (None: per epoch); _train sets train's from them
     train = TrainConfig(**parsed_fields(TrainConfig, args, exclude={f.name for f in fields(FinetuneConfig)}))
-    pretrained: bool | str = args.pretrained if args.pretrained not in (None, "hub") else args.pretrained == "hub"
-    return FinetuneConfig(**{**parsed_fields(FinetuneConfig, args), "pretrained": pretrained, "train": train,
-                             "overrides": dict(parse_assignment(text) for text in args.set)})
+    return FinetuneConfig(**{**parsed_fields(FinetuneConfig, args), "pretrained": pretrained_value(args),
+                             "train": train, "overrides": spec_overrides(args)})
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -230,12 +236,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_options(p, FinetuneConfig, ["model"])
     add_data_arguments(p, FinetuneConfig)
     add_options(p, FinetuneConfig, ["val_fraction"])
-    p.add_argument("--pretrained", nargs="?", const="hub", default=None,
-                   help="start from weights: the hub's (no value) or a file / save_pretrained folder")
+    add_pretrained_option(p, "start from")
     add_options(p, FinetuneConfig, ["num_classes", "img_size"])
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a spec field or block option, e.g. --set mlp=swiglu --set attn.qk_norm=true "
-                        "--set drop.head=0.1 (repeatable)")
+    add_set_option(p, "override a spec field or block option, e.g. --set mlp=swiglu --set attn.qk_norm=true "
+                      "--set drop.head=0.1 (repeatable)")
     add_options(p, FinetuneConfig, ["freeze", "grad_checkpointing"])
     length = p.add_mutually_exclusive_group()
     add_options(length, FinetuneConfig, ["epochs"])
