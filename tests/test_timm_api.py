@@ -90,6 +90,18 @@ def test_timm_keywords_map_onto_the_spec():
     assert gated.spec.mlp.name == "geglu"
 
 
+def test_dynamic_img_pad_pads_as_timm_does():
+    torch.manual_seed(0)
+    kwargs = dict(depth=2, dynamic_img_size=True, dynamic_img_pad=True)
+    reference = timm.create_model("vit_tiny_patch16_224", **kwargs).eval()
+    model = vitzoo.create_model("vit_tiny_patch16_224", **kwargs).eval()
+    assert model.spec.get("patch_embed.pad") and vitzoo.from_timm(reference).spec == model.spec
+    model.load_state_dict(reference.state_dict())
+    x = torch.randn(1, 3, 70, 90)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), atol=1e-5, rtol=1e-5)
+
+
 def test_checkpoint_path_loads_after_building(timm_weights):
     model = vitzoo.create_model("vit_tiny_patch16_224", checkpoint_path=str(timm_weights))
     reference = timm.create_model("vit_tiny_patch16_224")
@@ -101,7 +113,6 @@ def test_checkpoint_path_loads_after_building(timm_weights):
     (dict(weight_init="jax"), "weight_init: vitzoo initialises as timm's default"),
     (dict(mlp_layer=torch.nn.Linear), "choose the mlp by name"),
     (dict(act_layer="silu"), "the 'gelu' MLP has no variant"),
-    (dict(dynamic_img_pad=True), "pad images to a multiple of patch_size"),
     (dict(out_indices=1), "feature options apply with features_only=True"),
     (dict(features_only=True, feature_cls="hook"), "create_feature_extractor"),
     (dict(features_only=True, output_fmt="NHWC"), "ViT features come as NCHW or NLC"),

@@ -49,7 +49,8 @@ def check_image_size(
     if img_size is None:
         if (height % p or width % p) and not crop_remainder:
             raise ValueError(f"image size {height}x{width} is not a multiple of patch_size={p}; "
-                             f"resize or pad each side to a multiple of {p}")
+                             f"resize or pad each side to a multiple of {p}, or build the model with "
+                             f"patch_embed={{'pad': True}} (timm's dynamic_img_pad) or crop_remainder=True")
     elif (height, width) != img_size:
         raise ValueError(
             f"this model expects {img_size[0]}x{img_size[1]} images, got {height}x{width}; "

@@ -99,11 +99,10 @@ def timm_keywords(overrides: dict[str, Any], mlp: str = "gelu") -> dict[str, Any
     if overrides.pop("weight_init", "") not in ("", None):
         raise ValueError("weight_init: vitzoo initialises as timm's default (weight_init=''); the jax and moco "
                          "schemes are not available; load weights with pretrained= instead")
-    for name, why in (("fix_init", "rescaled projection init"), ("dynamic_img_pad", "padding of images")):
-        if overrides.pop(name, False):
-            raise ValueError(f"{name}=True: vitzoo has no {why}; "
-                             + ("pad images to a multiple of patch_size yourself, or pass crop_remainder=True"
-                                if name == "dynamic_img_pad" else "build without it"))
+    if overrides.pop("fix_init", False):
+        raise ValueError("fix_init=True: vitzoo has no rescaled projection init; build without it")
+    if "dynamic_img_pad" in overrides:
+        overrides["patch_embed.pad"] = overrides.pop("dynamic_img_pad")
     if "act_layer" in overrides:
         chosen = overrides.get("mlp", mlp)
         overrides["mlp"] = _mlp_for(overrides.pop("act_layer"), chosen if isinstance(chosen, str) else mlp)

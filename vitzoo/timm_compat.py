@@ -209,12 +209,11 @@ def spec_from_timm(model: nn.Module) -> ViTSpec:
     pe, dim = model.patch_embed, model.embed_dim
     patch_embed, patch = _patch_embed(pe, model.in_chans)
     conv = pe.proj
-    crop = any(side % patch for side in pe.img_size)  # timm's patch conv drops the remainder; so can vitzoo
+    pad = bool(pe.dynamic_img_pad)  # timm pads images up to whole patches; so can vitzoo
+    crop = any(side % patch for side in pe.img_size) and not pad  # else timm's patch conv drops the remainder
     if crop and type(pe) is not PatchEmbed:
         raise _refuse("patch_embed.img_size", f"{tuple(pe.img_size)}, not a multiple of the stem stride {patch}",
                       "img_size")
-    if pe.dynamic_img_pad:
-        raise _refuse("patch_embed", "padding images to the patch size", "dynamic_img_pad")
     blocks = [_block(i, b, dim) for i, b in enumerate(model.blocks)]
     fixed = {k: v for k, v in blocks[0].items() if k not in ("block", "attn", "mlp", "drop_path_rate")}
     for i, fields in enumerate(blocks):
@@ -239,7 +238,8 @@ def spec_from_timm(model: nn.Module) -> ViTSpec:
     pool_options = {} if pool == "token" else {"include_prefix": model.pool_include_prefix}
     return ViTSpec(
         img_size=tuple(pe.img_size), patch_size=patch, in_chans=model.in_chans, crop_remainder=crop,
-        patch_embed={"name": patch_embed, "bias": conv.bias is not None, "norm": _present(getattr(pe, "norm", None))},
+        patch_embed={"name": patch_embed, "bias": conv.bias is not None, "norm": _present(getattr(pe, "norm", None)),
+                     "pad": pad},
         num_classes=model.head.out_features if isinstance(model.head, nn.Linear) else 0,
         embed_dim=dim, depth=len(model.blocks), num_heads=layers["num_heads"], mlp_ratio=layers["mlp_ratio"],
         pos_embed={"name": "learned", "prefix": not model.no_embed_class} if model.pos_embed is not None else "none",

@@ -252,11 +252,13 @@ class VisionTransformer(nn.Module):
         """
         spec, p = self.spec, self.spec.patch_size
         images = checked_images(images, next(self.parameters()), spec.in_chans, p,
-                                None if spec.dynamic_img_size else spec.img_size, spec.crop_remainder)
-        grid = (images.shape[-2] // p, images.shape[-1] // p)
+                                None if spec.dynamic_img_size else spec.img_size,
+                                spec.crop_remainder or bool(spec.get("patch_embed.pad")))
         if spec.crop_remainder:  # timm's patch convolution ignores the pixels past the last whole patch
-            images = images[..., : grid[0] * p, : grid[1] * p]
-        x = rearrange(self.patch_embed(images), "b h w d -> b (h w) d")
+            images = images[..., : images.shape[-2] // p * p, : images.shape[-1] // p * p]
+        patches = self.patch_embed(images)  # (b, h, w, d): a patch embedding that pads gives the larger grid
+        grid = (patches.shape[1], patches.shape[2])
+        x = rearrange(patches, "b h w d -> b (h w) d")
         tokens = [t for t in (self.cls_token, self.dist_token, self.reg_token) if t is not None]
         if self._pos_with_prefix is None:
             x = prepend_tokens(x, tokens)

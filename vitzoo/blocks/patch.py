@@ -40,6 +40,14 @@ class PatchOptions(ProjectionOptions):
 
     norm: bool = described(
         False, "norm on the patch tokens, stored as patch_embed.norm (AIMv2; timm's embed_norm_layer)")
+    pad: bool = described(
+        False, "zero-pad images on the right and bottom to whole patches instead of refusing (timm's "
+               "dynamic_img_pad)")
+
+
+def pad_to_patches(images: torch.Tensor, p: int) -> torch.Tensor:
+    """Zeros on the right and bottom of ``(b, c, H, W)`` images up to multiples of ``p`` (pixels keep their place)."""
+    return F.pad(images, (0, -images.shape[-1] % p, 0, -images.shape[-2] % p))
 
 
 def patchify(images: torch.Tensor, p: int, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -135,12 +143,14 @@ class LinearPatchEmbed(nn.Module):
         self.patch_size = patch_size
         self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size, bias=options.bias)
         self.norm = norm(dim) if options.norm else nn.Identity()
+        self.pad = options.pad
 
     def weight_matrix(self) -> torch.Tensor:
         """The conv-shaped ``proj.weight`` as the ``(dim, c*p*p)`` matrix that patch rows multiply (a view)."""
         return rearrange(self.proj.weight, "d c p1 p2 -> d (c p1 p2)")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = pad_to_patches(x, self.patch_size) if self.pad else x
         return self.norm(linear_patches(x, self.weight_matrix(), self.proj.bias, self.patch_size))
 
 
@@ -165,6 +175,7 @@ class ConvPatchEmbed(LinearPatchEmbed):
     """The same projection computed as a strided convolution (the original ViT code path)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = pad_to_patches(x, self.patch_size) if self.pad else x
         return self.norm(rearrange(self.proj(x), "b d h w -> b h w d"))
 
 
@@ -234,8 +245,10 @@ class HybridPatchEmbed(nn.Module):
         self.proj = (nn.Conv2d(channels, dim, kernel_size=cells, stride=cells, bias=options.bias) if proj
                      else nn.Identity())
         self.norm = norm(dim) if options.norm else nn.Identity()
+        self.patch_size, self.pad = patch_size, options.pad
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = pad_to_patches(x, self.patch_size) if self.pad else x
         return self.norm(rearrange(self.proj(cnn_features(self.backbone, x)), "b d h w -> b h w d"))
 
 
