@@ -253,7 +253,7 @@ class VisionTransformer(nn.Module):
         spec, p = self.spec, self.spec.patch_size
         images = checked_images(images, next(self.parameters()), spec.in_chans, p,
                                 None if spec.dynamic_img_size else spec.img_size,
-                                spec.crop_remainder or bool(spec.get("patch_embed.pad")))
+                                spec.crop_remainder or getattr(self.patch_embed, "pad", False))
         if spec.crop_remainder:  # timm's patch convolution ignores the pixels past the last whole patch
             images = images[..., : images.shape[-2] // p * p, : images.shape[-1] // p * p]
         patches = self.patch_embed(images)  # (b, h, w, d): a patch embedding that pads gives the larger grid
