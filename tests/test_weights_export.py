@@ -89,7 +89,7 @@ def test_export_loads_into_timm_strictly(tmp_path):
     _same(model, reference, (3, 224, 224))
     overlay = vitzoo.create_model(NAME, depth=2, pretrained=True,
                                   pretrained_cfg_overlay={"file": str(path), "mean": [0.5] * 3})
-    assert overlay.pretrained_cfg["mean"] == [0.5] * 3
+    assert overlay.pretrained_cfg["mean"] == (0.5,) * 3  # as timm types it
     _same(overlay, model, (3, 224, 224))
 
 
