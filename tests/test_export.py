@@ -63,9 +63,11 @@ def test_onnx_runtime_matches_eager_for_every_family(family, tmp_path):
     assert_close_to_eager(model, lambda x: onnx_run(path, x), (2, 3, *size))
 
 
-def test_onnx_dynamic_batch_and_size(tmp_path):
-    """Perception Encoder has both a position table, resampled in the graph, and RoPE, rebuilt in it."""
-    model = tiny("vit_pe_core_tiny_patch16_384", dynamic_img_size=True)
+@pytest.mark.parametrize("name", ["vit_pe_core_tiny_patch16_384", "vit_tiny_patch16_dinov3_qkvb"])
+def test_onnx_dynamic_batch_and_size(name, tmp_path):
+    """Perception Encoder has both a position table, resampled in the graph, and axial RoPE, rebuilt in it;
+    DINOv3 rotary positions on patch centres normalized by the grid, rebuilt in the graph."""
+    model = tiny(name, dynamic_img_size=True)
     path = export(model, tmp_path / "model.onnx", dynamic_batch=True, dynamic_size=True)
     for shape in [(1, 3, 64, 48), (4, 3, 16, 32)]:
         assert_close_to_eager(model, lambda x: onnx_run(path, x), shape)

@@ -103,7 +103,7 @@ class AxialRope(nn.Module):
         return rearrange(pairs, "k two -> (k two)"), torch.tensor([-1.0, 1.0]).repeat(half)
 
     def _axis(self, size: int, ref: int | None) -> torch.Tensor:
-        t = torch.arange(size).float() + self.grid_offset
+        t = torch.arange(size, dtype=torch.float32) + self.grid_offset
         return t if ref is None else t / size * ref
 
     def coords(self, grid: Grid) -> torch.Tensor:
@@ -149,7 +149,8 @@ class DinoV3Rope(AxialRope):
     rotate_half = True
 
     def _axis(self, size: int, ref: int | None) -> torch.Tensor:
-        return (torch.arange(0.5, size).float() + self.grid_offset) / size
+        # a float range from 0 (not arange(0.5, size)): the ONNX exporter types arange(0.5, n) as int64
+        return (torch.arange(size, dtype=torch.float32) + 0.5 + self.grid_offset) / size
 
     def coords(self, grid: Grid) -> torch.Tensor:
         return 2.0 * super().coords(grid) - 1.0
