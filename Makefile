@@ -30,7 +30,7 @@ blocks-doc: $(STAMP)
 
 # docs/parity.md, section "timm's own model tests": timm's tests/test_models.py on every name vitzoo shares
 # with timm: 2,718 cases, many hours on CPU (a day on two busy cores). Resumable: finished cases are kept
-# in runs/timm_suite.jsonl (delete it to start over).
+# in docs/timm_suite.jsonl (delete it to start over).
 timm-suite: $(STAMP)
 	$(BIN)/python tests/upstream/run_timm_suite.py
 
