@@ -24,6 +24,7 @@ from torch import nn
 
 from vitzoo.blocks.neck import NECKS
 from vitzoo.blocks.options import option_names
+from vitzoo.blocks.patch import pad_to_patches
 from vitzoo.blocks.table import like_module
 from vitzoo.inputs import block_indices
 from vitzoo.registry import create_model
@@ -51,13 +52,6 @@ def dense_trunk(model: str | VisionTransformer, last_block: int, **create_model_
     return model
 
 
-def pad_to_multiple(images: torch.Tensor, multiple: int) -> torch.Tensor:
-    """Zero-pad the bottom and right of ``(b, c, H, W)`` images to multiples of ``multiple`` (ViTDet pads too),
-    so any size gives whole patches and whole pyramid levels; pixel (y, x) keeps its place."""
-    height, width = images.shape[-2:]
-    return F.pad(images, (0, -width % multiple, 0, -height % multiple))
-
-
 class DetectionBackbone(nn.Module):
     """A ViT and a neck as a torchvision detection backbone: ``forward(images)`` gives an ``OrderedDict`` of
     maps ``"0"``, ``"1"``, ... (the neck's, finest first) and ``"pool"`` (the coarsest, max-pooled with
@@ -82,7 +76,7 @@ class DetectionBackbone(nn.Module):
 
     def forward(self, images: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
         (x,) = self.trunk.forward_intermediates(
-            pad_to_multiple(images, self.size_divisible), indices=[-1], norm=True, stop_early=True,
+            pad_to_patches(images, self.size_divisible), indices=[-1], norm=True, stop_early=True,
             output_fmt="NCHW", intermediates_only=True)
         maps = self.neck(x)
         out = OrderedDict((str(i), m) for i, m in enumerate(maps))
@@ -140,7 +134,7 @@ class LinearSegmenter(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         patch = self.trunk.spec.patch_size
-        padded = pad_to_multiple(images, patch)
+        padded = pad_to_patches(images, patch)
         maps = self.trunk.forward_intermediates(padded, indices=self.indices, norm=True, stop_early=True,
                                                 output_fmt="NCHW", intermediates_only=True)
         logits = self.classifier(self.norm(rearrange(maps, "n b d h w -> b (n d) h w")))

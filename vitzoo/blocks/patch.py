@@ -46,7 +46,8 @@ class PatchOptions(ProjectionOptions):
 
 
 def pad_to_patches(images: torch.Tensor, p: int) -> torch.Tensor:
-    """Zeros on the right and bottom of ``(b, c, H, W)`` images up to multiples of ``p`` (pixels keep their place)."""
+    """Zeros on the right and bottom of ``(b, c, H, W)`` images up to multiples of ``p`` (pixels keep their place):
+    timm's ``dynamic_img_pad``, and ViTDet's padding before a detection or segmentation trunk."""
     return F.pad(images, (0, -images.shape[-1] % p, 0, -images.shape[-2] % p))
 
 
