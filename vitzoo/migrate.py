@@ -76,6 +76,8 @@ GATED_MLPS = {"silu": "swiglu", "gelu": "geglu"}
 # timm keywords that choose how timm builds its layers for TorchScript or ONNX; vitzoo's modules are the same
 # either way (torch.jit.script traces them, export goes through torch.export), so they change nothing here
 NO_EFFECT = ("scriptable", "exportable", "no_jit")
+# vitzoo's and timm's (``use_naflex``) keyword for a model that takes images at their own size and aspect ratio
+NAFLEX_KEYWORDS = ("naflex", "use_naflex")
 # timm keywords that take module classes; vitzoo chooses those parts by name in a slot
 LAYER_CLASSES = {"embed_layer": "patch_embed", "block_fn": "block", "mlp_layer": "mlp", "attn_layer": "attn",
                  "embed_norm_layer": "patch_embed.norm"}
@@ -103,6 +105,9 @@ def timm_keywords(overrides: dict[str, Any], mlp: str = "gelu") -> dict[str, Any
         raise ValueError("fix_init=True: vitzoo has no rescaled projection init; build without it")
     if "dynamic_img_pad" in overrides:
         overrides["patch_embed.pad"] = overrides.pop("dynamic_img_pad")
+    for name in NAFLEX_KEYWORDS:  # every model takes patch sequences; NaFlex also means images of any size
+        if overrides.pop(name, False):
+            overrides["dynamic_img_size"] = True
     if "act_layer" in overrides:
         chosen = overrides.get("mlp", mlp)
         overrides["mlp"] = _mlp_for(overrides.pop("act_layer"), chosen if isinstance(chosen, str) else mlp)

@@ -208,6 +208,10 @@ def create_model(
     ``checkpoint_path`` loads a file after building, as strictly as timm; ``pretrained_cfg`` (a dict)
     overlays the preprocessing config; ``act_layer``/``norm_layer`` pick the MLP and norm entries; and
     ``scriptable``/``exportable`` change nothing (the modules are the same either way).
+
+    Every model also takes patch sequences (:mod:`vitzoo.packing`: images at their own size and aspect ratio,
+    packed into rows) with its ordinary weights; ``naflex=True`` (timm's ``use_naflex=True``) makes it take images
+    of any size too (``dynamic_img_size=True``).
     """
     features = {k: overrides.pop(k) for k in FEATURE_KEYWORDS if k in overrides}
     if features and not features_only:

@@ -7,7 +7,7 @@ from functools import partial
 from typing import Any
 
 import torch
-from einops import rearrange
+from einops import rearrange, repeat
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -15,13 +15,15 @@ from vitzoo.blocks.attention import ATTENTIONS
 from vitzoo.blocks.encoder import ENCODER_BLOCKS
 from vitzoo.blocks.mlp import MLPS
 from vitzoo.blocks.norm import NORMS, NormFactory
-from vitzoo.blocks.patch import PATCH_EMBEDS
+from vitzoo.blocks.patch import PATCH_EMBEDS, HybridPatchEmbed
 from vitzoo.blocks.pooling import POOLS
 from vitzoo.blocks.position import POSITIONS
 from vitzoo.blocks.rope import ROPES, Rotation
 from vitzoo.blocks.table import BlockTable
 from vitzoo.blocks.tokens import PREFIX_TOKENS, drop_patch_tokens, make_prefix_tokens, prepend_tokens
 from vitzoo.inputs import block_indices, checked_images
+from vitzoo.packing import is_sequence
+from vitzoo.sequence import SequenceLayout, checked_sequence
 from vitzoo.size import MAX_PARAMS, check_size
 from vitzoo.spec import ViTSpec
 from vitzoo.traced import trace_at_input_size
@@ -275,23 +277,83 @@ class VisionTransformer(nn.Module):
         """The rotary positions for ``grid``, None for a model without RoPE."""
         return None if self.spec.rope.name == "none" else grid_dependent(self.rope, grid)
 
-    def _run_block(self, i: int, x: torch.Tensor, rotation: Rotation | None) -> torch.Tensor:
+    def _embed_sequence(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, SequenceLayout]:
+        """A patch-sequence batch (:mod:`vitzoo.packing`) -> tokens (each image's prefix tokens in front of the
+        row) with each image's positions added, as :meth:`_embed` adds them at that image's own grid."""
+        spec, p = self.spec, self.spec.patch_size
+        if isinstance(self.patch_embed, HybridPatchEmbed):
+            raise ValueError(f"patch_embed={spec.patch_embed.name!r} runs a CNN across patch borders, so it cannot "
+                             f"embed patches one at a time; feed this model images, or use a plain patch embedding")
+        if self.training and spec.drop.patch > 0:
+            raise ValueError("drop.patch > 0 drops tokens of image batches only; set drop={'patch': 0.0} to train "
+                             "on patch sequences")
+        patches, coord, valid, image = checked_sequence(batch, next(self.parameters()), spec.in_chans, p)
+        layout = SequenceLayout.of(coord, valid, image, self.num_prefix_tokens)
+        cells = rearrange(patches, "b n (p1 p2 c) -> (b n) c p1 p2", p1=p, p2=p)
+        x = rearrange(self.patch_embed(cells), "(b n) 1 1 d -> b n d", b=patches.shape[0])
+        tokens = [t for t in (self.cls_token, self.dist_token, self.reg_token) if t is not None]
+        if tokens:
+            prefix = repeat(torch.cat(tokens, dim=1), "1 t d -> b (k t) d", b=x.shape[0], k=layout.per_row)
+            x = torch.cat([prefix.to(x.dtype), x], dim=1)
+        if self._pos_with_prefix is not None:
+            pos = layout.per_token(lambda grid: self.position(self.pos_embed, grid)[0], 0.0, self._pos_with_prefix)
+            x = x + pos.to(x.dtype)
+        return self.norm_pre(self.pos_drop(x)), layout
+
+    def _sequence_rotation(self, layout: SequenceLayout) -> Rotation | None:
+        """Each token's rotary positions, those of its image's grid: ``(b, 1, n, head_dim)``, or per layer
+        ``(depth, b, heads, n, head_dim)``; padding gets zeros (it attends to padding only)."""
+        if self.spec.rope.name == "none":
+            return None
+        made: list[Rotation] = []
+
+        def table(grid: tuple[int, int]) -> torch.Tensor:
+            made.append(self.rope(grid))
+            return torch.stack([made[-1].cos, made[-1].sin])
+
+        cos, sin = layout.per_token(table, 0.0, prefix_rows=True)
+        pattern = "l h b n d -> l b h n d" if made[0].per_layer else "b n d -> b 1 n d"
+        return Rotation(rearrange(cos, pattern), rearrange(sin, pattern), made[0].pair, made[0].per_layer)
+
+    def _run_block(
+        self, i: int, x: torch.Tensor, rotation: Rotation | None, mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         block = self.blocks[i]
         rotation = None if rotation is None else rotation.layer(i)
+        args = (x, rotation) if mask is None else (x, rotation, mask)  # blocks registered before masks still run
         if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, x, rotation, use_reentrant=False)
-        return block(x, rotation)
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
 
-    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        """Images ``(b, c, H, W)`` -> normalized tokens ``(b, prefix + h*w, dim)``."""
+    def forward_features(self, images: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor | dict:
+        """Images ``(b, c, H, W)`` -> normalized tokens ``(b, prefix + h*w, dim)``.
+
+        A patch-sequence batch (:mod:`vitzoo.packing`) gives timm's NaFlex answer, a dict: ``patches``, each
+        image's tokens ``(images, prefix + P, dim)`` (padded to the longest), and ``patch_valid`` ``(images, P)``.
+        """
+        if is_sequence(images):
+            return self._sequence_features(images)
         x, grid = self._embed(images)
         rotation = self._rotation(grid)
         for i in range(len(self.blocks)):
             x = self._run_block(i, x, rotation)
         return self.norm(x)
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Tokens -> pooled features (``pre_logits=True``) or class logits."""
+    def _sequence_features(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        x, layout = self._embed_sequence(batch)
+        rotation, mask = self._sequence_rotation(layout), layout.mask()
+        for i in range(len(self.blocks)):
+            x = self._run_block(i, x, rotation, mask)
+        tokens, real = layout.images(self.norm(x))
+        return {"patches": tokens, "patch_valid": real[:, self.num_prefix_tokens:]}
+
+    def forward_head(self, x: torch.Tensor | dict[str, torch.Tensor], pre_logits: bool = False) -> torch.Tensor:
+        """Tokens (or :meth:`forward_features`' dict for patch sequences) -> pooled features (``pre_logits=True``)
+        or class logits."""
+        valid = None
+        if is_sequence(x):
+            x, patch_valid = x["patches"], x["patch_valid"]
+            valid = torch.cat([patch_valid.new_ones(len(x), self.num_prefix_tokens), patch_valid], dim=1)
         if self.head_dist is not None:  # DeiT: the class and distillation tokens each have a head
             cls, dist = self.head_drop(x[:, 0]), self.head_drop(x[:, 1])
             if pre_logits:
@@ -300,10 +362,13 @@ class VisionTransformer(nn.Module):
             if self.distilled_training and self.training:
                 return cls, dist
             return (cls + dist) / 2
-        x = self.head_drop(self.fc_norm(self.attn_pool(x)))
+        x = self.attn_pool(x) if valid is None else self.attn_pool(x, valid)
+        x = self.head_drop(self.fc_norm(x))
         return x if pre_logits else self.head(x)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor:
+        """Images ``(b, c, H, W)``, or a patch-sequence batch (:mod:`vitzoo.packing`: images of any sizes, one
+        output per image) -> logits, or pooled features for a model without head."""
         return self.forward_head(self.forward_features(images))
 
     def forward_intermediates(

@@ -1,9 +1,10 @@
 """Attention slot.
 
 Contract: ``factory(dim, num_heads, norm, attn_drop, proj_drop, layer, *, options) -> nn.Module`` with
-``forward(x, rotation)`` mapping ``(b, n, dim) -> (b, n, dim)``; ``norm`` is the model's norm factory (for
-q/k and inner norms), ``layer`` the index of the block it serves, and ``rotation`` the rotary positions
-to turn q and k by (:class:`~vitzoo.blocks.rope.Rotation`), None for a model without RoPE.
+``forward(x, rotation, mask=None)`` mapping ``(b, n, dim) -> (b, n, dim)``; ``norm`` is the model's norm factory
+(for q/k and inner norms), ``layer`` the index of the block it serves, ``rotation`` the rotary positions
+to turn q and k by (:class:`~vitzoo.blocks.rope.Rotation`), None for a model without RoPE, and ``mask`` which
+keys each query may attend to, bool ``(b, 1, n, n)`` (None: all; patch sequences, :mod:`vitzoo.packing`).
 """
 
 from __future__ import annotations
@@ -52,17 +53,17 @@ class GroupedQueryOptions(AttentionOptions):
 
 def attend(
     qkv: torch.Tensor, num_heads: int, q_norm: nn.Module, k_norm: nn.Module, dropout: float = 0.0,
-    rotation: Rotation | None = None,
+    rotation: Rotation | None = None, mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Packed q, k, v ``(b, n, 3 * heads * head_dim)`` -> attended values ``(b, n, heads * head_dim)``.
     Shared by every block that packs qkv."""
     q, k, v = rearrange(qkv, "b n (qkv h d) -> qkv b h n d", qkv=3, h=num_heads)
-    return attend_heads(q, k, v, q_norm, k_norm, dropout, rotation)
+    return attend_heads(q, k, v, q_norm, k_norm, dropout, rotation, mask=mask)
 
 
 def attend_heads(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_norm: nn.Module, k_norm: nn.Module, dropout: float = 0.0,
-    rotation: Rotation | None = None, groups: int = 1,
+    rotation: Rotation | None = None, groups: int = 1, mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-head q ``(b, h, n, d)`` and k, v ``(b, h / groups, n, d)`` -> ``(b, n, h * d)``: q/k norm, rotary
     positions, each key/value head shared by ``groups`` query heads (all of them once rotated, as
@@ -73,7 +74,7 @@ def attend_heads(
         q, k = rotate(q, rotation), rotate(k, rotation)
     if groups > 1:
         k, v = (repeat(t, "b h n d -> b (h g) n d", g=groups) for t in (k, v))
-    x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+    x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
     return rearrange(x, "b h n d -> b n (h d)")
 
 
@@ -109,9 +110,9 @@ class Attention(nn.Module):
         """Tokens -> packed q, k, v ``(b, n, 3 * dim)``."""
         return self.qkv(x)
 
-    def forward(self, x: torch.Tensor, rotation: Rotation | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotation: Rotation | None, mask: torch.Tensor | None = None) -> torch.Tensor:
         dropout = self.attn_drop if self.training else 0.0
-        x = attend(self.project(x), self.num_heads, self.q_norm, self.k_norm, dropout, rotation)
+        x = attend(self.project(x), self.num_heads, self.q_norm, self.k_norm, dropout, rotation, mask)
         return self.proj_drop(self.proj(self.norm(x)))
 
 
@@ -159,11 +160,11 @@ class GroupedQueryAttention(Attention):
         self.k_proj = nn.Linear(dim, kv_dim, bias=options.qkv_bias)
         self.v_proj = nn.Linear(dim, kv_dim, bias=options.qkv_bias)
 
-    def forward(self, x: torch.Tensor, rotation: Rotation | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotation: Rotation | None, mask: torch.Tensor | None = None) -> torch.Tensor:
         q = rearrange(self.q_proj(x), "b n (h d) -> b h n d", h=self.num_heads)
         k, v = (rearrange(proj(x), "b n (h d) -> b h n d", h=self.kv_heads) for proj in (self.k_proj, self.v_proj))
         x = attend_heads(q, k, v, self.q_norm, self.k_norm, self.attn_drop if self.training else 0.0, rotation,
-                         self.num_heads // self.kv_heads)
+                         self.num_heads // self.kv_heads, mask)
         return self.proj_drop(self.proj(self.norm(x)))
 
 
@@ -188,18 +189,18 @@ class DiffAttention(Attention):
     def _make_qk_norms(self, head_dim: int, norm: NormFactory, qk_norm: bool) -> None:
         super()._make_qk_norms(head_dim // 2, norm, qk_norm)  # q and k are split in two halves per head
 
-    def forward(self, x: torch.Tensor, rotation: Rotation | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotation: Rotation | None, mask: torch.Tensor | None = None) -> torch.Tensor:
         if rotation is not None:
             raise ValueError("attn='diff' does not support rotary positions; use rope='none'")
         lambdas = (self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2)
         x = differential_attend(self.project(x), self.num_heads, self.q_norm, self.k_norm, lambdas, self.lambda_init,
-                                self.sub_norm, self.attn_drop if self.training else 0.0)
+                                self.sub_norm, self.attn_drop if self.training else 0.0, mask)
         return self.proj_drop(self.proj(self.norm(x)))
 
 
 def differential_attend(
     qkv: torch.Tensor, num_heads: int, q_norm: nn.Module, k_norm: nn.Module, lambdas: tuple[torch.Tensor, ...],
-    lambda_init: float, sub_norm: nn.Module, dropout: float = 0.0,
+    lambda_init: float, sub_norm: nn.Module, dropout: float = 0.0, mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Packed q, k, v ``(b, n, 3 * dim)`` -> differential attention values ``(b, n, dim)`` (see
     :class:`DiffAttention`); ``lambdas`` are ``(lambda_q1, lambda_k1, lambda_q2, lambda_k2)``."""
@@ -209,8 +210,8 @@ def differential_attend(
     v = rearrange(v, "b n (h e) -> b h n e", h=num_heads)
     lq1, lk1, lq2, lk2 = lambdas
     lam = torch.exp((lq1 * lk1).sum()) - torch.exp((lq2 * lk2).sum()) + lambda_init
-    out = F.scaled_dot_product_attention(q1, k1, v, dropout_p=dropout)
-    out = out - lam * F.scaled_dot_product_attention(q2, k2, v, dropout_p=dropout)
+    out = F.scaled_dot_product_attention(q1, k1, v, attn_mask=mask, dropout_p=dropout)
+    out = out - lam * F.scaled_dot_product_attention(q2, k2, v, attn_mask=mask, dropout_p=dropout)
     return rearrange(sub_norm(out) * (1 - lambda_init), "b h n e -> b n (h e)")
 
 
@@ -222,7 +223,7 @@ def _attention_probe(module: nn.Module, args: tuple) -> tuple[torch.Tensor, tupl
 
 ATTENTIONS: BlockTable = BlockTable(
     "attn", "factory(dim, num_heads, norm, attn_drop, proj_drop, layer, *, options) -> module with "
-    "forward(x, rotation) (b, n, dim) -> (b, n, dim)", probe=_attention_probe,
+    "forward(x, rotation, mask=None) (b, n, dim) -> (b, n, dim)", probe=_attention_probe,
 )
 ATTENTIONS.register("mhsa", Attention, options=AttentionOptions)
 ATTENTIONS.register("eva", EvaAttention, options=AttentionOptions)

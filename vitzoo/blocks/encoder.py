@@ -1,9 +1,10 @@
 """Encoder-block slot: how attention and MLP are wired with norms and residuals.
 
-Contract: ``factory(dim, attn, mlp, norm, drop_path, *, options) -> nn.Module`` with ``forward(x, rotation)``
-mapping ``(b, n, dim) -> (b, n, dim)``; ``attn`` and ``mlp`` are built modules, ``norm`` a norm factory,
-``drop_path`` this block's stochastic-depth rate, and ``rotation`` the rotary positions the block hands
-to its attention (None without RoPE). Parameter names follow timm's ``Block``: ``norm1``, ``attn``,
+Contract: ``factory(dim, attn, mlp, norm, drop_path, *, options) -> nn.Module`` with
+``forward(x, rotation, mask=None)`` mapping ``(b, n, dim) -> (b, n, dim)``; ``attn`` and ``mlp`` are built
+modules, ``norm`` a norm factory, ``drop_path`` this block's stochastic-depth rate, and ``rotation`` and ``mask``
+what the block hands to its attention (rotary positions, None without RoPE; the keys each query may see, None:
+all). Parameter names follow timm's ``Block``: ``norm1``, ``attn``,
 ``ls1``, ``norm2``, ``mlp``, ``ls2``.
 """
 
@@ -83,8 +84,8 @@ class _ResidualBlock(nn.Module):
 class PreNormBlock(_ResidualBlock):
     """x + attn(norm(x)), then x + mlp(norm(x)): the pre-norm block of ViT and timm's ``Block``."""
 
-    def forward(self, x: torch.Tensor, rotation: Rotation | None) -> torch.Tensor:
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), rotation)))
+    def forward(self, x: torch.Tensor, rotation: Rotation | None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), rotation, mask)))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x
 
@@ -92,8 +93,8 @@ class PreNormBlock(_ResidualBlock):
 class PostNormBlock(_ResidualBlock):
     """norm(x + attn(x)), then norm(x + mlp(x)): the original Transformer wiring (Vaswani et al. 2017)."""
 
-    def forward(self, x: torch.Tensor, rotation: Rotation | None) -> torch.Tensor:
-        x = self.norm1(x + self.drop_path1(self.ls1(self.attn(x, rotation))))
+    def forward(self, x: torch.Tensor, rotation: Rotation | None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.norm1(x + self.drop_path1(self.ls1(self.attn(x, rotation, mask))))
         x = self.norm2(x + self.drop_path2(self.ls2(self.mlp(x))))
         return x
 
@@ -101,10 +102,10 @@ class PostNormBlock(_ResidualBlock):
 class ParallelBlock(_ResidualBlock):
     """x + attn(norm(x)) + mlp(norm(x)): attention and MLP side by side (GPT-J; ViT-22B)."""
 
-    def forward(self, x: torch.Tensor, rotation: Rotation | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotation: Rotation | None, mask: torch.Tensor | None = None) -> torch.Tensor:
         return (
             x
-            + self.drop_path1(self.ls1(self.attn(self.norm1(x), rotation)))
+            + self.drop_path1(self.ls1(self.attn(self.norm1(x), rotation, mask)))
             + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         )
 
@@ -113,8 +114,8 @@ class ResPostNormBlock(_ResidualBlock):
     """x + norm(attn(x)), then x + norm(mlp(x)): the norm closes each residual branch (res-post-norm
     of Swin V2, Liu et al. 2022; timm's ``ResPostBlock``)."""
 
-    def forward(self, x: torch.Tensor, rotation: Rotation | None) -> torch.Tensor:
-        x = x + self.drop_path1(self.ls1(self.norm1(self.attn(x, rotation))))
+    def forward(self, x: torch.Tensor, rotation: Rotation | None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.norm1(self.attn(x, rotation, mask))))
         x = x + self.drop_path2(self.ls2(self.norm2(self.mlp(x))))
         return x
 
@@ -134,8 +135,8 @@ class EvaBlock(_ResidualBlock):
         self.gamma_1 = nn.Parameter(torch.full((dim,), float(layer_scale))) if layer_scale else None
         self.gamma_2 = nn.Parameter(torch.full((dim,), float(layer_scale))) if layer_scale and scale_mlp else None
 
-    def forward(self, x: torch.Tensor, rotation: Rotation | None) -> torch.Tensor:
-        x = x + self.drop_path1(self._scale(self.attn(self.norm1(x), rotation), self.gamma_1))
+    def forward(self, x: torch.Tensor, rotation: Rotation | None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.drop_path1(self._scale(self.attn(self.norm1(x), rotation, mask), self.gamma_1))
         x = x + self.drop_path2(self._scale(self.mlp(self.norm2(x)), self.gamma_2))
         return x
 
@@ -168,8 +169,8 @@ class ParallelBranchesBlock(nn.Module):
         self.attns = nn.ModuleList(branch("attn", attn if j == 0 else copy.deepcopy(attn)) for j in range(num_parallel))
         self.ffns = nn.ModuleList(branch("mlp", mlp if j == 0 else copy.deepcopy(mlp)) for j in range(num_parallel))
 
-    def forward(self, x: torch.Tensor, rotation: Rotation | None) -> torch.Tensor:
-        x = x + sum(b.drop_path(b.ls(b.attn(b.norm(x), rotation))) for b in self.attns)
+    def forward(self, x: torch.Tensor, rotation: Rotation | None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + sum(b.drop_path(b.ls(b.attn(b.norm(x), rotation, mask))) for b in self.attns)
         return x + sum(ffn(x) for ffn in self.ffns)
 
 
@@ -209,18 +210,18 @@ class ParallelScalingBlock(nn.Module):
     def _make_output(self, attn: nn.Module, mlp: nn.Module) -> None:
         self.attn_out_proj, self.mlp_out_proj = attn.proj, mlp.fc2
 
-    def _attend(self, qkv: torch.Tensor, rotation: Rotation | None) -> torch.Tensor:
+    def _attend(self, qkv: torch.Tensor, rotation: Rotation | None, mask: torch.Tensor | None) -> torch.Tensor:
         dropout = self.attn_drop if self.training else 0.0
-        return attend(qkv, self.num_heads, self.q_norm, self.k_norm, dropout, rotation)
+        return attend(qkv, self.num_heads, self.q_norm, self.k_norm, dropout, rotation, mask)
 
     def _output(self, attended: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         return self.attn_out_proj(attended) + self.mlp_out_proj(hidden)
 
-    def forward(self, x: torch.Tensor, rotation: Rotation | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rotation: Rotation | None, mask: torch.Tensor | None = None) -> torch.Tensor:
         hidden, qkv = self.in_proj(self.in_norm(x)).split([self.hidden_dim, 3 * x.shape[-1]], dim=-1)
         if self.mlp_bias is not None:
             hidden = hidden + self.mlp_bias
-        y = self._output(self._attend(qkv, rotation), self.mlp_drop(self.mlp_act(hidden)))
+        y = self._output(self._attend(qkv, rotation, mask), self.mlp_drop(self.mlp_act(hidden)))
         return x + self.drop_path(self.ls(y))
 
 
@@ -245,12 +246,12 @@ class DiffParallelScalingBlock(ParallelScalingBlock):
         self.out_proj = nn.Linear(attn.proj.in_features + mlp.fc2.in_features, attn.proj.out_features,
                                   bias=attn.proj.bias is not None)
 
-    def _attend(self, qkv: torch.Tensor, rotation: Rotation | None) -> torch.Tensor:
+    def _attend(self, qkv: torch.Tensor, rotation: Rotation | None, mask: torch.Tensor | None) -> torch.Tensor:
         if rotation is not None:
             raise ValueError("block='diff_parallel_scaling' does not support rotary positions; use rope='none'")
         lambdas = (self.lambda_q1, self.lambda_k1, self.lambda_q2, self.lambda_k2)
         return differential_attend(qkv, self.num_heads, self.q_norm, self.k_norm, lambdas, self.lambda_init,
-                                   self.sub_norm, self.attn_drop if self.training else 0.0)
+                                   self.sub_norm, self.attn_drop if self.training else 0.0, mask)
 
     def _output(self, attended: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         return self.out_proj(torch.cat([attended, hidden], dim=-1))
@@ -263,7 +264,7 @@ def _block_probe(module: nn.Module, args: tuple) -> tuple[torch.Tensor, tuple[in
 
 
 ENCODER_BLOCKS: BlockTable = BlockTable(
-    "block", "factory(dim, attn, mlp, norm, drop_path, *, options) -> module with forward(x, rotation) "
+    "block", "factory(dim, attn, mlp, norm, drop_path, *, options) -> module with forward(x, rotation, mask=None) "
     "(b, n, dim) -> (b, n, dim)", probe=_block_probe,
 )
 for _name, _factory in (

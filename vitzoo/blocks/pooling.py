@@ -1,9 +1,10 @@
 """Pooling (readout) slot: turns the token sequence into one vector per image.
 
-Contract: ``factory(dim, num_heads, mlp_ratio, norm, mlp, num_prefix, *, options) -> nn.Module`` mapping
-``(b, n, dim) -> (b, dim)``; ``norm`` is the model's norm factory, ``mlp(dim, hidden_dim)`` builds the
-model's MLP entry, and ``num_prefix`` counts the class/distillation/register tokens at the front of the
-sequence.
+Contract: ``factory(dim, num_heads, mlp_ratio, norm, mlp, num_prefix, *, options) -> nn.Module`` with
+``forward(x, valid=None)`` mapping ``(b, n, dim) -> (b, dim)``; ``norm`` is the model's norm factory,
+``mlp(dim, hidden_dim)`` builds the model's MLP entry, and ``num_prefix`` counts the class/distillation/register
+tokens at the front of the sequence. ``valid`` (bool ``(b, n)``, None: all) marks the real tokens of images of
+different sizes padded to one length (:mod:`vitzoo.packing`); padding must not change the result.
 The model stores the pooling module as ``attn_pool``, timm's name for its only pooling block with
 weights; the parameter-free readouts leave no keys.
 """
@@ -72,36 +73,51 @@ class ClassTokenPool(nn.Module):
     ) -> None:
         super().__init__()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         return x[:, 0]
+
+
+def masked_mean(x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """Mean over the tokens of ``(b, n, dim)`` that ``valid`` ``(b, n)`` marks (all when None)."""
+    if valid is None:
+        return reduce(x, "b n d -> b d", "mean")
+    weights = rearrange(valid.to(x.dtype), "b n -> b n 1")
+    return reduce(x * weights, "b n d -> b d", "sum") / reduce(weights, "b n 1 -> b 1", "sum").clamp(min=1)
+
+
+def masked_max(x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """Channel-wise max over the tokens of ``(b, n, dim)`` that ``valid`` ``(b, n)`` marks (all when None)."""
+    if valid is not None:
+        x = x.masked_fill(~rearrange(valid, "b n -> b n 1"), torch.finfo(x.dtype).min)
+    return reduce(x, "b n d -> b d", "max")
 
 
 class AvgPool(_Readout):
     """Mean of the patch tokens, prefix tokens excluded (global average pooling, "GAP")."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return reduce(x[:, self.num_prefix:], "b n d -> b d", "mean")
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        return masked_mean(x[:, self.num_prefix:], None if valid is None else valid[:, self.num_prefix:])
 
 
 class MaxPool(_Readout):
     """Channel-wise max over the patch tokens, prefix tokens excluded."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return reduce(x[:, self.num_prefix:], "b n d -> b d", "max")
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        return masked_max(x[:, self.num_prefix:], None if valid is None else valid[:, self.num_prefix:])
 
 
 class AvgMaxPool(_Readout):
     """Half the mean plus half the max of the patch tokens (timm's ``avgmax`` readout)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x[:, self.num_prefix:]
-        return 0.5 * (reduce(x, "b n d -> b d", "mean") + reduce(x, "b n d -> b d", "max"))
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        x, valid = x[:, self.num_prefix:], None if valid is None else valid[:, self.num_prefix:]
+        return 0.5 * (masked_mean(x, valid) + masked_max(x, valid))
 
 
 class NoPool(_Readout):
     """Keep every token: ``(b, n, dim)`` goes to the head unpooled (dense prediction)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         return x
 
 
@@ -126,12 +142,14 @@ class AttentionPool(nn.Module):
         self.norm = norm(dim)
         self.mlp = mlp(dim, int(dim * (options.mlp_ratio or mlp_ratio)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         x = x[:, self.num_prefix:]
+        mask = None if valid is None else rearrange(valid[:, self.num_prefix:], "b n -> b 1 1 n")
         latent = repeat(self.latent, "1 l d -> b l d", b=x.shape[0])
         q = rearrange(self.q(latent), "b l (h e) -> b h l e", h=self.num_heads)
         k, v = rearrange(self.kv(x), "b n (kv h e) -> kv b h n e", kv=2, h=self.num_heads)
-        pooled = self.proj(rearrange(F.scaled_dot_product_attention(q, k, v), "b h l e -> b l (h e)"))
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        pooled = self.proj(rearrange(attended, "b h l e -> b l (h e)"))
         pooled = pooled + self.mlp(self.norm(pooled))
         return pooled[:, 0]
 
@@ -143,7 +161,8 @@ def _pool_probe(module: nn.Module, args: tuple) -> tuple[torch.Tensor, tuple[int
 
 
 POOLS: BlockTable = BlockTable(
-    "pool", "factory(dim, num_heads, mlp_ratio, norm, mlp, num_prefix, *, options) -> module (b, n, dim) -> (b, dim)",
+    "pool", "factory(dim, num_heads, mlp_ratio, norm, mlp, num_prefix, *, options) -> module with forward(x, "
+    "valid=None) (b, n, dim) -> (b, dim)",
     probe=_pool_probe,
 )
 POOLS.register("token", ClassTokenPool)

@@ -52,13 +52,14 @@ class RopeOptions(BlockOptions):
 class Rotation(NamedTuple):
     """Rotate channel ``i`` of q or k with channel ``pair[i]``: ``x * cos + x[..., pair] * sin``."""
 
-    cos: torch.Tensor  # ([depth, heads,] n, head_dim); 1 on prefix tokens
+    cos: torch.Tensor  # ([depth,] heads or 1, n, head_dim), or (n, head_dim); 1 on prefix tokens
     sin: torch.Tensor  # like cos, with the sign of the rotation folded in; 0 on prefix tokens
     pair: torch.Tensor  # (head_dim,) the channel each channel turns with
+    per_layer: bool = False  # cos and sin lead with a depth axis: each block has its own
 
     def layer(self, i: int) -> Rotation:
         """The rotation block ``i`` uses: its own slice when the rotation differs per layer."""
-        return Rotation(self.cos[i], self.sin[i], self.pair) if self.cos.ndim == 4 else self
+        return Rotation(self.cos[i], self.sin[i], self.pair) if self.per_layer else self
 
 
 def rotate(x: torch.Tensor, rotation: Rotation) -> torch.Tensor:
@@ -136,7 +137,7 @@ class AxialRope(nn.Module):
             table = self.cached
         else:
             table = self._build(grid)
-        return Rotation(table[0], table[1], self.pair)
+        return Rotation(table[0], table[1], self.pair, per_layer=table.ndim == 5)
 
 
 class DinoV3Rope(AxialRope):
