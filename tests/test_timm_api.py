@@ -121,3 +121,13 @@ def test_timm_keywords_vitzoo_cannot_express_are_refused(kwargs, message, bad_in
     with pytest.raises(ValueError, match=message) as err:
         vitzoo.create_model("vit_tiny_patch16_224", depth=1, **kwargs)
     bad_input("create_model", ", ".join(f"{k}={v!r}" for k, v in kwargs.items()), str(err.value))
+
+
+@pytest.mark.parametrize("name", ["vit_small_patch16_dinov3", "vit_intern300m_patch14_448", "vit_base_patch16_224"])
+def test_fixed_input_size_is_timms_also_for_models_that_take_any_size(name):
+    """timm marks DINOv3 and InternViT fixed_input_size though they take any size, and its tests then feed
+    them their own size only (a 384 input would not divide into InternViT's 14-pixel patches)."""
+    small = dict(depth=1, embed_dim=64, num_heads=4)
+    reference, model = timm.create_model(name, **small), vitzoo.create_model(name, **small)
+    assert model.pretrained_cfg["fixed_input_size"] == reference.pretrained_cfg["fixed_input_size"]
+    assert model.dynamic_img_size == reference.dynamic_img_size

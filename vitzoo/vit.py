@@ -88,7 +88,7 @@ class VisionTransformer(nn.Module):
         self._make_heads()
         self.grad_checkpointing = False
         self.distilled_training = False
-        cfg = {**DEFAULT_CFG, **(pretrained_cfg or {}), **self._derived_cfg()}
+        cfg = {**DEFAULT_CFG, **(pretrained_cfg or {}), **self._derived_cfg(pretrained_cfg or {})}
         self.pretrained_cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}  # timm's types
         self._init_linear(self)
 
@@ -127,13 +127,16 @@ class VisionTransformer(nn.Module):
         else:
             self.head_dist = None
 
-    def _derived_cfg(self) -> dict[str, Any]:
-        """The entries of ``pretrained_cfg`` that follow from the spec and the built modules, as timm names them."""
+    def _derived_cfg(self, given: dict[str, Any]) -> dict[str, Any]:
+        """The entries of ``pretrained_cfg`` that follow from the spec and the built modules, as timm names them.
+        ``fixed_input_size`` is True for a fixed-size model, and where the registry says so as timm does (DINOv3,
+        InternViT: timm tests them at their own size only, though they take any)."""
         spec = self.spec
         first_conv = next(name for name, m in self.patch_embed.named_modules() if isinstance(m, nn.Conv2d | nn.Linear))
         return {
             "input_size": (spec.in_chans, *spec.img_size), "num_classes": spec.num_classes,
-            "fixed_input_size": not spec.dynamic_img_size, "first_conv": f"patch_embed.{first_conv}",
+            "fixed_input_size": not spec.dynamic_img_size or bool(given.get("fixed_input_size")),
+            "first_conv": f"patch_embed.{first_conv}",
             "classifier": ("head", "head_dist") if spec.dist_token else "head",
         }
 
