@@ -113,3 +113,24 @@ def test_bad_sequence_batches_say_what_is_wrong(batch: dict, problem: str) -> No
 def test_pack_refuses_an_image_longer_than_a_row() -> None:
     with pytest.raises(ValueError, match="more than seq_len=4"):
         pack_images([torch.zeros(3, 48, 32)], 16, seq_len=4)
+
+
+@pytest.mark.parametrize("name", vitzoo.list_models("naflexvit*"))
+def test_naflexvit_names_are_timms(name: str) -> None:
+    """timm's NaFlexVit checkpoints load unchanged, and images, timm's sequence batches and packed rows give
+    timm's outputs (at a reduced size; docs/parity.md compares them at full width)."""
+    import timm
+
+    from vitzoo.validate import sequence_diffs
+
+    small = dict(depth=1, embed_dim=64, num_heads=4)
+    torch.manual_seed(0)
+    reference = timm.create_model(name, **small).eval()
+    model = vitzoo.create_model(name, **small).eval()
+    model.load_state_dict(reference.state_dict(), strict=True)
+    assert set(model.state_dict()) == set(reference.state_dict())
+    assert model.pretrained_cfg["first_conv"] == reference.pretrained_cfg["first_conv"] == "embeds.proj"
+    images = torch.randn(2, 3, 224, 160)
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), reference(images), rtol=0, atol=1e-4)
+    assert max(sequence_diffs(model, reference).values()) <= 1e-4
