@@ -38,13 +38,14 @@ DEFAULT_CFG = {
 torch.fx.wrap("checked_images")
 torch.fx.wrap("rearrange")
 torch.fx.wrap("drop_patch_tokens")
-# the state_dict names of timm's NaFlexVit: what the model holds itself -> under ``embeds.`` (exact names, or prefixes)
+# the state_dict names of timm's NaFlexVit (``patch_embed={"embeds": True}``): what the model holds itself -> under
+# ``embeds.`` (exact names, or prefixes)
 EMBEDS_NAMES = ("cls_token", "dist_token", "reg_token", "pos_embed")
 EMBEDS_PREFIXES = ("patch_embed.", "position.")
 
 
 def embeds_name(key: str) -> str:
-    """A state_dict key of the ``vit`` layout in the ``naflex`` layout (unchanged if it is not an embedding's)."""
+    """A state_dict key as timm's NaFlexVit names it (unchanged if it is not an embedding's)."""
     if key in EMBEDS_NAMES:
         return f"embeds.{key}"
     for prefix in EMBEDS_PREFIXES:
@@ -104,7 +105,7 @@ class VisionTransformer(nn.Module):
         cfg = {**DEFAULT_CFG, **(pretrained_cfg or {}), **self._derived_cfg(pretrained_cfg or {})}
         self.pretrained_cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}  # timm's types
         self._init_linear(self)
-        if spec.checkpoint_layout == "naflex":
+        if spec.get("patch_embed.embeds"):
             self.register_state_dict_post_hook(_save_naflex_names)
             self.register_load_state_dict_pre_hook(_load_naflex_names)
 
@@ -158,7 +159,7 @@ class VisionTransformer(nn.Module):
 
     def _stored_name(self, key: str) -> str:
         """What the state_dict calls the parameter or module the model holds as ``key``."""
-        return embeds_name(key) if self.spec.checkpoint_layout == "naflex" else key
+        return embeds_name(key) if self.spec.get("patch_embed.embeds") else key
 
     @staticmethod
     def _init_linear(module: nn.Module) -> None:
@@ -442,8 +443,8 @@ class VisionTransformer(nn.Module):
 
 
 def _save_naflex_names(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
-    """``state_dict`` hook of a ``checkpoint_layout="naflex"`` model: its embedding parts named as timm's NaFlexVit
-    names them (``embeds.proj.weight``, ``embeds.pos_embed``), in place and in order."""
+    """``state_dict`` hook of a model with ``patch_embed={"embeds": True}``: its embedding parts named as timm's
+    NaFlexVit names them (``embeds.proj.weight``, ``embeds.pos_embed``), in place and in order."""
     items = list(state_dict.items())
     state_dict.clear()
     for key, value in items:
@@ -455,7 +456,7 @@ def _load_naflex_names(
     module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict, strict: bool, missing: list,
     unexpected: list, errors: list,
 ) -> None:
-    """``load_state_dict`` hook of a ``checkpoint_layout="naflex"`` model: timm's NaFlexVit names back to the
+    """``load_state_dict`` hook of a model with ``patch_embed={"embeds": True}``: timm's NaFlexVit names back to the
     modules the model holds, so its checkpoints load with ``strict=True``."""
     stored = {prefix + embeds_name(name): prefix + name for name, _ in module.named_parameters()}
     stored.update({prefix + embeds_name(name): prefix + name for name, _ in module.named_buffers()})

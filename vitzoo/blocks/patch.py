@@ -32,6 +32,9 @@ class ProjectionOptions(BlockOptions):
     """Options of every patch-embedding entry."""
 
     bias: bool = described(True, "bias on the patch projection (CLIP has none)")
+    embeds: bool = described(
+        False, "the state_dict keeps this embedding, the prefix tokens and the position tables under embeds., as "
+               "timm's NaFlexVit does (embeds.proj.weight, embeds.cls_token, embeds.pos_embed)")
 
 
 @dataclass(frozen=True)
