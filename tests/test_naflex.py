@@ -104,12 +104,44 @@ def test_budget_size_keeps_the_aspect_ratio_within_the_budget() -> None:
     ({"patches": torch.zeros(1, 4, 768), "patch_coord": torch.zeros(1, 3, 2, dtype=torch.long),
       "patch_valid": torch.ones(1, 4, dtype=torch.bool)}, r"patch_coord must be \(1, 4, 2\)"),
 ])
-def test_bad_sequence_batches_say_what_is_wrong(batch: dict, problem: str) -> None:
+def test_bad_sequence_batches_say_what_is_wrong(batch: dict, problem: str, bad_input) -> None:
     model = vitzoo.create_model("vit_tiny_patch16_224", depth=1)
-    with pytest.raises((KeyError, ValueError, TypeError), match=problem):
+    with pytest.raises((KeyError, ValueError, TypeError), match=problem) as err:
         model(batch)
+    given = ", ".join(f"{k}: {tuple(v.shape)} {str(v.dtype).removeprefix('torch.')}" for k, v in batch.items())
+    bad_input("model(patch sequences)", given, str(err.value).strip('"'))
 
 
-def test_pack_refuses_an_image_longer_than_a_row() -> None:
-    with pytest.raises(ValueError, match="more than seq_len=4"):
+def test_pack_refuses_an_image_longer_than_a_row(bad_input) -> None:
+    with pytest.raises(ValueError, match="more than seq_len=4") as err:
         pack_images([torch.zeros(3, 48, 32)], 16, seq_len=4)
+    bad_input("pack_images", "a 48x32 image, patch 16, seq_len=4", str(err.value))
+
+
+def test_hybrid_stems_refuse_patch_sequences(bad_input) -> None:
+    model = vitzoo.create_model("vit_tiny_r_s16_p8_224", depth=1)
+    batch, _ = pack_images([torch.zeros(3, 32, 32)], 32)
+    with pytest.raises(ValueError, match="cannot embed patches one at a time") as err:
+        model(batch)
+    bad_input("model(patch sequences)", "vit_tiny_r_s16_p8_224 (ResNet stem)", str(err.value))
+
+
+@pytest.mark.parametrize("name", vitzoo.list_models("naflexvit*"))
+def test_naflexvit_names_are_timms(name: str) -> None:
+    """timm's NaFlexVit checkpoints load unchanged, and images, timm's sequence batches and packed rows give
+    timm's outputs (at a reduced size; docs/parity.md compares them at full width)."""
+    import timm
+
+    from vitzoo.validate import sequence_diffs
+
+    small = dict(depth=1, embed_dim=64, num_heads=4)
+    torch.manual_seed(0)
+    reference = timm.create_model(name, **small).eval()
+    model = vitzoo.create_model(name, **small).eval()
+    model.load_state_dict(reference.state_dict(), strict=True)
+    assert set(model.state_dict()) == set(reference.state_dict())
+    assert model.pretrained_cfg["first_conv"] == reference.pretrained_cfg["first_conv"] == "embeds.proj"
+    images = torch.randn(2, 3, 224, 160)
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), reference(images), rtol=0, atol=1e-4)
+    assert max(sequence_diffs(model, reference).values()) <= 1e-4

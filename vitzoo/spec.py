@@ -32,6 +32,7 @@ from vitzoo.fields import (
 )
 
 FINAL_NORMS = ("auto", "tokens", "pooled", "none")
+CHECKPOINT_LAYOUTS = ("vit", "naflex")
 # What a command-line value may be when its field is not known.
 UNKNOWN_FIELD = bool | int | float | str | None | tuple[bool | int | float | str | None, ...]
 
@@ -98,6 +99,10 @@ class ViTSpec:
         "auto", "after the blocks: tokens | pooled (after pooling) | none | auto (pooled for avg/max)")
     # regularisation
     drop: Dropouts = described(Dropouts(), "dropout rates: head, pos, patch, attn, proj, path")
+    # how the state_dict names the parts
+    checkpoint_layout: str = described(
+        "vit", "state_dict names: vit (timm's VisionTransformer and Eva) | naflex (timm's NaFlexVit: patch embedding, "
+        "prefix tokens and position tables under embeds.)")
 
     def __post_init__(self) -> None:
         if isinstance(self.img_size, int) and not isinstance(self.img_size, bool):  # timm's square shorthand
@@ -126,6 +131,9 @@ class ViTSpec:
         if any(s % self.patch_size for s in self.img_size) and not self.crop_remainder:
             fail("img_size", f"{self.img_size} is not divisible by patch_size={self.patch_size}; "
                  f"use a multiple of {self.patch_size} for each side, or crop_remainder=True to drop the rest")
+        if self.checkpoint_layout not in CHECKPOINT_LAYOUTS:
+            fail("checkpoint_layout", f"{self.checkpoint_layout!r}; "
+                 f"{did_you_mean(self.checkpoint_layout, CHECKPOINT_LAYOUTS)}")
         if self.final_norm not in FINAL_NORMS:
             fail("final_norm", f"{self.final_norm!r} is not a placement; {did_you_mean(self.final_norm, FINAL_NORMS)}")
         if self.pool.name == "token" and not self.class_token:

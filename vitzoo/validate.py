@@ -5,7 +5,9 @@ numerics with timm's random weights loaded strictly: logits, ``forward_features`
 state after every block, so a mismatch points at the first block that differs. Models too big for
 a quick CPU run are compared at reduced depth (the same ``depth=`` on both sides). ``--all`` does
 this for every timm name whose class is ``VisionTransformer``, then for every name whose class is
-timm's ``Eva`` (EVA-02, DINOv3, ROPE-ViT, Perception Encoder...), and writes a Markdown coverage report.
+timm's ``Eva`` (EVA-02, DINOv3, ROPE-ViT, Perception Encoder...), then every ``NaFlexVit`` name, and writes a
+Markdown coverage report. NaFlexVit names are also compared on patch sequences (:mod:`vitzoo.packing`): images of
+three sizes one per row as timm takes them, and the same images packed into one row.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 from torch import nn
 
 from vitzoo.errors import did_you_mean
+from vitzoo.packing import output_order, pack_images
 from vitzoo.registry import create_model, list_models, model_spec
 from vitzoo.spec import ViTSpec
 from vitzoo.timm_compat import from_timm
@@ -32,6 +35,8 @@ FULL_DEPTH_MAX_PARAMS = 100_000_000  # above this, numerics run at AUTO_DEPTH bl
 AUTO_DEPTH = 2
 TIMM_MODULES = ("vision_transformer", "deit", "vision_transformer_hybrid", "vitamin")
 EVA_MODULES = ("eva",)
+NAFLEX_MODULES = ("naflexvit",)
+SEQUENCE_GRIDS = ((7, 5), (12, 20), (3, 3))  # patch grids of the images a NaFlexVit is compared on
 SUITE_HEADING = "## timm's own model tests"  # the section of docs/parity.md that tests/upstream writes
 PER_LAYER_TIMM_KWARGS = {"attn.kv_heads": "num_kv_heads"}  # per-layer spec options and timm's keyword for each
 
@@ -73,6 +78,25 @@ def timm_vit_names() -> list[str]:
 def timm_eva_names() -> list[str]:
     """Every timm model name whose class is timm's ``Eva`` (ViTs with RoPE: EVA-02, DINOv3, PE, ...)."""
     return _timm_names(EVA_MODULES, timm.models.eva.Eva)
+
+
+def timm_naflex_names() -> list[str]:
+    """Every timm model name whose class is timm's ``NaFlexVit`` (images at their own size as patch sequences)."""
+    return _timm_names(NAFLEX_MODULES, timm.models.naflexvit.NaFlexVit)
+
+
+def sequence_diffs(model: nn.Module, reference: nn.Module) -> dict[str, float]:
+    """max |vitzoo - timm| of the logits of images of three sizes as patch sequences: one image per row (timm's
+    batch), and the three packed into one row (vitzoo's, against timm's outputs of the images one per row)."""
+    p = model.spec.patch_size
+    torch.manual_seed(2)
+    images = [torch.randn(model.spec.in_chans, h * p, w * p) for h, w in SEQUENCE_GRIDS]
+    rows, _ = pack_images(images, p)
+    packed, placements = pack_images(images, p, seq_len=sum(h * w for h, w in SEQUENCE_GRIDS))
+    with torch.no_grad():
+        theirs = reference(rows)
+        return {"sequence": (model(rows) - theirs).abs().max().item(),
+                "packed": (model(packed) - theirs[output_order(placements)]).abs().max().item()}
 
 
 def eva_gap(model: nn.Module) -> str:
@@ -137,6 +161,8 @@ def _compare(name: str, depth: int | None, result: Validation) -> None:
     result.diffs = {"features": (feats - feats_ref).abs().max().item(),
                     "logits": (logits - logits_ref).abs().max().item()}
     result.block_diffs = [(o - t).abs().max().item() for o, t in zip(ours_b, theirs_b, strict=True)]
+    if isinstance(reference, timm.models.naflexvit.NaFlexVit):
+        result.diffs.update(sequence_diffs(model, reference))
 
 
 def validate(name: str, depth: int | None = None) -> Validation:
@@ -195,24 +221,31 @@ def _report_table(results: list[Validation]) -> list[str]:
     return lines
 
 
-def coverage_report(results: list[Validation], eva: list[Validation], command: str, seconds: float) -> str:
-    """Markdown: every timm VisionTransformer and Eva name with its verdict, worst difference and reason."""
+def coverage_report(
+    results: list[Validation], eva: list[Validation], naflex: list[Validation], command: str, seconds: float,
+) -> str:
+    """Markdown: every timm VisionTransformer, Eva and NaFlexVit name with its verdict, worst difference, reason."""
     passed, eva_passed = sum(r.ok for r in results), sum(r.ok for r in eva)
     lines = [
         "# timm VisionTransformer and Eva coverage", "",
         f"- **VisionTransformer: {passed} / {len(results)}** timm {timm.__version__} names whose class is "
         f"`VisionTransformer` (DeiT's distilled subclass included)",
         f"- **Eva: {eva_passed} / {len(eva)}** timm names whose class is `Eva` (EVA-02, DINOv3, ROPE-ViT, "
-        f"Perception Encoder, ...: 2-D RoPE, SwiGLU, EVA attention)", "",
+        f"Perception Encoder, ...: 2-D RoPE, SwiGLU, EVA attention)",
+        f"- **NaFlexVit: {sum(r.ok for r in naflex)} / {len(naflex)}** timm names whose class is `NaFlexVit` "
+        f"(images at their own size and aspect ratio), also on patch sequences", "",
         f"are vitzoo registry models with timm's exact state_dict (strict load) and outputs within {TOL:g} in "
-        f"fp32 (logits, `forward_features`, every block).",
+        f"fp32 (logits, `forward_features`, every block). NaFlexVit names are also compared on patch sequences: "
+        f"images of {', '.join(f'{h}x{w}' for h, w in SEQUENCE_GRIDS)} patches one per row as timm takes them, and "
+        f"the same three packed into one row (vitzoo's packing) against timm's outputs one per row.",
         "", "Generated on CPU (torch " + torch.__version__ + f") in {seconds / 60:.1f} min by:", "",
         f"```bash\n{command}\n```", "",
         f"Keys and shapes are compared at full size on the `meta` device; numerics run at full depth up "
         f"to {FULL_DEPTH_MAX_PARAMS // 1_000_000}M parameters and at {AUTO_DEPTH} blocks above "
         f"(column *depth*: compared / full).", "",
         "## VisionTransformer", "", *_report_table(results), "",
-        "## Eva", "", *_report_table(eva),
+        "## Eva", "", *_report_table(eva), "",
+        "## NaFlexVit", "", *_report_table(naflex),
     ]
     return "\n".join(lines) + "\n"
 
@@ -249,19 +282,23 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         return 0 if result.ok else 1
     start = time.perf_counter()
     results, eva = _sweep(timm_vit_names(), args.depth), _sweep(timm_eva_names(), args.depth)
+    naflex = _sweep(timm_naflex_names(), args.depth)
     command = "vitzoo validate --all" + (f" --depth {args.depth}" if args.depth else "") + f" --out {args.out}"
     out = Path(args.out)
     kept = split_suite_section(out.read_text())[1] if out.exists() else ""
-    out.write_text("\n".join(filter(None, [coverage_report(results, eva, command, time.perf_counter() - start), kept])))
+    report = coverage_report(results, eva, naflex, command, time.perf_counter() - start)
+    out.write_text("\n".join(filter(None, [report, kept])))
     print(f"VisionTransformer: {sum(r.ok for r in results)} / {len(results)} covered; "
-          f"Eva: {sum(r.ok for r in eva)} / {len(eva)} covered; report written to {args.out}")
+          f"Eva: {sum(r.ok for r in eva)} / {len(eva)} covered; "
+          f"NaFlexVit: {sum(r.ok for r in naflex)} / {len(naflex)} covered; report written to {args.out}")
     return 0
 
 
 def add_validate_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("validate", help="compare vitzoo models with timm: keys, shapes, outputs per block")
     p.add_argument("name", nargs="?", help="a model name that both timm and vitzoo know")
-    p.add_argument("--all", action="store_true", help="every timm VisionTransformer and Eva name; writes a report")
+    p.add_argument("--all", action="store_true",
+                   help="every timm VisionTransformer, Eva and NaFlexVit name; writes a report")
     p.add_argument("--depth", type=int, help="compare numerics at this many blocks (default: automatic)")
     p.add_argument("--out", default="docs/parity.md", help="where --all writes its Markdown report")
     p.set_defaults(func=_cmd_validate)

@@ -38,6 +38,19 @@ DEFAULT_CFG = {
 torch.fx.wrap("checked_images")
 torch.fx.wrap("rearrange")
 torch.fx.wrap("drop_patch_tokens")
+# the state_dict names of timm's NaFlexVit: what the model holds itself -> under ``embeds.`` (exact names, or prefixes)
+EMBEDS_NAMES = ("cls_token", "dist_token", "reg_token", "pos_embed")
+EMBEDS_PREFIXES = ("patch_embed.", "position.")
+
+
+def embeds_name(key: str) -> str:
+    """A state_dict key of the ``vit`` layout in the ``naflex`` layout (unchanged if it is not an embedding's)."""
+    if key in EMBEDS_NAMES:
+        return f"embeds.{key}"
+    for prefix in EMBEDS_PREFIXES:
+        if key.startswith(prefix):
+            return "embeds." + key.removeprefix(prefix)
+    return key
 
 
 @torch.fx.wrap
@@ -91,6 +104,9 @@ class VisionTransformer(nn.Module):
         cfg = {**DEFAULT_CFG, **(pretrained_cfg or {}), **self._derived_cfg(pretrained_cfg or {})}
         self.pretrained_cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}  # timm's types
         self._init_linear(self)
+        if spec.checkpoint_layout == "naflex":
+            self.register_state_dict_post_hook(_save_naflex_names)
+            self.register_load_state_dict_pre_hook(_load_naflex_names)
 
     # construction -------------------------------------------------------------------------------
     def _build(self, table: BlockTable, slot: str, layer: int, *args: Any) -> nn.Module:
@@ -136,9 +152,13 @@ class VisionTransformer(nn.Module):
         return {
             "input_size": (spec.in_chans, *spec.img_size), "num_classes": spec.num_classes,
             "fixed_input_size": not spec.dynamic_img_size or bool(given.get("fixed_input_size")),
-            "first_conv": f"patch_embed.{first_conv}",
+            "first_conv": self._stored_name(f"patch_embed.{first_conv}"),
             "classifier": ("head", "head_dist") if spec.dist_token else "head",
         }
+
+    def _stored_name(self, key: str) -> str:
+        """What the state_dict calls the parameter or module the model holds as ``key``."""
+        return embeds_name(key) if self.spec.checkpoint_layout == "naflex" else key
 
     @staticmethod
     def _init_linear(module: nn.Module) -> None:
@@ -420,3 +440,24 @@ class VisionTransformer(nn.Module):
             output_fmt="NCHW" if reshape else "NLC", intermediates_only=True,
         )
 
+
+def _save_naflex_names(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """``state_dict`` hook of a ``checkpoint_layout="naflex"`` model: its embedding parts named as timm's NaFlexVit
+    names them (``embeds.proj.weight``, ``embeds.pos_embed``), in place and in order."""
+    items = list(state_dict.items())
+    state_dict.clear()
+    for key, value in items:
+        own = key.startswith(prefix)
+        state_dict[prefix + embeds_name(key.removeprefix(prefix)) if own else key] = value
+
+
+def _load_naflex_names(
+    module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict, strict: bool, missing: list,
+    unexpected: list, errors: list,
+) -> None:
+    """``load_state_dict`` hook of a ``checkpoint_layout="naflex"`` model: timm's NaFlexVit names back to the
+    modules the model holds, so its checkpoints load with ``strict=True``."""
+    stored = {prefix + embeds_name(name): prefix + name for name, _ in module.named_parameters()}
+    stored.update({prefix + embeds_name(name): prefix + name for name, _ in module.named_buffers()})
+    for key in [k for k in state_dict if k in stored and stored[k] != k]:
+        state_dict[stored[key]] = state_dict.pop(key)

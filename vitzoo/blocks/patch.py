@@ -4,7 +4,7 @@ Contract: ``factory(patch_size: int, in_chans: int, dim: int, norm: NormFactory,
 mapping images ``(b, c, H, W) -> (b, h, w, dim)`` with ``h = H / patch_size``; ``norm`` is the model's
 norm factory. The grid stays explicit in the output so the position block can resample for any input
 size. The entries store the projection as timm does: ``proj.weight`` of shape ``(dim, c, p, p)``
-(hybrids: ``(dim, cnn_channels, k, k)``).
+(hybrids: ``(dim, cnn_channels, k, k)``; ``pixel_linear``, NaFlexViT's: ``(dim, p * p * c)``).
 """
 
 from __future__ import annotations
@@ -172,6 +172,21 @@ class NormedLinearPatchEmbed(LinearPatchEmbed):
         return self.norm(F.linear(patches, self.weight_matrix(), self.proj.bias))
 
 
+class PixelLinearPatchEmbed(LinearPatchEmbed):
+    """The linear patch embedding with its weight stored as NaFlexViT stores it (timm's ``NaFlexEmbeds``): a
+    ``proj`` linear layer of shape ``(dim, p * p * c)``, each patch flattened pixel by pixel with the channels of
+    a pixel together, the layout of the patch sequences its data pipeline makes (:mod:`vitzoo.packing`)."""
+
+    def __init__(
+        self, patch_size: int, in_chans: int, dim: int, norm: NormFactory, *, options: PatchOptions = PatchOptions(),
+    ) -> None:
+        super().__init__(patch_size, in_chans, dim, norm, options=options)
+        self.proj = nn.Linear(patch_size * patch_size * in_chans, dim, bias=options.bias)
+
+    def weight_matrix(self) -> torch.Tensor:
+        return rearrange(self.proj.weight, "d (p1 p2 c) -> d (c p1 p2)", p1=self.patch_size, p2=self.patch_size)
+
+
 class ConvPatchEmbed(LinearPatchEmbed):
     """The same projection computed as a strided convolution (the original ViT code path)."""
 
@@ -276,6 +291,7 @@ PATCH_EMBEDS: BlockTable = BlockTable(
 )
 PATCH_EMBEDS.register("linear", LinearPatchEmbed, options=PatchOptions)
 PATCH_EMBEDS.register("conv", ConvPatchEmbed, options=PatchOptions)
+PATCH_EMBEDS.register("pixel_linear", PixelLinearPatchEmbed, options=PatchOptions)
 PATCH_EMBEDS.register("linear_prenorm", NormedLinearPatchEmbed, options=ProjectionOptions)
 HYBRID_STEMS: dict[str, Callable] = {
     "hybrid_rstem": partial(HybridPatchEmbed, backbone=partial(resnetv2, layers=()), channels=64, reduction=4),

@@ -16,12 +16,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from einops import einsum, rearrange, repeat
 from torch import nn
 
 from vitzoo.blocks.options import BlockOptions
 from vitzoo.blocks.table import BlockTable
-from vitzoo.fields import POSITIVE, described
+from vitzoo.fields import AT_LEAST_ONE, POSITIVE, described
 
 Grid = tuple[int, int]
 
@@ -139,6 +140,115 @@ class SinCos2dPosition(nn.Module):
         return self._build(grid, self.default.device)
 
 
+RESAMPLING_MODES = ("bicubic", "bilinear")
+
+
+@dataclass(frozen=True)
+class GridTableOptions(BlockOptions):
+    """Options of the position tables stored as a grid, resized per image grid (NaFlexViT, C-RADIO)."""
+
+    table_grid: tuple[int, int] | None = described(
+        None, "(h, w) of the stored table; None: img_size / patch_size (NaFlexViT: 16 x 16, C-RADIO: 128 x 128)",
+        AT_LEAST_ONE)
+    mode: str = described("bicubic", "resizing: bicubic | bilinear (SigLIP 2, C-RADIO)")
+    keep_aspect: bool = described(
+        False, "resize to a square of the grid's longer side and keep its top-left h x w, so the table is never "
+               "stretched (timm's pos_embed_ar_preserving)")
+    antialias: bool = described(True, "antialias when shrinking the table")
+    align_corners: bool = described(False, "align_corners of the resizing (C-RADIOv3 B and H: true)")
+    grid_sample: bool = described(
+        False, "sample the table at each patch's centre (F.grid_sample) instead of resizing it: the same positions "
+               "without a table the size of the grid (timm's pos_embed_use_grid_sample, for sequences and images "
+               "alike here)")
+
+    def check(self, spec) -> None:
+        if self.mode not in RESAMPLING_MODES:
+            raise ValueError(f"mode={self.mode!r}; valid: {', '.join(RESAMPLING_MODES)}")
+
+
+class GridTablePosition(nn.Module):
+    """A learned ``(1, h, w, dim)`` table of the patch tokens only, resized to each image's grid as NaFlexViT does
+    (NaViT, Dehghani et al. 2023; FlexiViT, Beyer et al. 2023; timm's ``NaFlexEmbeds``): with ``F.interpolate``
+    in float32, optionally to a square of the longer side cropped top-left, or sampled at each patch's centre."""
+
+    def __init__(
+        self, grid_size: Grid, dim: int, num_prefix: int, *, options: GridTableOptions = GridTableOptions(),
+    ) -> None:
+        super().__init__()
+        self.table_grid = tuple(options.table_grid or grid_size)
+        self.dim, self.options = dim, options
+
+    def init_table(self) -> nn.Parameter:
+        return nn.Parameter(nn.init.trunc_normal_(torch.empty(1, *self.table_grid, self.dim), std=0.02))
+
+    def _target(self, grid: Grid) -> Grid:
+        return (max(grid),) * 2 if self.options.keep_aspect else tuple(grid)
+
+    def forward(self, table: torch.Tensor, grid: Grid) -> torch.Tensor:
+        h, w = grid
+        opts = self.options
+        image = rearrange(table, "1 h w d -> 1 d h w").float()
+        if opts.grid_sample:
+            rows, cols = self._target(grid)
+            ys, xs = torch.meshgrid(*(torch.arange(n, dtype=torch.float32, device=table.device) for n in grid),
+                                    indexing="ij")
+            if opts.align_corners:
+                points = [2 * xs / max(cols - 1, 1) - 1, 2 * ys / max(rows - 1, 1) - 1]
+            else:
+                points = [(2 * xs + 1) / cols - 1, (2 * ys + 1) / rows - 1]
+            where = rearrange(torch.stack(points, dim=-1), "h w two -> 1 (h w) 1 two")
+            image = F.grid_sample(image, where, mode=opts.mode, align_corners=opts.align_corners,
+                                  padding_mode="border")
+            return rearrange(image, "1 d n 1 -> 1 n d").to(table.dtype)
+        if not same_grid(grid, self.table_grid):
+            image = F.interpolate(image, size=self._target(grid), mode=opts.mode, align_corners=opts.align_corners,
+                                  antialias=opts.antialias)[..., :h, :w]
+        return rearrange(image, "1 d h w -> 1 (h w) d").to(table.dtype)
+
+
+@dataclass(frozen=True)
+class FactorizedOptions(BlockOptions):
+    """Options of the factorized position tables."""
+
+    table_grid: tuple[int, int] | None = described(
+        None, "(h, w): rows of the y and x tables; None: img_size / patch_size (NaFlexViT: 16 x 16)", AT_LEAST_ONE)
+    keep_aspect: bool = described(
+        False, "resize both tables to the grid's longer side and keep the first h and w rows (timm's "
+               "pos_embed_ar_preserving)")
+
+
+class FactorizedPosition(nn.Module):
+    """A learned row table and column table, resized linearly per image grid and added: ``pos[y, x] = row[y] +
+    col[x]``, far fewer parameters than a grid table (NaViT's factorized embedding, Dehghani et al. 2023; timm's
+    NaFlexViT ``pos_embed='factorized'``). The tables are this module's own: ``pos_embed_y`` and ``pos_embed_x``."""
+
+    def __init__(
+        self, grid_size: Grid, dim: int, num_prefix: int, *, options: FactorizedOptions = FactorizedOptions(),
+    ) -> None:
+        super().__init__()
+        rows, cols = options.table_grid or grid_size
+        self.pos_embed_y = nn.Parameter(nn.init.trunc_normal_(torch.empty(1, rows, dim), std=0.02))
+        self.pos_embed_x = nn.Parameter(nn.init.trunc_normal_(torch.empty(1, cols, dim), std=0.02))
+        self.keep_aspect = options.keep_aspect
+
+    def init_table(self) -> None:
+        return None
+
+    @staticmethod
+    def _resize(table: torch.Tensor, length: int) -> torch.Tensor:
+        if length == table.shape[1]:
+            return table
+        line = F.interpolate(rearrange(table, "1 n d -> 1 d n").float(), size=length, mode="linear",
+                             align_corners=False)
+        return rearrange(line, "1 d n -> 1 n d").to(table.dtype)
+
+    def forward(self, table: None, grid: Grid) -> torch.Tensor:
+        h, w = grid
+        rows, cols = (max(grid),) * 2 if self.keep_aspect else (h, w)
+        y, x = self._resize(self.pos_embed_y, rows)[0, :h], self._resize(self.pos_embed_x, cols)[0, :w]
+        return rearrange(rearrange(y, "h d -> h 1 d") + rearrange(x, "w d -> 1 w d"), "h w d -> 1 (h w) d")
+
+
 class NoPosition(nn.Module):
     """No position information; attention alone must infer the layout (an ablation baseline)."""
 
@@ -170,4 +280,6 @@ POSITIONS: BlockTable = BlockTable(
 POSITIONS.register("learned", LearnedPosition, options=PositionOptions)
 POSITIONS.register("sincos2d", SinCos2dPosition, options=SinCosOptions)
 POSITIONS.register("none", NoPosition)
+POSITIONS.register("grid_table", GridTablePosition, options=GridTableOptions)
+POSITIONS.register("factorized", FactorizedPosition, options=FactorizedOptions)
 POSITIONS.alias("sincos", "sincos2d")
