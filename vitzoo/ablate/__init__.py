@@ -22,27 +22,28 @@ import json
 import re
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from vitzoo.ablate.report import write_report
+from vitzoo.ablate.report import size_columns, write_report
 from vitzoo.arguments import add_device_option, add_options, add_set_option, parsed_fields, spec_overrides, value_type
 from vitzoo.card import count_macs
 from vitzoo.errors import run_command
-from vitzoo.fields import AT_LEAST_ONE, NON_NEGATIVE, check_fields, described, field_like
+from vitzoo.fields import AT_LEAST_ONE, NON_NEGATIVE, check_fields, described, field_default, field_like
 from vitzoo.memory import peak_tensor_bytes
 from vitzoo.registry import create_model, load_registry_file, model_spec
 from vitzoo.spec import parse_value
 from vitzoo.train import TrainConfig, build_datasets, fit
 from vitzoo.train.data import add_data_arguments, check_images, num_classes
+from vitzoo.train.distributed import World
 from vitzoo.train.finetune import FinetuneConfig
+from vitzoo.train.loop import to_device, train_loader
 from vitzoo.train.recipe import build_optimizer
 from vitzoo.train.runfolder import claim_run_folder, run_files
 from vitzoo.weights.files import write_text_atomic
@@ -66,6 +67,10 @@ class AblationConfig:
     steps: int = field_like(TrainConfig, "steps", default=200)
     seeds: list[int] = described(help="each variant trains once per seed", factory=lambda: [0])
     batch_size: int = field_like(TrainConfig, "batch_size")
+    naflex: bool = field_like(TrainConfig, "naflex")
+    max_tokens: int = field_like(TrainConfig, "max_tokens")
+    seq_lens: tuple[int, ...] = field_like(TrainConfig, "seq_lens")
+    eval_sizes: tuple[int, ...] = field_like(TrainConfig, "eval_sizes")
     lr: float = field_like(TrainConfig, "lr")
     weight_decay: float = field_like(TrainConfig, "weight_decay")
     warmup_steps: int | None = described(None, "steps of linear warm-up (None: a tenth of the steps, at most 30)",
@@ -80,8 +85,10 @@ class AblationConfig:
     def train_config(self, seed: int) -> TrainConfig:
         """The one recipe every run uses; only the seed changes between seeds."""
         warmup = min(30, self.steps // 10) if self.warmup_steps is None else self.warmup_steps
-        return TrainConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr, weight_decay=self.weight_decay,
-                           warmup_steps=warmup, eval_every=self.steps, seed=seed, device=self.device)
+        return TrainConfig(steps=self.steps, batch_size=self.batch_size, naflex=self.naflex, max_tokens=self.max_tokens,
+                           seq_lens=self.seq_lens, eval_sizes=self.eval_sizes, lr=self.lr,
+                           weight_decay=self.weight_decay, warmup_steps=warmup, eval_every=self.steps, seed=seed,
+                           device=self.device)
 
     def variants(self) -> list[tuple[str, dict[str, Any]]]:
         """(name, spec overrides) for each point of the grid, e.g. ``("mlp=swiglu norm=rmsnorm", {...})``."""
@@ -184,7 +191,11 @@ def _other_run(folder: Path, setup: dict[str, Any]) -> str | None:
     if finetune:
         return f"a fine-tuning run ({', '.join(finetune)})"
     setups = [json.loads(path.read_text())["setup"] for path in (folder / "runs").glob("*.json")]
-    changed = sorted({k for other in setups for k in setup.keys() | other.keys() if other.get(k) != setup.get(k)})
+    # a setting that runs of an older vitzoo do not record is compared as its default, so their grid resumes
+    defaults = json.loads(json.dumps({f.name: value for f in fields(AblationConfig)
+                                      if (value := field_default(f)) is not MISSING}))
+    changed = sorted({k for other in setups for k in setup.keys() | other.keys()
+                      if other.get(k, defaults.get(k)) != setup.get(k)})
     if changed:
         return (f"an ablation written with other settings ({', '.join(changed)}); rerun with the original settings "
                 f"to resume it")
@@ -198,11 +209,11 @@ def train_variant(config: AblationConfig, name: str, overrides: dict[str, Any], 
     ``datasets`` caches the (train, val) pair per input preprocessing, so variants share the data.
     """
     torch.manual_seed(seed)  # the same initialisation stream for every variant of a seed
-    model = create_model(config.model, **overrides)
+    model = create_model(config.model, naflex=config.naflex, **overrides)
     cfg = model.pretrained_cfg
     key = json.dumps([cfg.get(k) for k in PREPROCESSING], default=str)
     if key not in datasets:
-        datasets[key] = build_datasets(config.data, cfg, config.data_root, config.download)
+        datasets[key] = build_datasets(config.data, cfg, config.data_root, config.download, native=config.naflex)
     train, val = datasets[key]
     model.reset_classifier(num_classes(train))
     train_config = config.train_config(seed)
@@ -215,6 +226,7 @@ def train_variant(config: AblationConfig, name: str, overrides: dict[str, Any], 
         "gflops": 2 * count_macs(model.eval(), input_size) / 1e9,
         "train_img_s": final["images_per_s"], "train_loss": final["train_loss"],  # mean of the last 20 steps
         "val_loss": final.get("val_loss"), "val_acc": final.get("val_acc"),
+        **{key: final.get(key) for key in size_columns(config)},
         "peak_mem_mb": training_bytes(model, train, train_config) / 2**20,
         "peak_mem_kind": "weights + the live tensors of one training step at their peak (activations, "
                          "gradients, optimizer state), measured",
@@ -229,7 +241,8 @@ def training_bytes(model: nn.Module, train: Any, config: TrainConfig) -> int:
     replica = copy.deepcopy(model).train()
     optimizer = build_optimizer(replica, config.lr, config.weight_decay, config.layer_decay, config.optimizer)
     device = next(replica.parameters()).device
-    images, labels = (t.to(device) for t in next(iter(DataLoader(train, batch_size=config.batch_size))))
+    images, labels = next(iter(train_loader(replica, train, config, World(device=str(device)), epoch=0, done=0)))
+    images, labels = to_device(images, str(device)), labels.to(device)
 
     def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp):
@@ -257,7 +270,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_options(p, AblationConfig, ["steps"])
     p.add_argument("--seeds", type=value_type("number of seeds", int, AT_LEAST_ONE), default=1,
                    help="runs per variant, seeds 0..N-1")
-    add_options(p, AblationConfig, ["batch_size", "lr", "weight_decay", "warmup_steps"])
+    add_options(p, AblationConfig, ["batch_size", "naflex", "max_tokens", "seq_lens", "lr", "weight_decay",
+                                    "warmup_steps", "eval_sizes"])
     add_device_option(p)
     p.add_argument("--out", default=None, help="results folder (default: ablations/MODEL); rerun to resume")
     p.add_argument("--overwrite", action="store_true",

@@ -18,9 +18,14 @@ if TYPE_CHECKING:
 METRICS = ("params", "gflops", "train_img_s", "train_loss", "val_loss", "val_acc", "peak_mem_mb", "seconds", "steps")
 
 
+def size_columns(config: AblationConfig) -> list[str]:
+    """The accuracy columns of the evaluations at other sizes: ``val_acc@S`` for each of ``eval_sizes``."""
+    return [f"val_acc@{size}" for size in config.eval_sizes]
+
+
 def write_report(out: Path, config: AblationConfig, rows: Sequence[dict[str, Any]]) -> None:
     """results.csv, results.json, summary.md, loss_curves.png and acc_vs_params.png in ``out``."""
-    columns = ["variant", "seed", *config.grid, *METRICS, "peak_mem_kind"]
+    columns = ["variant", "seed", *config.grid, *METRICS, *size_columns(config), "peak_mem_kind"]
     with open(out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
@@ -53,23 +58,28 @@ def mean_std(values: Sequence[float], scale: float = 1.0, digits: int = 3) -> st
 def summary_markdown(config: AblationConfig, groups: dict[str, list[dict[str, Any]]]) -> str:
     """A Markdown table with one line per variant, mean ± std (sample std) over its seeds."""
     first = next(iter(groups.values()))[0]
+    batch = (f"{config.max_tokens} patch tokens (NaFlex, budgets {', '.join(map(str, config.seq_lens))})"
+             if config.naflex else f"batch {config.batch_size}")
+    sizes = size_columns(config)
     lines = [
         f"# Ablation of `{config.model}` on {config.data}",
         "",
-        f"{config.steps} steps x batch {config.batch_size}, AdamW lr {config.lr}, weight decay "
+        f"{config.steps} steps x {batch}, AdamW lr {config.lr}, weight decay "
         f"{config.weight_decay}, seeds {', '.join(map(str, config.seeds))} (mean ± std over seeds); the same "
         f"data split, data order and initialisation seed for every variant."
         + (f" Fixed overrides: {', '.join(f'{k}={v}' for k, v in config.overrides.items())}." if config.overrides
            else ""),
         "",
-        "| variant | params (M) | GFLOPs | train img/s | final train loss | val acc (%) | peak mem (MB) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| variant | params (M) | GFLOPs | train img/s | final train loss | val acc (%) | "
+        + "".join(f"at {key.partition('@')[2]} px (%) | " for key in sizes) + "peak mem (MB) |",
+        "|---|---:|---:|---:|---:|---:|" + "---:|" * len(sizes) + "---:|",
     ]
     for name, runs in groups.items():
         lines.append(
             f"| {name} | {runs[0]['params'] / 1e6:.3f} | {runs[0]['gflops']:.4f} | "
             f"{mean_std([r['train_img_s'] for r in runs], digits=0)} | {mean_std([r['train_loss'] for r in runs])} | "
-            f"{mean_std([r['val_acc'] for r in runs], scale=100, digits=1)} | {runs[0]['peak_mem_mb']:.1f} |"
+            + "".join(f"{mean_std([r.get(key) for r in runs], scale=100, digits=1)} | " for key in ["val_acc", *sizes])
+            + f"{runs[0]['peak_mem_mb']:.1f} |"
         )
     lines += ["", f"Peak memory: {first['peak_mem_kind']}. Plots: `loss_curves.png`, `acc_vs_params.png`.", ""]
     return "\n".join(lines)

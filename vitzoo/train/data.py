@@ -28,15 +28,33 @@ INTERPOLATION = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.Interpola
                  "nearest": T.InterpolationMode.NEAREST}
 
 
-def image_transforms(cfg: dict[str, Any], train: bool) -> T.Compose:
+class RandomRegion(T.RandomResizedCrop):
+    """RandomResizedCrop's region (a random share of the area at a random aspect ratio) kept at its own size.
+
+    Patch-sequence training resizes each image later, aspect ratio preserved, to the patch budget of its step;
+    resizing here to a fixed size first would throw the aspect ratio away.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(size=1)  # never used: the region is not resized
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        return self._call_kernel(T.functional.crop, inpt, **params)
+
+
+def image_transforms(cfg: dict[str, Any], train: bool, native: bool = False) -> T.Compose:
     """torchvision transforms for a model's ``pretrained_cfg``.
 
     Eval: resize the short side to ``size / crop_pct``, center-crop ``size`` (timm's recipe).
     Train: random resized crop and horizontal flip, the standard light augmentation.
+    ``native``: images keep their own size and aspect ratio (train: a random region and a flip; eval: the
+    whole image), for patch sequences, which resize them to a patch budget (:mod:`vitzoo.train.naflex`).
     """
     _, height, width = cfg["input_size"]
     interpolation = INTERPOLATION[cfg.get("interpolation", "bicubic")]
-    if train:
+    if native:
+        geometry = [RandomRegion(), T.RandomHorizontalFlip()] if train else []
+    elif train:
         geometry = [T.RandomResizedCrop((height, width), interpolation=interpolation, antialias=True),
                     T.RandomHorizontalFlip()]
     else:
@@ -45,6 +63,22 @@ def image_transforms(cfg: dict[str, Any], train: bool) -> T.Compose:
     # geometry first: PIL images are resized by PIL, exactly as timm's transforms do
     return T.Compose([*geometry, T.ToImage(), T.ToDtype(torch.float32, scale=True),
                       T.Normalize(mean=list(cfg["mean"]), std=list(cfg["std"]))])
+
+
+class Resized(Dataset):
+    """``dataset`` with every image resized to ``size`` x ``size``: a model that takes any image size evaluated
+    at another resolution than it trained at."""
+
+    def __init__(self, dataset: Dataset, size: int, interpolation: str) -> None:
+        self.dataset, self.size, self.interpolation = dataset, size, INTERPOLATION[interpolation]
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, Any]:
+        image, label = self.dataset[index]
+        return T.functional.resize(image, [self.size, self.size], interpolation=self.interpolation,
+                                   antialias=True), label
 
 
 def data_config(model: torch.nn.Module) -> dict[str, Any]:
@@ -115,9 +149,9 @@ def _class_folders(root: Path) -> None:
         raise ValueError(f"class folders without images in {root}: {', '.join(empty)}; add images or remove them")
 
 
-def _folder(root: Path, cfg: dict[str, Any], train: bool) -> datasets.ImageFolder:
+def _folder(root: Path, cfg: dict[str, Any], train: bool, native: bool) -> datasets.ImageFolder:
     _class_folders(root)
-    return datasets.ImageFolder(root, transform=image_transforms(cfg, train=train), loader=read_image)
+    return datasets.ImageFolder(root, transform=image_transforms(cfg, train, native), loader=read_image)
 
 
 def _split_roots(root: Path) -> list[Path]:
@@ -152,17 +186,17 @@ def check_images(source: str) -> int:
 
 
 def image_folder(root: str | Path, cfg: dict[str, Any], val_fraction: float = 0.2,
-                 seed: int = 0) -> tuple[Dataset, Dataset]:
+                 seed: int = 0, native: bool = False) -> tuple[Dataset, Dataset]:
     """``root/train/<class>/*`` and ``root/val/<class>/*``; or ``root/<class>/*`` split per class
-    (``val_fraction`` of each class held out, fixed by ``seed``)."""
+    (``val_fraction`` of each class held out, fixed by ``seed``). ``native``: see :func:`image_transforms`."""
     root = Path(root)
     roots = _split_roots(root)
     if len(roots) == 2:
-        train, val = _folder(roots[0], cfg, True), _folder(roots[1], cfg, False)
+        train, val = _folder(roots[0], cfg, True, native), _folder(roots[1], cfg, False, native)
         if train.classes != val.classes:
             raise ValueError(f"train and val classes differ in {root}: {train.classes} vs {val.classes}")
         return train, val
-    train, val = _folder(root, cfg, True), _folder(root, cfg, False)
+    train, val = _folder(root, cfg, True, native), _folder(root, cfg, False, native)
     train_idx, val_idx = stratified_split(torch.tensor(train.targets), val_fraction, seed)
     return Subset(train, train_idx), Subset(val, val_idx)
 
@@ -180,19 +214,22 @@ def num_classes(dataset: Dataset) -> int:
     raise ValueError(f"cannot tell how many classes {type(dataset).__name__} has; pass num_classes explicitly")
 
 
-def torchvision_dataset(name: str, root: str | Path, cfg: dict[str, Any], download: bool) -> tuple[Dataset, Dataset]:
-    """A torchvision classification dataset by class name (``CIFAR10``, ``FakeData``, ...)."""
+def torchvision_dataset(name: str, root: str | Path, cfg: dict[str, Any], download: bool,
+                        native: bool = False) -> tuple[Dataset, Dataset]:
+    """A torchvision classification dataset by class name (``CIFAR10``, ``FakeData``, ...); ``native``: see
+    :func:`image_transforms`."""
     if not hasattr(datasets, name):
         hint = did_you_mean(name, datasets.__all__, listed="torchvision.datasets.__all__")
         raise ValueError(f"torchvision.datasets has no {name!r}; {hint}")
     cls = getattr(datasets, name)
+    train_transform, val_transform = image_transforms(cfg, True, native), image_transforms(cfg, False, native)
     if name == "FakeData":
         size = cfg["input_size"]
-        return (cls(1000, size, 10, transform=image_transforms(cfg, train=True), random_offset=0),
-                cls(200, size, 10, transform=image_transforms(cfg, train=False), random_offset=1000))
+        return (cls(1000, size, 10, transform=train_transform, random_offset=0),
+                cls(200, size, 10, transform=val_transform, random_offset=1000))
     try:
-        return (cls(root, train=True, download=download, transform=image_transforms(cfg, train=True)),
-                cls(root, train=False, download=download, transform=image_transforms(cfg, train=False)))
+        return (cls(root, train=True, download=download, transform=train_transform),
+                cls(root, train=False, download=download, transform=val_transform))
     except RuntimeError as err:  # torchvision's "Dataset not found ... You can use download=True ..."
         if download or "download=True" not in str(err):
             raise
@@ -209,14 +246,18 @@ def add_data_arguments(parser: argparse.ArgumentParser, config: type) -> None:
 
 
 def build_datasets(source: str, cfg: dict[str, Any], root: str | Path = "data", download: bool = False,
-                   val_fraction: float = 0.2, seed: int = 0) -> tuple[Dataset, Dataset]:
-    """``"digits"``, ``"torchvision:NAME"``, or a path to an ImageFolder tree; at least two classes."""
+                   val_fraction: float = 0.2, seed: int = 0, native: bool = False) -> tuple[Dataset, Dataset]:
+    """``"digits"``, ``"torchvision:NAME"``, or a path to an ImageFolder tree; at least two classes.
+
+    ``native``: images at their own size for patch sequences (see :func:`image_transforms`); the digits, 8x8
+    pixels at source, come at the model's input size either way.
+    """
     if source == "digits":
         train, val = digits(cfg, val_fraction, seed)
     elif source.startswith("torchvision:"):
-        train, val = torchvision_dataset(source.split(":", 1)[1], root, cfg, download)
+        train, val = torchvision_dataset(source.split(":", 1)[1], root, cfg, download, native)
     else:
-        train, val = image_folder(source, cfg, val_fraction, seed)
+        train, val = image_folder(source, cfg, val_fraction, seed, native)
     if num_classes(train) < 2:
         raise ValueError(f"{source} has only one class, so there is nothing to learn; a classifier needs at "
                          f"least two (an ImageFolder: one folder of images per class)")

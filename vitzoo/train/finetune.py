@@ -87,7 +87,7 @@ def build_model(config: FinetuneConfig, data_classes: int) -> VisionTransformer:
         raise ValueError(f"num_classes={config.num_classes} but the data has {data_classes} classes; "
                          f"drop --num-classes or point --data at the matching dataset")
     model = create_model(config.model, pretrained=config.pretrained, num_classes=data_classes,
-                         img_size=config.img_size, **config.overrides)
+                         img_size=config.img_size, naflex=config.train.naflex, **config.overrides)
     if config.freeze:
         freeze_backbone(model)
     model.set_grad_checkpointing(config.grad_checkpointing)
@@ -152,6 +152,8 @@ class RunLog:
         if steps:
             loss_ax.plot(steps, [r["val_loss"] for r in result.evals], "o-", label="val")
             acc_ax.plot(steps, [r["val_acc"] for r in result.evals], "o-", label="val")
+            for key in (k for k in result.evals[-1] if k.startswith("val_acc@")):
+                acc_ax.plot(steps, [r[key] for r in result.evals], ".:", label=f"val at {key.partition('@')[2]} px")
             if "ema_val_acc" in result.evals[-1]:
                 acc_ax.plot(steps, [r["ema_val_acc"] for r in result.evals], "s--", label="val (EMA)")
         loss_ax.set(xlabel="step", ylabel="cross-entropy", title="loss")
@@ -187,7 +189,7 @@ def _train(config: FinetuneConfig, world: World, progress: bool) -> dict[str, An
     with torch.device("meta"):  # only the preprocessing config is needed before the data is known
         cfg = create_model(config.model, img_size=config.img_size, **config.overrides).pretrained_cfg
     train_data, val_data = build_datasets(config.data, cfg, config.data_root, config.download,
-                                          config.val_fraction, config.train.seed)
+                                          config.val_fraction, config.train.seed, native=config.train.naflex)
     classes = num_classes(train_data)
     torch.manual_seed(config.train.seed)
     model = build_model(config, classes)
@@ -212,6 +214,7 @@ def _train(config: FinetuneConfig, world: World, progress: bool) -> dict[str, An
         "model": config.model, "data": config.data, "classes": classes, "train_images": len(train_data),
         "steps": len(result.losses), "processes": world.world_size, "val_acc": final.get("val_acc"),
         "val_loss": final.get("val_loss"), "ema_val_acc": final.get("ema_val_acc"),
+        **{k: v for k, v in final.items() if k.startswith(("val_acc@", "ema_val_acc@"))},
         "train_loss": final["train_loss"], "images_per_s": round(result.images_per_s, 1),
         "train_minutes": round(result.seconds / 60, 2), "weights_digest": digests[0],
         "ranks_identical": len(set(digests)) == 1,
@@ -245,10 +248,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_options(length, FinetuneConfig, ["epochs"])
     add_options(length, TrainConfig, ["steps"])
     add_options(p, TrainConfig, [
-        "batch_size", "accum_steps", "lr", "weight_decay", "layer_decay", "optimizer", "warmup_steps",
-        "label_smoothing", "mixup", "cutmix", "grad_clip", "amp", "compile", "ema_decay",
+        "batch_size", "accum_steps", "naflex", "max_tokens", "seq_lens", "lr", "weight_decay", "layer_decay",
+        "optimizer", "warmup_steps", "label_smoothing", "mixup", "cutmix", "grad_clip", "amp", "compile", "ema_decay",
     ])
-    add_options(p, FinetuneConfig, ["eval_every", "checkpoint_every"])
+    add_options(p, FinetuneConfig, ["eval_every"])
+    add_options(p, TrainConfig, ["eval_sizes"])
+    add_options(p, FinetuneConfig, ["checkpoint_every"])
     add_options(p, TrainConfig, ["keep_checkpoints", "strategy", "num_workers", "seed"],
                 flags={"num_workers": "--workers"})
     add_device_option(p)

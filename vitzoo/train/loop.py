@@ -3,17 +3,19 @@
 The data position is a function of the step alone (each epoch is a permutation seeded by
 ``(seed, epoch)``, the tail that does not fill a step is dropped), so a checkpoint only needs the
 step, the weights, the optimizer and schedule state and the RNG state to continue a killed run
-bit-for-bit. One process or many (``torchrun``): gradients are averaged by DDP or FSDP, rank 0
-writes the checkpoints.
+bit-for-bit. Batches are images, or with ``naflex`` patch sequences budgeted in tokens
+(:mod:`vitzoo.train.naflex`). One process or many (``torchrun``): gradients are averaged by DDP or
+FSDP, rank 0 writes the checkpoints.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,6 +27,7 @@ from tqdm.auto import tqdm
 
 from vitzoo.fields import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, RATE, check_fields, described
 from vitzoo.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from vitzoo.train.data import Resized
 from vitzoo.train.distributed import (
     World,
     all_reduce_sum,
@@ -37,6 +40,7 @@ from vitzoo.train.distributed import (
 )
 from vitzoo.train.ema import ModelEma
 from vitzoo.train.mix import mix_batch
+from vitzoo.train.naflex import eval_sequences, steps_in_epoch, token_budget, train_sequences
 from vitzoo.train.recipe import build_optimizer, warmup_cosine
 from vitzoo.train.sampler import ResumableSampler, SeededSamples
 from vitzoo.train.settings import changes_on_resume, recorded_settings
@@ -54,6 +58,14 @@ class TrainConfig:
     steps: int = described(300, "optimizer steps", AT_LEAST_ONE)
     batch_size: int = described(64, "images per process per micro-batch", AT_LEAST_ONE)
     accum_steps: int = described(1, "micro-batches whose gradients make one optimizer step", AT_LEAST_ONE)
+    naflex: bool = described(False, "train on patch sequences (NaFlex): each step draws a patch budget from "
+                             "seq_lens, resizes its images to it, aspect ratio kept, and packs them into rows, "
+                             "max_tokens patches per micro-batch (batch_size is not used)")
+    max_tokens: int = described(16384, "with naflex: patches per process per micro-batch, whatever the budget",
+                                AT_LEAST_ONE)
+    seq_lens: tuple[int, ...] = described((128, 256, 576, 784, 1024), "with naflex: the per-image patch budgets "
+                                          "a step draws from (those above max_tokens are left out; the longest "
+                                          "is the row length)", AT_LEAST_ONE)
     lr: float = described(1e-3, "peak learning rate", POSITIVE)
     weight_decay: float = described(0.05, "AdamW decoupled decay; norms, biases and tokens skip it", NON_NEGATIVE)
     layer_decay: float | None = described(None, "layer-wise lr decay factor, e.g. 0.75 (None: off)", POSITIVE)
@@ -66,6 +78,9 @@ class TrainConfig:
                               "with mixup, one of the two per batch", NON_NEGATIVE)
     grad_clip: float | None = described(1.0, "max global gradient norm (0 or None: off)", NON_NEGATIVE)
     eval_every: int = described(100, "steps between validation passes (and one at the end)", AT_LEAST_ONE)
+    eval_sizes: tuple[int, ...] = described((), "also evaluate at these square image sizes, e.g. 128,224,384 "
+                                            "(naflex: at (size/patch)^2 patches, aspect ratio kept); a size "
+                                            "other than the model's needs dynamic_img_size", AT_LEAST_ONE)
     seed: int = described(0, "seeds data order, augmentation and dropout (the model's init is the caller's)",
                           NON_NEGATIVE)
     device: str = described("cpu", "where to train: cpu, cuda, cuda:N, ...")
@@ -84,6 +99,11 @@ class TrainConfig:
         # Python callers get the checks the command line makes: batch_size=0 would otherwise surface as a
         # ZeroDivisionError, steps=0 as a run that silently does nothing.
         check_fields(self)
+        if self.naflex:
+            token_budget(self)
+            if self.mixup or self.cutmix:
+                raise ValueError("mixup and cutmix blend images of one shape, and naflex steps hold images of "
+                                 "many; train with naflex without --mixup/--cutmix")
 
 
 @dataclass
@@ -110,18 +130,78 @@ class Diverged(ValueError):
 def steps_per_epoch(size: int, config: TrainConfig, world_size: int = 1) -> int:
     """Optimizer steps in one pass over ``size`` samples: each process takes ``size // world_size``
     of them and the tail that does not fill a step is dropped (see :class:`ResumableSampler`)."""
+    if config.naflex:
+        return steps_in_epoch(size, config, world_size)
     return size // world_size // (config.batch_size * config.accum_steps)
+
+
+def train_loader(model: VisionTransformer, train_data: Dataset, config: TrainConfig, world: World, epoch: int,
+                 done: int) -> DataLoader:
+    """This process's micro-batches of ``epoch`` from its step ``done`` on: ``(images, labels)``, or with
+    ``config.naflex`` ``(patch-sequence dict, labels in the order of the model's outputs)``."""
+    if config.naflex:
+        return train_sequences(train_data, config, world, model.spec.patch_size,
+                               model.pretrained_cfg["interpolation"], epoch, done)
+    sampler = ResumableSampler(len(train_data), config.seed, world.rank, world.world_size)
+    sampler.set_epoch(epoch, done * config.batch_size * config.accum_steps)
+    # a private generator: creating the iterator must not draw from the global RNG (dropout's)
+    return DataLoader(SeededSamples(train_data, config.seed, epoch), batch_size=config.batch_size, sampler=sampler,
+                      drop_last=True, num_workers=config.num_workers,
+                      generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch))
+
+
+def to_device(inputs: torch.Tensor | dict[str, torch.Tensor], device: str) -> torch.Tensor | dict[str, torch.Tensor]:
+    """A batch of images or a patch-sequence dict on ``device``."""
+    if isinstance(inputs, dict):
+        return {key: value.to(device, non_blocking=True) for key, value in inputs.items()}
+    return inputs.to(device, non_blocking=True)
+
+
+Batches = Callable[[Dataset], Iterable[tuple[Any, torch.Tensor]]]
+
+
+def eval_views(model: VisionTransformer, config: TrainConfig) -> dict[str, Batches | None]:
+    """The evaluations of a validation row by the suffix of their keys: ``""`` at the model's own size, then
+    ``"@S"`` for each of ``config.eval_sizes``; each says how batches are made (None: the images as they come).
+
+    Images are resized to S x S, which a model without ``dynamic_img_size`` refuses (so it is refused here,
+    before training); a naflex model reads patch sequences of at most (S / patch)^2 patches, aspect ratio kept.
+    """
+    patch, interpolation = model.spec.patch_size, model.pretrained_cfg["interpolation"]
+    odd = [size for size in config.eval_sizes if size % patch]
+    if odd:
+        raise ValueError(f"eval_sizes {odd} are not multiples of the patch size {patch}; pick multiples of {patch}")
+    if config.naflex:
+        tokens = token_budget(config)
+        height, width = model.spec.img_size
+        budgets = {"": (height // patch) * (width // patch)}
+        budgets.update({f"@{size}": (size // patch) ** 2 for size in config.eval_sizes})
+        return {suffix: partial(eval_sequences, tokens=tokens, budget=budget, patch_size=patch,
+                                interpolation=interpolation) for suffix, budget in budgets.items()}
+    other = [size for size in config.eval_sizes if (size, size) != tuple(model.spec.img_size)]
+    if other and not model.spec.dynamic_img_size:
+        raise ValueError(f"evaluating at {other} needs a model that takes any image size: build it with "
+                         f"dynamic_img_size=True (vitzoo finetune: --set dynamic_img_size=true), or train with naflex")
+    return {"": None, **{f"@{size}": partial(resized_images, size=size, interpolation=interpolation)
+                         for size in config.eval_sizes}}
+
+
+def resized_images(dataset: Dataset, size: int, interpolation: str, batch_size: int = 256) -> DataLoader:
+    """``dataset``'s images resized to ``size`` x ``size``, ``batch_size`` at a time, in order."""
+    return DataLoader(Resized(dataset, size, interpolation), batch_size=batch_size, generator=torch.Generator())
 
 
 @torch.no_grad()
 def evaluate(
     model: nn.Module, dataset: Dataset, batch_size: int = 256, device: str = "cpu", world: World | None = None,
-    shard: bool = True,
+    shard: bool = True, batches: Batches | None = None,
 ) -> dict[str, float]:
     """Mean cross-entropy and top-1 accuracy over ``dataset``.
 
     With several processes each evaluates every ``world_size``-th sample and the sums are reduced;
-    ``shard=False`` has every rank run every batch (FSDP needs all ranks in each forward).
+    ``shard=False`` has every rank run every batch (FSDP needs all ranks in each forward). ``batches`` makes
+    ``(inputs, labels)`` batches of the dataset (see :func:`eval_views`; default: its images, ``batch_size``
+    at a time).
     """
     world = world or World(device=device)
     was_training = model.training
@@ -129,9 +209,10 @@ def evaluate(
     if shard and world.distributed:
         dataset = Subset(dataset, range(world.rank, len(dataset), world.world_size))
     sums = torch.zeros(3, dtype=torch.float64)
-    for images, labels in DataLoader(dataset, batch_size=batch_size, generator=torch.Generator()):
-        images, labels = images.to(device), labels.to(device)
-        logits = model(images).float()
+    loader = batches(dataset) if batches else DataLoader(dataset, batch_size=batch_size, generator=torch.Generator())
+    for inputs, labels in loader:
+        logits = model(to_device(inputs, device)).float()
+        labels = labels.to(device)
         sums += torch.tensor([F.cross_entropy(logits, labels, reduction="sum").item(),
                               (logits.argmax(-1) == labels).sum().item(), len(labels)], dtype=torch.float64)
     model.train(was_training)
@@ -160,14 +241,15 @@ class _Run:
                                          fused=not sharded)
         self.schedule = warmup_cosine(self.optimizer, config.warmup_steps, config.steps)
         self.forward = torch.compile(self.net) if config.compile else self.net
-        self.sampler = ResumableSampler(len(train_data), config.seed, world.rank, world.world_size)
-        self.per_step = config.batch_size * config.accum_steps
         self.steps_per_epoch = steps_per_epoch(len(train_data), config, world.world_size)
         if self.steps_per_epoch == 0:
-            raise ValueError(
-                f"the training set ({len(train_data)} samples over {world.world_size} process(es)) is smaller than "
-                f"one step of batch_size x accum_steps = {self.per_step}; lower batch_size or accum_steps"
-            )
+            step = (f"the images that max_tokens={config.max_tokens} hold at the first budget drawn, times "
+                    f"accum_steps; lower max_tokens or accum_steps" if config.naflex else
+                    f"batch_size x accum_steps = {config.batch_size * config.accum_steps}; lower batch_size or "
+                    f"accum_steps")
+            raise ValueError(f"the training set ({len(train_data)} samples over {world.world_size} process(es)) is "
+                             f"smaller than one step of {step}")
+        self.views = eval_views(model, config)
         self.train_data = train_data
         self.result = TrainResult()
 
@@ -175,17 +257,11 @@ class _Run:
     def step(self) -> int:
         return len(self.result.losses)
 
-    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(self) -> Iterator[tuple[Any, torch.Tensor]]:
         """Micro-batches from the current step on, epoch after epoch."""
         while True:
             epoch, done = divmod(self.step, self.steps_per_epoch)
-            self.sampler.set_epoch(epoch, done * self.per_step)
-            samples = SeededSamples(self.train_data, self.config.seed, epoch)
-            # a private generator: creating the iterator must not draw from the global RNG (dropout's)
-            loader = DataLoader(samples, batch_size=self.config.batch_size, sampler=self.sampler,
-                                drop_last=True, num_workers=self.config.num_workers,
-                                generator=torch.Generator().manual_seed(self.config.seed * 100_003 + epoch))
-            loader_iter = iter(loader)
+            loader_iter = iter(train_loader(self.model, self.train_data, self.config, self.world, epoch, done))
             for _ in range((self.steps_per_epoch - done) * self.config.accum_steps):
                 yield next(loader_iter)
 
@@ -196,12 +272,13 @@ class _Run:
             self.net.set_requires_gradient_sync(sync)
         return nullcontext()
 
-    def train_step(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, int]:
+    def train_step(self, batches: Iterator[tuple[Any, torch.Tensor]]) -> tuple[float, int]:
         """One optimizer step over ``accum_steps`` micro-batches; (mean loss, images seen by this process)."""
         config, device = self.config, self.world.device
         total, seen = 0.0, 0
         for micro in range(config.accum_steps):
-            images, labels = (t.to(device, non_blocking=True) for t in next(batches))
+            images, labels = next(batches)
+            images, labels = to_device(images, device), labels.to(device, non_blocking=True)
             targets = labels
             if config.mixup or config.cutmix:
                 images, targets = mix_batch(images, labels, self.model.num_classes, config.mixup, config.cutmix)
@@ -280,18 +357,24 @@ class _Run:
     def evaluate(self, val_data: Dataset) -> dict[str, float]:
         """The validation row of this step; ``train_loss`` averages the steps since the previous row (also
         across a resume, as the checkpoint holds every loss and row)."""
-        config, world = self.config, self.world
-        shard = config.strategy != "fsdp"
+        shard = self.config.strategy != "fsdp"
         recent = self.result.losses[self.result.evals[-1]["step"] if self.result.evals else 0:]
         row = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 3),
                "train_loss": sum(recent) / max(1, len(recent)), "lr": self.optimizer.param_groups[0]["lr"]}
-        row.update(evaluate(self.model, val_data, device=world.device, world=world, shard=shard))
+        row.update(self._metrics(self.model, val_data, shard))
         if not math.isfinite(row["val_loss"]):  # reduced over the ranks: they all agree
             raise self.diverged(self.step, f"the validation loss is {row['val_loss']}")
         if self.ema:
-            ema = evaluate(self.ema.module, val_data, device=world.device, world=world, shard=shard)
-            row.update({f"ema_{k}": v for k, v in ema.items()})
+            row.update({f"ema_{k}": v for k, v in self._metrics(self.ema.module, val_data, shard).items()})
         return row
+
+    def _metrics(self, model: nn.Module, val_data: Dataset, shard: bool) -> dict[str, float]:
+        """``val_loss`` and ``val_acc`` at the model's size, and ``val_loss@S``/``val_acc@S`` at each eval size."""
+        metrics = {}
+        for suffix, batches in self.views.items():
+            found = evaluate(model, val_data, device=self.world.device, world=self.world, shard=shard, batches=batches)
+            metrics.update({f"{k}{suffix}": v for k, v in found.items()})
+        return metrics
 
 
 def fit(
