@@ -227,7 +227,7 @@ def coverage_report(
     """Markdown: every timm VisionTransformer, Eva and NaFlexVit name with its verdict, worst difference, reason."""
     passed, eva_passed = sum(r.ok for r in results), sum(r.ok for r in eva)
     lines = [
-        "# timm VisionTransformer and Eva coverage", "",
+        "# timm VisionTransformer, Eva and NaFlexVit coverage", "",
         f"- **VisionTransformer: {passed} / {len(results)}** timm {timm.__version__} names whose class is "
         f"`VisionTransformer` (DeiT's distilled subclass included)",
         f"- **Eva: {eva_passed} / {len(eva)}** timm names whose class is `Eva` (EVA-02, DINOv3, ROPE-ViT, "
