@@ -54,16 +54,18 @@ def _images_in_output_order(batch: dict[str, torch.Tensor]) -> list[torch.Tensor
             if (batch["patch_valid"][row] & (image[row] == k)).any()]
 
 
-def test_budgets_layout_and_tokens_per_step():
+def test_budgets_layout_and_tokens_per_step(bad_input):
     tokens = TokenBudget.of(max_tokens=100, seq_lens=(128, 36, 4, 16))
     assert tokens.budgets == (4, 16, 36)  # 128 is longer than a micro-batch
     assert [(tokens.layout(b).per_row, tokens.layout(b).seq_len, tokens.layout(b).rows) for b in tokens.budgets] == [
         (9, 36, 2), (2, 32, 3), (1, 36, 2)]
     assert tokens.layout(64).seq_len == 64  # an evaluation beyond the longest budget: a row of its own
-    with pytest.raises(ValueError, match="longer than max_tokens=8, so no step could hold an image; raise"):
+    with pytest.raises(ValueError, match="longer than max_tokens=8, so no step could hold an image; raise") as err:
         TokenBudget.of(8, (16, 36))
-    with pytest.raises(ValueError, match="mixup and cutmix blend images of one shape"):
+    bad_input("--naflex", "--max-tokens 8 --seq-lens 16,36", str(err.value))
+    with pytest.raises(ValueError, match="mixup and cutmix blend images of one shape") as err:
         replace(NAFLEX, mixup=0.8)
+    bad_input("--naflex", "--naflex --mixup 0.8", str(err.value))
 
 
 def test_packed_steps_hold_the_budget_the_tokens_and_the_labels_in_output_order():
@@ -140,7 +142,7 @@ def test_naflex_finetune_on_digits_with_eval_sizes(tmp_path):
     assert "val_acc@8" in (tmp_path / "metrics.csv").read_text().splitlines()[0]
 
 
-def test_eval_sizes_of_an_image_model_need_a_dynamic_size(tmp_path, digits_native):
+def test_eval_sizes_of_an_image_model_need_a_dynamic_size(tmp_path, digits_native, bad_input):
     """A fixed-size model is evaluated at other square sizes once it takes any size; without, it is refused
     before training, with what to pass."""
     cfg = vitzoo.create_model("vit_tiny_patch16_224", img_size=16).pretrained_cfg
@@ -148,10 +150,12 @@ def test_eval_sizes_of_an_image_model_need_a_dynamic_size(tmp_path, digits_nativ
     config = TrainConfig(steps=2, batch_size=16, warmup_steps=1, eval_sizes=(8, 16, 32))
     model = vitzoo.create_model("vit_tiny_patch16_224", img_size=16, num_classes=10, **TINY_SPEC)
     with pytest.raises(ValueError, match=r"evaluating at \[8, 32\] needs a model that takes any image size: build "
-                                         r"it with dynamic_img_size=True \(vitzoo finetune: --set dynamic"):
+                                         r"it with dynamic_img_size=True \(vitzoo finetune: --set dynamic") as err:
         fit(model, train, val, config, progress=False)
-    with pytest.raises(ValueError, match="eval_sizes \\[10\\] are not multiples of the patch size 4"):
+    bad_input("--eval-sizes", "--eval-sizes 8,16,32 for a 16 px model of fixed size", str(err.value))
+    with pytest.raises(ValueError, match="eval_sizes \\[10\\] are not multiples of the patch size 4") as err:
         fit(model, train, val, replace(config, eval_sizes=(10,)), progress=False)
+    bad_input("--eval-sizes", "--eval-sizes 10 with 4-pixel patches", str(err.value))
     dynamic = vitzoo.create_model("vit_tiny_patch16_224", img_size=16, num_classes=10, dynamic_img_size=True,
                                   **TINY_SPEC)
     row = fit(dynamic, Subset(train, range(64)), val, config, progress=False).evals[-1]
