@@ -18,6 +18,7 @@ import vitzoo
 from vitzoo.blocks import SLOTS
 from vitzoo.choice import PER_LAYER_SLOTS
 from vitzoo.fields import field_types
+from vitzoo.migrate import TIMM_POS_EMBEDS
 from vitzoo.spec import GROUPS, ViTSpec, value_type
 
 BASE = "vit_pico_patch4_32"
@@ -136,6 +137,8 @@ def test_any_value_for_any_create_model_override(field):
     expected = documented(name, value)
     if value is None and name in ("num_classes", "img_size"):  # create_model's "keep the entry's" default
         expected = getattr(vitzoo.model_spec(BASE), name)
+    if name == "pos_embed" and isinstance(value, str) and value in TIMM_POS_EMBEDS:  # timm's names, as timm's
+        expected = TIMM_POS_EMBEDS[value]
     check(name, value, lambda: vitzoo.create_model(BASE, **{name: value}), expected)
 
 

@@ -161,7 +161,8 @@ def test_validate_all_keeps_the_section_of_timms_own_tests(tmp_path, monkeypatch
     out.write_text("# an older report\n\n" + section)
     monkeypatch.setattr(validate_module, "timm_vit_names", list)
     monkeypatch.setattr(validate_module, "timm_eva_names", list)
+    monkeypatch.setattr(validate_module, "timm_naflex_names", list)
     assert validate_module._cmd_validate(argparse.Namespace(all=True, name=None, depth=None, out=str(out))) == 0
     text = out.read_text()
-    assert text.startswith("# timm VisionTransformer and Eva coverage") and "older report" not in text
+    assert text.startswith("# timm VisionTransformer, Eva and NaFlexVit coverage") and "older report" not in text
     assert text.endswith("\n\n" + section)

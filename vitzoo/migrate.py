@@ -76,6 +76,8 @@ GATED_MLPS = {"silu": "swiglu", "gelu": "geglu"}
 # timm keywords that choose how timm builds its layers for TorchScript or ONNX; vitzoo's modules are the same
 # either way (torch.jit.script traces them, export goes through torch.export), so they change nothing here
 NO_EFFECT = ("scriptable", "exportable", "no_jit")
+# timm's names of position embeddings -> vitzoo's entries
+TIMM_POS_EMBEDS = {"learn": "learned", "": "none"}
 # vitzoo's and timm's (``use_naflex``) keyword for a model that takes images at their own size and aspect ratio
 NAFLEX_KEYWORDS = ("naflex", "use_naflex")
 # timm keywords that take module classes; vitzoo chooses those parts by name in a slot
@@ -114,8 +116,8 @@ def timm_keywords(overrides: dict[str, Any], mlp: str = "gelu") -> dict[str, Any
     if "norm_layer" in overrides:
         norm = overrides.pop("norm_layer")
         overrides["norm"] = norm if isinstance(norm, str) else NORM_CLASSES.get(getattr(norm, "__name__", ""), norm)
-    if overrides.get("pos_embed") in ("learn", ""):
-        overrides["pos_embed"] = {"learn": "learned", "": "none"}[overrides["pos_embed"]]
+    if isinstance(overrides.get("pos_embed"), str) and overrides["pos_embed"] in TIMM_POS_EMBEDS:
+        overrides["pos_embed"] = TIMM_POS_EMBEDS[overrides["pos_embed"]]
     timm = {k: v for k, v in overrides.items() if k in TIMM_KEYWORDS and not (k == "final_norm" and isinstance(v, str))}
     return {**{k: v for k, v in overrides.items() if k not in timm}, **flat_changes(timm)}
 
