@@ -135,7 +135,6 @@ class SequenceLayout:
         number = torch.cumsum(self.present, 0) - 1  # slot -> image number
         owner = self.owner.flatten()
         is_patch = self.is_patch.flatten()
-        token = torch.arange(owner.numel(), device=x.device)
         real = owner >= 0
         key = torch.where(real, owner * 2 + is_patch, owner.new_tensor(2 * len(self.present)))
         order = torch.sort(key, stable=True).indices  # grouped by image, prefix before patches, order kept
@@ -148,6 +147,6 @@ class SequenceLayout:
         out = x.new_zeros(count, longest, x.shape[-1])
         keep = torch.zeros(count, longest, dtype=torch.bool, device=x.device)
         images = number[owner_sorted[real_sorted]]
-        out[images, place[real_sorted]] = rearrange(x, "b n d -> (b n) d")[token[order][real_sorted]]
+        out[images, place[real_sorted]] = rearrange(x, "b n d -> (b n) d")[order[real_sorted]]
         keep[images, place[real_sorted]] = True
         return out, keep

@@ -285,7 +285,7 @@ class VisionTransformer(nn.Module):
         patches = self.patch_embed(images)  # (b, h, w, d): a patch embedding that pads gives the larger grid
         grid = (patches.shape[1], patches.shape[2])
         x = rearrange(patches, "b h w d -> b (h w) d")
-        tokens = [t for t in (self.cls_token, self.dist_token, self.reg_token) if t is not None]
+        tokens = self._prefix_tokens()
         if self._pos_with_prefix is None:
             x = prepend_tokens(x, tokens)
         elif self._pos_with_prefix:
@@ -296,6 +296,10 @@ class VisionTransformer(nn.Module):
         if self.training and self.spec.drop.patch > 0:
             x = drop_patch_tokens(x, self.num_prefix_tokens, self.spec.drop.patch)
         return self.norm_pre(x), grid
+
+    def _prefix_tokens(self) -> list[nn.Parameter]:
+        """The class, distillation and register tokens this model has, in their order in front of the patches."""
+        return [t for t in (self.cls_token, self.dist_token, self.reg_token) if t is not None]
 
     def _rotation(self, grid: tuple[int, int]) -> Rotation | None:
         """The rotary positions for ``grid``, None for a model without RoPE."""
@@ -315,7 +319,7 @@ class VisionTransformer(nn.Module):
         layout = SequenceLayout.of(coord, valid, image, self.num_prefix_tokens)
         cells = rearrange(patches, "b n (p1 p2 c) -> (b n) c p1 p2", p1=p, p2=p)
         x = rearrange(self.patch_embed(cells), "(b n) 1 1 d -> b n d", b=patches.shape[0])
-        tokens = [t for t in (self.cls_token, self.dist_token, self.reg_token) if t is not None]
+        tokens = self._prefix_tokens()
         if tokens:
             prefix = repeat(torch.cat(tokens, dim=1), "1 t d -> b (k t) d", b=x.shape[0], k=layout.per_row)
             x = torch.cat([prefix.to(x.dtype), x], dim=1)

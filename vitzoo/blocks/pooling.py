@@ -64,6 +64,10 @@ class _Readout(nn.Module):
         super().__init__()
         self.num_prefix = 0 if options.include_prefix else num_prefix
 
+    def _read(self, x: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The tokens this readout reads (the prefix tokens left out unless included) and which of them are real."""
+        return x[:, self.num_prefix:], None if valid is None else valid[:, self.num_prefix:]
+
 
 class ClassTokenPool(nn.Module):
     """The class token's final state (ViT, BERT)."""
@@ -96,21 +100,21 @@ class AvgPool(_Readout):
     """Mean of the patch tokens, prefix tokens excluded (global average pooling, "GAP")."""
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-        return masked_mean(x[:, self.num_prefix:], None if valid is None else valid[:, self.num_prefix:])
+        return masked_mean(*self._read(x, valid))
 
 
 class MaxPool(_Readout):
     """Channel-wise max over the patch tokens, prefix tokens excluded."""
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-        return masked_max(x[:, self.num_prefix:], None if valid is None else valid[:, self.num_prefix:])
+        return masked_max(*self._read(x, valid))
 
 
 class AvgMaxPool(_Readout):
     """Half the mean plus half the max of the patch tokens (timm's ``avgmax`` readout)."""
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-        x, valid = x[:, self.num_prefix:], None if valid is None else valid[:, self.num_prefix:]
+        x, valid = self._read(x, valid)
         return 0.5 * (masked_mean(x, valid) + masked_max(x, valid))
 
 

@@ -143,6 +143,12 @@ class SinCos2dPosition(nn.Module):
 RESAMPLING_MODES = ("bicubic", "bilinear")
 
 
+def resize_target(grid: Grid, keep_aspect: bool) -> Grid:
+    """The size a table is resized to for ``grid``: the grid itself, or with ``keep_aspect`` a square of its
+    longer side whose top-left ``h x w`` is then kept (timm's ``pos_embed_ar_preserving``)."""
+    return (max(grid),) * 2 if keep_aspect else tuple(grid)
+
+
 @dataclass(frozen=True)
 class GridTableOptions(BlockOptions):
     """Options of the position tables stored as a grid, resized per image grid (NaFlexViT, C-RADIO)."""
@@ -181,15 +187,12 @@ class GridTablePosition(nn.Module):
     def init_table(self) -> nn.Parameter:
         return nn.Parameter(nn.init.trunc_normal_(torch.empty(1, *self.table_grid, self.dim), std=0.02))
 
-    def _target(self, grid: Grid) -> Grid:
-        return (max(grid),) * 2 if self.options.keep_aspect else tuple(grid)
-
     def forward(self, table: torch.Tensor, grid: Grid) -> torch.Tensor:
         h, w = grid
         opts = self.options
         image = rearrange(table, "1 h w d -> 1 d h w").float()
         if opts.grid_sample:
-            rows, cols = self._target(grid)
+            rows, cols = resize_target(grid, opts.keep_aspect)
             ys, xs = torch.meshgrid(*(torch.arange(n, dtype=torch.float32, device=table.device) for n in grid),
                                     indexing="ij")
             if opts.align_corners:
@@ -201,8 +204,8 @@ class GridTablePosition(nn.Module):
                                   padding_mode="border")
             return rearrange(image, "1 d n 1 -> 1 n d").to(table.dtype)
         if not same_grid(grid, self.table_grid):
-            image = F.interpolate(image, size=self._target(grid), mode=opts.mode, align_corners=opts.align_corners,
-                                  antialias=opts.antialias)[..., :h, :w]
+            image = F.interpolate(image, size=resize_target(grid, opts.keep_aspect), mode=opts.mode,
+                                  align_corners=opts.align_corners, antialias=opts.antialias)[..., :h, :w]
         return rearrange(image, "1 d h w -> 1 (h w) d").to(table.dtype)
 
 
@@ -244,7 +247,7 @@ class FactorizedPosition(nn.Module):
 
     def forward(self, table: None, grid: Grid) -> torch.Tensor:
         h, w = grid
-        rows, cols = (max(grid),) * 2 if self.keep_aspect else (h, w)
+        rows, cols = resize_target(grid, self.keep_aspect)
         y, x = self._resize(self.pos_embed_y, rows)[0, :h], self._resize(self.pos_embed_x, cols)[0, :w]
         return rearrange(rearrange(y, "h d -> h 1 d") + rearrange(x, "w d -> 1 w d"), "h w d -> 1 (h w) d")
 

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from vitzoo.fields import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, RATE, check_fields, described
+from vitzoo.packing import is_sequence
 from vitzoo.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from vitzoo.train.data import Resized
 from vitzoo.train.distributed import (
@@ -152,7 +153,7 @@ def train_loader(model: VisionTransformer, train_data: Dataset, config: TrainCon
 
 def to_device(inputs: torch.Tensor | dict[str, torch.Tensor], device: str) -> torch.Tensor | dict[str, torch.Tensor]:
     """A batch of images or a patch-sequence dict on ``device``."""
-    if isinstance(inputs, dict):
+    if is_sequence(inputs):
         return {key: value.to(device, non_blocking=True) for key, value in inputs.items()}
     return inputs.to(device, non_blocking=True)
 
