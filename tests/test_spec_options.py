@@ -14,7 +14,7 @@ import torch
 import vitzoo
 from vitzoo.blocks import SLOTS, register_block
 from vitzoo.blocks.catalog import blocks_markdown
-from vitzoo.blocks.options import BlockOptions
+from vitzoo.blocks.options import BlockOptions, GridOptions
 from vitzoo.migrate import spec_from_saved
 from vitzoo.spec import ViTSpec, parse_assignment
 from vitzoo.train.checkpoint import load_checkpoint
@@ -114,6 +114,27 @@ def test_a_user_block_declares_options():
             from_set("mlp=test_scaled", "mlp.bias=false")
     finally:
         SLOTS["mlp"].unregister("test_scaled")
+
+
+def test_grid_options_follow_the_model_unless_set():
+    class TokenCount(torch.nn.Module):
+        def __init__(self, dim, hidden_dim, norm, drop, *, options: GridOptions):
+            super().__init__()
+            self.grid = options.grid
+
+        def forward(self, x):
+            return x
+
+    register_block("mlp", "test_grid", TokenCount, options=GridOptions, overwrite=True)
+    try:
+        spec = from_set("mlp=test_grid")
+        assert spec.get("mlp.grid") is None  # the spec keeps what was set: nothing
+        assert {b.mlp.grid for b in vitzoo.VisionTransformer(spec).blocks} == {(4, 4)}
+        wide = vitzoo.VisionTransformer(spec.replace(img_size=(32, 64)))
+        assert wide.blocks[0].mlp.grid == (4, 8)
+        assert vitzoo.VisionTransformer(from_set("mlp=test_grid", "mlp.grid=2,3")).blocks[0].mlp.grid == (2, 3)
+    finally:
+        SLOTS["mlp"].unregister("test_grid")
 
 
 def test_timm_keywords_still_work_in_create_model():

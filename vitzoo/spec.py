@@ -144,7 +144,7 @@ class ViTSpec:
                     name, options = layer_options(table, choice, i)
                     if options is not None and (name, options) not in checked:
                         checked.add((name, options))
-                        options.check(self)
+                        options.for_model(self).check(self)
                 except ValueError as err:
                     owner = getattr(table.options_class(choice.name_at(i)), "__name__", "")
                     raise _spec_error(err, owner, slot, f"ViTSpec.{slot} ({choice.name_at(i)})") from None

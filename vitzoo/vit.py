@@ -113,7 +113,7 @@ class VisionTransformer(nn.Module):
     def _build(self, table: BlockTable, slot: str, layer: int, *args: Any) -> nn.Module:
         """Build the entry ``slot`` names at ``layer`` with the slot's arguments and the spec's options for it."""
         name, options = self.spec.layer(slot, layer)
-        return table.build(name, *args, options=options)
+        return table.build(name, *args, options=None if options is None else options.for_model(self.spec))
 
     def _norm_factory(self) -> NormFactory:
         name, options = self.spec.layer("norm")

@@ -14,7 +14,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from vitzoo.fields import check_fields
+from vitzoo.fields import AT_LEAST_ONE, check_fields, described
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,24 @@ class BlockOptions:
 
     def check(self, spec: Any) -> None:
         """Refuse (ValueError) values that do not fit the model's sizes; ``spec`` is the :class:`ViTSpec`."""
+
+    def for_model(self, spec: Any) -> BlockOptions:
+        """These options with what they follow from the model filled in, as the block is built with them (a table
+        sized for the patch grid, see :class:`GridOptions`); the spec keeps the values as set, so a model built
+        at another image size sizes its tables for that size."""
+        return self
+
+
+@dataclass(frozen=True)
+class GridOptions(BlockOptions):
+    """Options of a block whose parameters are laid out for one patch grid: a relative-position table, a
+    token-mixing MLP (Mixer), a gating projection across tokens (gMLP)."""
+
+    grid: tuple[int, int] | None = described(
+        None, "(h, w) patch grid the block's tables are sized for; None: the model's grid at img_size", AT_LEAST_ONE)
+
+    def for_model(self, spec: Any) -> BlockOptions:
+        return self if self.grid is not None else dataclasses.replace(self, grid=spec.grid_size)
 
 
 def option_names(cls: type[BlockOptions] | None) -> tuple[str, ...]:
