@@ -42,7 +42,7 @@ BLOCKS = {
 CFG_KEYS = ("hf_hub_id", "mean", "std", "crop_pct", "interpolation")
 
 
-def _refuse(attr: str, found: str, argument: str) -> ValueError:
+def refuse(attr: str, found: str, argument: str) -> ValueError:
     return ValueError(
         f"from_timm: {attr} is {found}, which vitzoo cannot express (timm argument {argument!r}); "
         f"build the timm model without it, or add a vitzoo block for it (see README 'Adding a block')"
@@ -59,7 +59,7 @@ def _norm_kind(attr: str, norm: nn.Module) -> tuple[str, float]:
         return "layernorm", float(norm.eps)
     if isinstance(norm, (RmsNorm, nn.RMSNorm)) and norm.weight is not None:
         return "rmsnorm", float(norm.eps or 1e-6)
-    raise _refuse(attr, type(norm).__name__, "norm_layer")
+    raise refuse(attr, type(norm).__name__, "norm_layer")
 
 
 def _activation(attr: str, act: nn.Module) -> str:
@@ -67,7 +67,7 @@ def _activation(attr: str, act: nn.Module) -> str:
     if name == "GELU":
         return "gelu_tanh" if getattr(act, "approximate", "none") == "tanh" else "gelu"
     if name not in ACTIVATIONS:
-        raise _refuse(attr, name, "act_layer")
+        raise refuse(attr, name, "act_layer")
     return ACTIVATIONS[name]
 
 
@@ -80,7 +80,7 @@ def _mlp(attr: str, mlp: nn.Module) -> tuple[str, int, bool]:
         return GATED_MLPS[act], mlp.fc1_g.out_features, mlp.fc1_g.bias is not None
     if type(mlp) is GluMlp and act == "silu" and not mlp.gate_last and isinstance(mlp.fc1, nn.Linear):
         return "swiglu_packed", mlp.fc1.out_features, mlp.fc1.bias is not None
-    raise _refuse(attr, f"{type(mlp).__name__} with {type(mlp.act).__name__}", "mlp_layer")
+    raise refuse(attr, f"{type(mlp).__name__} with {type(mlp.act).__name__}", "mlp_layer")
 
 
 def mlp_ratio_for(hidden: int, dim: int) -> float:
@@ -103,9 +103,9 @@ def _patch_embed(pe: nn.Module, in_chans: int) -> tuple[str, int]:
     """(ViTSpec.patch_embed, patch_size in pixels) of timm's patch embedding."""
     conv = pe.proj
     if not isinstance(conv, nn.Conv2d) or conv.kernel_size != conv.stride or conv.padding != (0, 0):
-        raise _refuse("patch_embed.proj", f"{type(conv).__name__} (not a patch-sized conv)", "embed_layer")
+        raise refuse("patch_embed.proj", f"{type(conv).__name__} (not a patch-sized conv)", "embed_layer")
     if conv.kernel_size[0] != conv.kernel_size[1]:
-        raise _refuse("patch_embed.proj", f"a {conv.kernel_size} kernel (not square)", "patch_size")
+        raise refuse("patch_embed.proj", f"a {conv.kernel_size} kernel (not square)", "patch_size")
     if type(pe) is PatchEmbed:
         return "linear", conv.kernel_size[0]
     if type(pe) is HybridEmbed:
@@ -115,16 +115,16 @@ def _patch_embed(pe: nn.Module, in_chans: int) -> tuple[str, int]:
                 if _signature(stem["backbone"](in_chans)) == _signature(pe.backbone):
                     return name, stem["reduction"] * conv.kernel_size[0]
     stem = type(getattr(pe, "backbone", pe)).__name__
-    raise _refuse("patch_embed", f"{type(pe).__name__} with {stem}", "embed_layer")
+    raise refuse("patch_embed", f"{type(pe).__name__} with {stem}", "embed_layer")
 
 
 def _scaling_block(where: str, block: ParallelScalingBlock, dim: int) -> dict[str, Any]:
     """The spec fields of ViT-22B's fused parallel block (vitzoo's ``parallel_scaling``)."""
     if block.out_proj is not None:
-        raise _refuse(f"{where}.out_proj", "one fused output projection", "fuse_out_proj")
+        raise refuse(f"{where}.out_proj", "one fused output projection", "fuse_out_proj")
     act, hidden = _activation(f"{where}.mlp_act", block.mlp_act), block.in_split[0]
     if act not in PLAIN_MLPS:
-        raise _refuse(f"{where}.mlp_act", type(block.mlp_act).__name__, "act_layer")
+        raise refuse(f"{where}.mlp_act", type(block.mlp_act).__name__, "act_layer")
     proj_bias = block.attn_out_proj.bias is not None
     return {
         "block": "parallel_scaling", "attn": "mhsa", "mlp": PLAIN_MLPS[act], "num_heads": block.num_heads,
@@ -140,12 +140,12 @@ def _block(i: int, block: nn.Module, dim: int) -> dict[str, Any]:
     """The spec fields one encoder block implies; every block of a model must agree on all but slots."""
     where = f"blocks.{i}"
     if type(block) not in BLOCKS:
-        raise _refuse(where, type(block).__name__, "block_fn")
+        raise refuse(where, type(block).__name__, "block_fn")
     if type(block) is ParallelScalingBlock:
         return _scaling_block(where, block, dim)
     if type(block) is ParallelThingsBlock:
         if block.num_parallel != 2:
-            raise _refuse(where, f"ParallelThingsBlock with {block.num_parallel} branches", "num_parallel")
+            raise refuse(where, f"ParallelThingsBlock with {block.num_parallel} branches", "num_parallel")
         attn, block_mlp = block.attns[0].attn, block.ffns[0].mlp
         ls, drop_path = [block.attns[0].ls, block.ffns[0].ls], block.attns[0].drop_path
     else:
@@ -153,13 +153,13 @@ def _block(i: int, block: nn.Module, dim: int) -> dict[str, Any]:
         ls = [getattr(block, name, nn.Identity()) for name in ("ls1", "ls2")]
         drop_path = getattr(block, "drop_path1", nn.Identity())
     if type(attn) not in ATTENTIONS or getattr(attn, "dual_lambda", False):
-        raise _refuse(f"{where}.attn", type(attn).__name__, "attn_layer")
+        raise refuse(f"{where}.attn", type(attn).__name__, "attn_layer")
     mlp, hidden, mlp_bias = _mlp(f"{where}.mlp", block_mlp)
     proj_bias = attn.proj.bias is not None
     if mlp_bias != proj_bias:
-        raise _refuse(f"{where}.mlp", f"bias={mlp_bias} with attn.proj bias={proj_bias}", "proj_bias")
+        raise refuse(f"{where}.mlp", f"bias={mlp_bias} with attn.proj bias={proj_bias}", "proj_bias")
     if any(_present(m) and type(m) is not LayerScale for m in ls) or _present(ls[0]) != _present(ls[1]):
-        raise _refuse(f"{where}.ls1/ls2", "an unpaired or custom layer scale", "init_values")
+        raise refuse(f"{where}.ls1/ls2", "an unpaired or custom layer scale", "init_values")
     return {
         "block": BLOCKS[type(block)], "attn": ATTENTIONS[type(attn)], "mlp": mlp, "num_heads": attn.num_heads,
         "mlp_ratio": mlp_ratio_for(hidden, dim), "qkv_bias": attn.qkv.bias is not None,
@@ -185,26 +185,33 @@ def _norms(model: TimmViT) -> dict[str, nn.Module]:
 
 def _pool(model: TimmViT, layers: dict[str, Any]) -> str:
     if model.global_pool not in POOLS:
-        raise _refuse("global_pool", repr(model.global_pool), "global_pool")
+        raise refuse("global_pool", repr(model.global_pool), "global_pool")
     pool = POOLS[model.global_pool]
     if pool != "map":
         return pool
     ap, dim = model.attn_pool, model.embed_dim
     if type(ap) is not AttentionPoolLatent:
-        raise _refuse("attn_pool", type(ap).__name__, "global_pool")
+        raise refuse("attn_pool", type(ap).__name__, "global_pool")
     plain = ap.latent_len == 1 and ap.latent.shape[-1] == dim and ap.pos_embed is None and ap.pool == "token"
     if not plain or _present(ap.q_norm) or ap.q.bias is None or ap.num_heads != layers["num_heads"]:
-        raise _refuse("attn_pool", "a non-default AttentionPoolLatent", "global_pool='map'")
+        raise refuse("attn_pool", "a non-default AttentionPoolLatent", "global_pool='map'")
     mlp, hidden, _ = _mlp("attn_pool.mlp", ap.mlp)
     if mlp != _per_layer(layers["mlp"]) or hidden != int(dim * layers["mlp_ratio"]):
-        raise _refuse("attn_pool.mlp", f"{mlp} of width {hidden} unlike the blocks' MLP", "mlp_layer")
+        raise refuse("attn_pool.mlp", f"{mlp} of width {hidden} unlike the blocks' MLP", "mlp_layer")
     return pool
 
 
 def spec_from_timm(model: nn.Module) -> ViTSpec:
-    """The :class:`ViTSpec` of a built timm ``VisionTransformer`` (or DeiT ``VisionTransformerDistilled``)."""
+    """The :class:`ViTSpec` of a built timm ``VisionTransformer`` (or DeiT ``VisionTransformerDistilled``), or of
+    an instance of a class :mod:`vitzoo.timm_families` reads."""
+    from vitzoo.timm_families import READERS  # the family readers use this module's helpers
+
+    reader = next((READERS[cls] for cls in type(model).__mro__ if cls in READERS), None)
+    if reader is not None:
+        return reader(model)
     if not isinstance(model, TimmViT):
-        raise ValueError(f"from_timm reads timm VisionTransformer models, got {type(model).__name__}; "
+        known = ", ".join(sorted(cls.__name__ for cls in (TimmViT, *READERS)))
+        raise ValueError(f"from_timm reads timm's {known} models, got {type(model).__name__}; "
                          f"other timm families (Eva, Swin, ...) are different architectures")
     pe, dim = model.patch_embed, model.embed_dim
     patch_embed, patch = _patch_embed(pe, model.in_chans)
@@ -212,20 +219,20 @@ def spec_from_timm(model: nn.Module) -> ViTSpec:
     pad = bool(pe.dynamic_img_pad)  # timm pads images up to whole patches; so can vitzoo
     crop = any(side % patch for side in pe.img_size) and not pad  # else timm's patch conv drops the remainder
     if crop and type(pe) is not PatchEmbed:
-        raise _refuse("patch_embed.img_size", f"{tuple(pe.img_size)}, not a multiple of the stem stride {patch}",
+        raise refuse("patch_embed.img_size", f"{tuple(pe.img_size)}, not a multiple of the stem stride {patch}",
                       "img_size")
     blocks = [_block(i, b, dim) for i, b in enumerate(model.blocks)]
     fixed = {k: v for k, v in blocks[0].items() if k not in ("block", "attn", "mlp", "drop_path_rate")}
     for i, fields in enumerate(blocks):
         for key, value in fixed.items():
             if fields[key] != value:
-                raise _refuse(f"blocks.{i}", f"{key}={fields[key]!r} unlike blocks.0 ({value!r})", key)
+                raise refuse(f"blocks.{i}", f"{key}={fields[key]!r} unlike blocks.0 ({value!r})", key)
     layers = {**fixed, **{slot: [b[slot] for b in blocks] for slot in ("block", "attn", "mlp")}}
     kinds = {name: _norm_kind(name, m) for name, m in _norms(model).items()}
     first = next(iter(kinds.items()))
     for name, kind in kinds.items():
         if kind != first[1]:
-            raise _refuse(name, f"{kind[0]}(eps={kind[1]}) while {first[0]} is {first[1][0]}(eps={first[1][1]})",
+            raise refuse(name, f"{kind[0]}(eps={kind[1]}) while {first[0]} is {first[1][0]}(eps={first[1][1]})",
                           "norm_layer")
     pool = _pool(model, layers)
     has_dist = getattr(model, "dist_token", None) is not None

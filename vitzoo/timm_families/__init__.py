@@ -1,0 +1,16 @@
+"""Readers of timm model classes other than ``VisionTransformer``: one module per family, each giving the
+:class:`~vitzoo.spec.ViTSpec` of a built instance of its class (see :func:`vitzoo.timm_compat.spec_from_timm`).
+
+Each module defines ``TIMM_CLASS`` (the timm class it reads) and ``spec(model) -> ViTSpec``, which refuses
+what vitzoo cannot express with :func:`vitzoo.timm_compat.refuse`; ``READERS`` maps each class to its reader.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from vitzoo.spec import ViTSpec
+
+READERS: dict[type, Callable[[nn.Module], ViTSpec]] = {}
