@@ -19,6 +19,7 @@ from vitzoo.blocks.options import BlockOptions
 from vitzoo.blocks.patch import PATCH_EMBEDS
 from vitzoo.blocks.pooling import POOLS
 from vitzoo.blocks.position import POSITIONS
+from vitzoo.blocks.relpos import RelPosAttention  # noqa: F401  (registers the relative-position attentions)
 from vitzoo.blocks.rope import ROPES
 from vitzoo.blocks.table import BlockContractError, BlockTable
 from vitzoo.errors import did_you_mean
