@@ -27,7 +27,8 @@ from torch import nn
 
 from vitzoo.blocks.attention import ATTENTIONS, Attention, AttentionOptions, EvaAttention
 from vitzoo.blocks.norm import NormFactory
-from vitzoo.blocks.options import GridOptions
+from vitzoo.blocks.options import BlockOptions, GridOptions
+from vitzoo.blocks.position import same_grid
 from vitzoo.blocks.rope import Rotation
 from vitzoo.fields import AT_LEAST_ONE, NON_NEGATIVE, described
 
@@ -61,12 +62,17 @@ class RelPosOptions(GridOptions, AttentionOptions):
 
 
 @dataclass(frozen=True)
-class RelPosMlpOptions(RelPosOptions):
-    """Options of the relative-position MLP."""
+class RelPosMlpShape(BlockOptions):
+    """Options of the relative-position MLP, in a block's attention or shared by all (``attn_bias``)."""
 
     hidden_dim: int = described(128, "hidden width of the MLP over offsets (timm's rel_pos_dim)", AT_LEAST_ONE)
     mode: Literal["cr", "swin"] = described(
         "cr", "offsets: cr = sign * log(1 + |d|) (timm) | swin = Swin V2's, normalized, with a 16 * sigmoid bias")
+
+
+@dataclass(frozen=True)
+class RelPosMlpOptions(RelPosOptions, RelPosMlpShape):
+    """Options of the attention with a relative-position MLP."""
 
 
 def relative_index(grid: Grid, prefix: int = 0) -> torch.Tensor:
@@ -109,15 +115,19 @@ def with_bias(bias: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 
 class RelPosTable(nn.Module):
     """A learned bias per head for each offset between patches, read from a table (timm's ``RelPosBias``;
-    Swin, Liu et al. 2021; BEiT, Bao et al. 2022)."""
+    Swin, Liu et al. 2021; BEiT, Bao et al. 2022). The table is laid out for one grid."""
 
-    def __init__(self, grid: Grid, num_heads: int, prefix: int) -> None:
+    def __init__(self, grid: Grid, num_prefix: int, num_heads: int) -> None:
         super().__init__()
+        self.grid = tuple(grid)
         self.relative_position_bias_table = nn.Parameter(
-            nn.init.trunc_normal_(torch.empty(table_rows(grid, prefix), num_heads), std=0.02))
-        self.register_buffer("index", relative_index(grid, prefix), persistent=False)
+            nn.init.trunc_normal_(torch.empty(table_rows(grid, num_prefix), num_heads), std=0.02))
+        self.register_buffer("index", relative_index(grid, num_prefix), persistent=False)
 
-    def forward(self) -> torch.Tensor:
+    def forward(self, grid: Grid | None = None) -> torch.Tensor:
+        if grid is not None and not same_grid(grid, self.grid):
+            raise ValueError(f"this relative-position table is laid out for a {self.grid} patch grid, got "
+                             f"{tuple(grid)}; build the model at the image size you feed (img_size)")
         return table_bias(self.relative_position_bias_table, self.index)
 
 
@@ -125,18 +135,21 @@ class RelPosMlp(nn.Module):
     """A bias per head computed by a two-layer ReLU MLP from log-spaced offsets, so no table grows with the grid
     (Swin V2, Liu et al. 2022; timm's ``RelPosMlp``). ``mode="cr"``: offsets ``sign(d) * ln(1 + |d|)``, the bias
     as the MLP gives it (timm's relpos ViTs); ``"swin"``: offsets scaled to [-8, 8] then
-    ``sign * log2(1 + |d|) / 3``, the bias ``16 * sigmoid`` and no bias on ``fc2``. Prefix tokens get none."""
+    ``sign * log2(1 + |d|) / 3``, the bias ``16 * sigmoid`` and no bias on ``fc2``. Prefix tokens get none.
+    Any grid can be asked for; the one built for is cached."""
 
-    def __init__(self, grid: Grid, num_heads: int, prefix: int, hidden_dim: int = 128, mode: str = "cr") -> None:
+    def __init__(
+        self, grid: Grid, num_prefix: int, num_heads: int, *, options: RelPosMlpShape = RelPosMlpShape(),
+    ) -> None:
         super().__init__()
-        self.prefix, self.swin = prefix, mode == "swin"
+        self.grid, self.prefix, self.swin = tuple(grid), num_prefix, options.mode == "swin"
         self.mlp = nn.Module()
-        self.mlp.fc1 = nn.Linear(2, hidden_dim)
+        self.mlp.fc1 = nn.Linear(2, options.hidden_dim)
         self.mlp.act = nn.ReLU()
         self.mlp.drop = nn.Dropout(0.125)  # timm's RelPosMlp drops hidden units in training
-        self.mlp.fc2 = nn.Linear(hidden_dim, num_heads, bias=not self.swin)
-        self.register_buffer("coords", self._log_offsets(grid), persistent=False)
-        self.register_buffer("index", relative_index(grid), persistent=False)
+        self.mlp.fc2 = nn.Linear(options.hidden_dim, num_heads, bias=not self.swin)
+        self.register_buffer("coords", self._log_offsets(self.grid), persistent=False)
+        self.register_buffer("index", relative_index(self.grid), persistent=False)
 
     def _log_offsets(self, grid: Grid) -> torch.Tensor:
         """Every offset ``(dy, dx)`` between two patches, log-spaced: ``((2h - 1) * (2w - 1), 2)``."""
@@ -148,10 +161,13 @@ class RelPosMlp(nn.Module):
             return offsets.sign() * torch.log2(1 + offsets.abs()) / math.log2(8)
         return offsets.sign() * torch.log1p(offsets.abs())
 
-    def forward(self) -> torch.Tensor:
+    def forward(self, grid: Grid | None = None) -> torch.Tensor:
+        coords, index = self.coords, self.index
+        if grid is not None and not same_grid(grid, self.grid):
+            coords, index = self._log_offsets(grid).to(coords.device), relative_index(grid).to(index.device)
         mlp = self.mlp
-        values = mlp.fc2(mlp.drop(mlp.act(mlp.fc1(self.coords.to(mlp.fc1.weight.dtype)))))
-        bias = rearrange(values[self.index], "q k h -> 1 h q k")
+        values = mlp.fc2(mlp.drop(mlp.act(mlp.fc1(coords.to(mlp.fc1.weight.dtype)))))
+        bias = rearrange(values[index], "q k h -> 1 h q k")
         if self.swin:
             bias = 16 * torch.sigmoid(bias)
         return F.pad(bias, (self.prefix, 0, self.prefix, 0)).contiguous()
@@ -166,8 +182,8 @@ class RelPosAttention(Attention):
         layer: int = 0, *, options: RelPosOptions, rel_pos: type[nn.Module] = RelPosTable,
     ) -> None:
         super().__init__(dim, num_heads, norm, attn_drop, proj_drop, layer, options=options)
-        extra = {"hidden_dim": options.hidden_dim, "mode": options.mode} if rel_pos is RelPosMlp else {}
-        self.rel_pos = rel_pos(tuple(options.grid), num_heads, options.prefix_tokens or 0, **extra)
+        extra = {"options": options} if rel_pos is RelPosMlp else {}
+        self.rel_pos = rel_pos(tuple(options.grid), options.prefix_tokens or 0, num_heads, **extra)
 
     def forward(self, x: torch.Tensor, rotation: Rotation | None, mask: torch.Tensor | None = None) -> torch.Tensor:
         return super().forward(x, rotation, with_bias(self.rel_pos(), mask))
