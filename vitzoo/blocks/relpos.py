@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
 from typing import Literal
 
 import torch
@@ -75,11 +75,11 @@ class RelPosMlpOptions(RelPosOptions, RelPosMlpShape):
     """Options of the attention with a relative-position MLP."""
 
 
-def relative_index(grid: Grid, prefix: int = 0) -> torch.Tensor:
+def relative_index(grid: Grid, prefix: int = 0, device: torch.device | str | None = None) -> torch.Tensor:
     """``(n, n)`` row of each (query, key) pair in a table of ``(2h - 1) * (2w - 1)`` offsets, row-major from
     (-(h - 1), -(w - 1)); ``prefix`` tokens in front take the three rows after the offsets (BEiT's layout)."""
     h, w = grid
-    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
     coords = rearrange(torch.stack([ys, xs]), "c h w -> (h w) c")
     offset = rearrange(coords, "q c -> q 1 c") - rearrange(coords, "k c -> 1 k c")
     index = (offset[..., 0] + h - 1) * (2 * w - 1) + offset[..., 1] + w - 1
@@ -90,6 +90,17 @@ def relative_index(grid: Grid, prefix: int = 0) -> torch.Tensor:
         index[:, :prefix] = offsets + 1
         index[:prefix, :prefix] = offsets + 2
     return index
+
+
+@cache
+def _index_on_cpu(grid: Grid, prefix: int) -> torch.Tensor:
+    return relative_index(grid, prefix, "cpu")
+
+
+def shared_index(grid: Grid, prefix: int = 0) -> torch.Tensor:
+    """:func:`relative_index` on the default device, computed once per grid for all blocks (the ``meta`` device
+    included, where computing it per block would cost more than building the model)."""
+    return _index_on_cpu(tuple(grid), prefix).to(torch.get_default_device())
 
 
 def table_rows(grid: Grid, prefix: int) -> int:
@@ -122,7 +133,7 @@ class RelPosTable(nn.Module):
         self.grid = tuple(grid)
         self.relative_position_bias_table = nn.Parameter(
             nn.init.trunc_normal_(torch.empty(table_rows(grid, num_prefix), num_heads), std=0.02))
-        self.register_buffer("index", relative_index(grid, num_prefix), persistent=False)
+        self.register_buffer("index", shared_index(grid, num_prefix), persistent=False)
 
     def forward(self, grid: Grid | None = None) -> torch.Tensor:
         if grid is not None and not same_grid(grid, self.grid):
@@ -148,12 +159,13 @@ class RelPosMlp(nn.Module):
         self.mlp.act = nn.ReLU()
         self.mlp.drop = nn.Dropout(0.125)  # timm's RelPosMlp drops hidden units in training
         self.mlp.fc2 = nn.Linear(options.hidden_dim, num_heads, bias=not self.swin)
-        self.register_buffer("coords", self._log_offsets(self.grid), persistent=False)
-        self.register_buffer("index", relative_index(self.grid), persistent=False)
+        self.register_buffer("coords", self._log_offsets(self.grid, "cpu").to(torch.get_default_device()),
+                             persistent=False)
+        self.register_buffer("index", shared_index(self.grid), persistent=False)
 
-    def _log_offsets(self, grid: Grid) -> torch.Tensor:
+    def _log_offsets(self, grid: Grid, device: torch.device | str) -> torch.Tensor:
         """Every offset ``(dy, dx)`` between two patches, log-spaced: ``((2h - 1) * (2w - 1), 2)``."""
-        axes = [torch.arange(1 - size, size, dtype=torch.float32) for size in grid]
+        axes = [torch.arange(1 - size, size, dtype=torch.float32, device=device) for size in grid]
         if self.swin:
             axes = [8 * axis / max(size - 1, 1) for axis, size in zip(axes, grid, strict=True)]
         offsets = rearrange(torch.stack(torch.meshgrid(*axes, indexing="ij")), "c a b -> (a b) c")
@@ -164,7 +176,7 @@ class RelPosMlp(nn.Module):
     def forward(self, grid: Grid | None = None) -> torch.Tensor:
         coords, index = self.coords, self.index
         if grid is not None and not same_grid(grid, self.grid):
-            coords, index = self._log_offsets(grid).to(coords.device), relative_index(grid).to(index.device)
+            coords, index = self._log_offsets(grid, coords.device), relative_index(grid, device=index.device)
         mlp = self.mlp
         values = mlp.fc2(mlp.drop(mlp.act(mlp.fc1(coords.to(mlp.fc1.weight.dtype)))))
         bias = rearrange(values[index], "q k h -> 1 h q k")
@@ -200,7 +212,7 @@ class BeitAttention(EvaAttention):
         super().__init__(dim, num_heads, norm, attn_drop, proj_drop, layer, options=options)
         grid, prefix = tuple(options.grid), options.prefix_tokens or 0
         self.relative_position_bias_table = nn.Parameter(torch.zeros(table_rows(grid, prefix), num_heads))
-        self.register_buffer("relative_position_index", relative_index(grid, prefix), persistent=False)
+        self.register_buffer("relative_position_index", shared_index(grid, prefix), persistent=False)
 
     def forward(self, x: torch.Tensor, rotation: Rotation | None, mask: torch.Tensor | None = None) -> torch.Tensor:
         bias = table_bias(self.relative_position_bias_table, self.relative_position_index)

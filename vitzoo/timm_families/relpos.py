@@ -1,6 +1,7 @@
 """Reader of timm's ``VisionTransformerRelPos`` (the ``vit_relpos_*`` models): relative-position attention
-(``relpos_mlp`` / ``relpos_bias``), pre-norm blocks with LayerScale or res-post-norm blocks, no position table.
-:func:`common_fields` also serves the reader of timm's ``Beit`` (:mod:`vitzoo.timm_families.beit`)."""
+(``relpos_mlp`` / ``relpos_bias``, or one module shared by all blocks as ``attn_bias``), pre-norm blocks with
+LayerScale or res-post-norm blocks, no position table. :func:`common_fields` also serves the reader of timm's
+``Beit`` (:mod:`vitzoo.timm_families.beit`)."""
 
 from __future__ import annotations
 
@@ -48,7 +49,8 @@ def common_fields(model: nn.Module, attn: nn.Module, mlp: nn.Module) -> dict[str
 
 
 def rel_pos_attention(where: str, rel_pos: nn.Module | None) -> dict[str, Any]:
-    """The ``attn`` entry and options of one block's relative-position module."""
+    """The entry and options of a relative-position module: of a block's ``attn``, or of ``attn_bias`` when shared
+    (the two slots name their entries alike)."""
     if type(rel_pos) is RelPosMlp:
         if rel_pos.mode not in ("cr", "swin") or any(rel_pos.pretrained_window_size):
             raise refuse(f"{where}.rel_pos", f"RelPosMlp(mode={rel_pos.mode!r}, pretrained_window_size="
@@ -61,8 +63,6 @@ def rel_pos_attention(where: str, rel_pos: nn.Module | None) -> dict[str, Any]:
 
 def spec(model: VisionTransformerRelPos) -> ViTSpec:
     """The :class:`ViTSpec` of a built timm ``VisionTransformerRelPos``."""
-    if model.shared_rel_pos is not None:
-        raise refuse("shared_rel_pos", "one relative-position module shared by all blocks", "shared_rel_pos")
     block = model.blocks[0]
     if type(block) not in BLOCKS:
         raise refuse("blocks.0", type(block).__name__, "block_fn")
@@ -71,7 +71,11 @@ def spec(model: VisionTransformerRelPos) -> ViTSpec:
     if _present(ls) and type(ls) is not LayerScale:
         raise refuse("blocks.0.ls1", type(ls).__name__, "init_values")
     fields = common_fields(model, attn, block.mlp)
-    fields["attn"] = {**rel_pos_attention("blocks.0.attn", attn.rel_pos), "qkv_bias": attn.qkv.bias is not None,
-                      "qk_norm": _present(attn.q_norm)}
+    attn_options = {"qkv_bias": attn.qkv.bias is not None, "qk_norm": _present(attn.q_norm)}
+    if model.shared_rel_pos is None:
+        fields["attn"] = {**rel_pos_attention("blocks.0.attn", attn.rel_pos), **attn_options}
+    else:  # one module for all blocks: the same entries in the attn_bias slot, plain attention in the blocks
+        fields["attn"] = {"name": "mhsa", **attn_options}
+        fields["attn_bias"] = rel_pos_attention("shared_rel_pos", model.shared_rel_pos)
     fields["block"] = {"name": BLOCKS[type(block)], "layer_scale": ls.init_values if _present(ls) else None}
     return ViTSpec(**fields, pos_embed="none", class_token=model.cls_token is not None)
