@@ -139,3 +139,19 @@ def test_from_timm_refuses_beits_shared_table():
         reference = timm.create_model("beit_base_patch16_224", depth=1, use_shared_rel_pos_bias=True)
     with pytest.raises(ValueError, match="use_shared_rel_pos_bias"):
         from_timm(reference)
+
+
+def test_tables_resampled_on_load_as_timm_does():
+    """Weights of a 64-pixel BEiT in a 96-pixel one: each table resampled to the new grid as timm's loader does."""
+    from timm.models.beit import checkpoint_filter_fn
+
+    from vitzoo.weights import load_weights
+
+    sizes = dict(depth=1, embed_dim=96, num_heads=3)
+    torch.manual_seed(0)
+    weights = randomized(timm.create_model("beit_base_patch16_224", img_size=64, **sizes)).state_dict()
+    reference = timm.create_model("beit_base_patch16_224", img_size=96, **sizes).eval()
+    reference.load_state_dict(checkpoint_filter_fn(weights, reference))
+    model = vitzoo.create_model("beit_base_patch16_224", img_size=96, **sizes).eval()
+    assert "blocks.0.attn.relative_position_bias_table: resampled" in str(load_weights(model, weights))
+    assert_twin(reference, model)
