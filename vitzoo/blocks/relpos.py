@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from functools import cache, partial
+from functools import cache
 from typing import Literal
 
 import torch
@@ -186,19 +186,29 @@ class RelPosMlp(nn.Module):
 
 
 class RelPosAttention(Attention):
-    """Multi-head attention (fused ``qkv``) plus a relative-position bias from its ``rel_pos`` module on the
-    logits (timm's ``RelPosAttention``, the ``vit_relpos_*`` models)."""
+    """Multi-head attention (fused ``qkv``) plus a relative-position bias read from a table, its ``rel_pos`` module,
+    on the logits (timm's ``RelPosAttention`` with ``rel_pos_type="bias"``)."""
 
     def __init__(
         self, dim: int, num_heads: int, norm: NormFactory, attn_drop: float = 0.0, proj_drop: float = 0.0,
-        layer: int = 0, *, options: RelPosOptions, rel_pos: type[nn.Module] = RelPosTable,
+        layer: int = 0, *, options: RelPosOptions,
     ) -> None:
         super().__init__(dim, num_heads, norm, attn_drop, proj_drop, layer, options=options)
-        extra = {"options": options} if rel_pos is RelPosMlp else {}
-        self.rel_pos = rel_pos(tuple(options.grid), options.prefix_tokens or 0, num_heads, **extra)
+        self.rel_pos = self._make_rel_pos(tuple(options.grid), options.prefix_tokens or 0, num_heads, options)
+
+    def _make_rel_pos(self, grid: Grid, prefix: int, num_heads: int, options: RelPosOptions) -> nn.Module:
+        return RelPosTable(grid, prefix, num_heads)
 
     def forward(self, x: torch.Tensor, rotation: Rotation | None, mask: torch.Tensor | None = None) -> torch.Tensor:
         return super().forward(x, rotation, with_bias(self.rel_pos(), mask))
+
+
+class RelPosMlpAttention(RelPosAttention):
+    """:class:`RelPosAttention` with the bias computed by an MLP over log-spaced offsets (:class:`RelPosMlp`; timm's
+    ``RelPosAttention`` as the ``vit_relpos_*`` models build it)."""
+
+    def _make_rel_pos(self, grid: Grid, prefix: int, num_heads: int, options: RelPosMlpOptions) -> nn.Module:
+        return RelPosMlp(grid, prefix, num_heads, options=options)
 
 
 class BeitAttention(EvaAttention):
@@ -220,5 +230,5 @@ class BeitAttention(EvaAttention):
 
 
 ATTENTIONS.register("relpos_bias", RelPosAttention, options=RelPosOptions)
-ATTENTIONS.register("relpos_mlp", partial(RelPosAttention, rel_pos=RelPosMlp), options=RelPosMlpOptions)
+ATTENTIONS.register("relpos_mlp", RelPosMlpAttention, options=RelPosMlpOptions)
 ATTENTIONS.register("beit", BeitAttention, options=RelPosOptions)
