@@ -18,7 +18,6 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from functools import cache
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +32,7 @@ from vitzoo.blocks.rope import Rotation
 from vitzoo.fields import AT_LEAST_ONE, NON_NEGATIVE, described
 
 Grid = tuple[int, int]
+MLP_MODES = ("cr", "swin")  # how RelPosMlp spaces the offsets it reads
 PREFIX_ROWS = 3  # table rows of the prefix tokens: prefix to patch, patch to prefix, prefix to prefix
 
 
@@ -59,6 +59,7 @@ class RelPosOptions(GridOptions, AttentionOptions):
         if self.prefix_tokens is not None and self.prefix_tokens != spec.num_prefix_tokens:
             raise ValueError(f"prefix_tokens={self.prefix_tokens} differs from the model's {spec.num_prefix_tokens} "
                              f"prefix tokens; leave prefix_tokens unset to follow the model")
+        super().check(spec)
 
 
 @dataclass(frozen=True)
@@ -66,8 +67,12 @@ class RelPosMlpShape(BlockOptions):
     """Options of the relative-position MLP, in a block's attention or shared by all (``attn_bias``)."""
 
     hidden_dim: int = described(128, "hidden width of the MLP over offsets (timm's rel_pos_dim)", AT_LEAST_ONE)
-    mode: Literal["cr", "swin"] = described(
+    mode: str = described(
         "cr", "offsets: cr = sign * log(1 + |d|) (timm) | swin = Swin V2's, normalized, with a 16 * sigmoid bias")
+
+    def check(self, spec) -> None:
+        if self.mode not in MLP_MODES:
+            raise ValueError(f"mode={self.mode!r}; valid: {', '.join(MLP_MODES)}")
 
 
 @dataclass(frozen=True)
