@@ -14,3 +14,7 @@ from torch import nn
 from vitzoo.spec import ViTSpec
 
 READERS: dict[type, Callable[[nn.Module], ViTSpec]] = {}
+
+from vitzoo.timm_families import beit, relpos  # noqa: E402  (the readers import this package's helpers)
+
+READERS.update({beit.TIMM_CLASS: beit.spec, relpos.TIMM_CLASS: relpos.spec})
