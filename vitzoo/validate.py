@@ -38,6 +38,8 @@ AUTO_DEPTH = 2
 SEQUENCE_GRIDS = ((7, 5), (12, 20), (3, 3))  # patch grids of the images a NaFlexVit is compared on
 SUITE_HEADING = "## timm's own model tests"  # the section of docs/parity.md that tests/upstream writes
 PER_LAYER_TIMM_KWARGS = {"attn.kv_heads": "num_kv_heads"}  # per-layer spec options and timm's keyword for each
+# timm classes whose number of blocks is not the ``depth`` keyword
+TIMM_DEPTH_KEYWORDS: dict[type, str] = {timm.models.mlp_mixer.MlpMixer: "num_blocks"}
 
 
 @dataclass
@@ -160,8 +162,21 @@ def reduced_depth(spec: ViTSpec, depth: int) -> tuple[dict[str, Any], dict[str, 
     return ours, {"depth": depth, **{PER_LAYER_TIMM_KWARGS[f]: ours[f] for f in per_layer}}
 
 
+def timm_depth_keywords(name: str, keywords: dict[str, Any]) -> dict[str, Any]:
+    """``keywords`` for ``timm.create_model(name)`` with ``depth`` under the name its class takes
+    (:data:`TIMM_DEPTH_KEYWORDS`: ``num_blocks`` for ``MlpMixer``)."""
+    if "depth" not in keywords:
+        return keywords
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cls = type(timm.create_model(name))
+    keyword = next((TIMM_DEPTH_KEYWORDS[c] for c in cls.__mro__ if c in TIMM_DEPTH_KEYWORDS), "depth")
+    return {keyword if k == "depth" else k: v for k, v in keywords.items()}
+
+
 def _compare(name: str, depth: int | None, result: Validation) -> None:
     ours, theirs = reduced_depth(model_spec(name), depth) if depth else ({}, {})
+    theirs = timm_depth_keywords(name, theirs)
     torch.manual_seed(0)
     reference = timm.create_model(name, pretrained=False, **theirs).eval()
     model = create_model(name, **ours).eval()
