@@ -14,3 +14,7 @@ from torch import nn
 from vitzoo.spec import ViTSpec
 
 READERS: dict[type, Callable[[nn.Module], ViTSpec]] = {}
+
+from vitzoo.timm_families import mixer  # noqa: E402  (the readers import vitzoo.spec as this module does)
+
+READERS[mixer.TIMM_CLASS] = mixer.spec
