@@ -64,7 +64,7 @@ def stored_name(key: str, spec: ViTSpec) -> str:
 
 
 def renames_keys(spec: ViTSpec) -> bool:
-    """Whether the model with ``spec`` stores some parts under other names than it holds them (see :func:`stored_name`)."""
+    """Whether the model with ``spec`` stores some parts under other names than it holds them (:func:`stored_name`)."""
     return bool(spec.get("patch_embed.embeds")) or spec.get("patch_embed.stored_as") not in (None, "patch_embed")
 
 

@@ -29,6 +29,7 @@ from vitzoo.fields import NON_NEGATIVE, POSITIVE, described
 
 # torch.fx symbolic tracing keeps the einops calls as graph nodes: einops needs real tensors and shapes
 torch.fx.wrap("rearrange")
+NO_LAYER_SCALE = LayerScaleOptions()
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,9 @@ class AcrossTokens:
     """Mixin: the module applied along the token axis, ``(b, n, d) -> (b, d, n) -> module -> (b, n, d)``, with the
     attention slot's ``forward(x, rotation, mask=None)``. Rotary positions are refused when the spec is checked."""
 
-    def forward(self, x: torch.Tensor, rotation: Rotation | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rotation: Rotation | None = None, mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         if mask is not None:
             raise ValueError("a token-mixing MLP is sized for one token count and cannot take patch sequences; "
                              "feed it images")
@@ -201,7 +204,7 @@ class ResMlpBlock(nn.Module):
     ``layer_scale`` is None). Its token mixer is the attention slot's (``token_linear``), its norm ``affine``."""
 
     def __init__(self, dim: int, attn: nn.Module, mlp: nn.Module, norm: NormFactory, drop_path: float = 0.0, *,
-                 options: LayerScaleOptions = LayerScaleOptions()) -> None:
+                 options: LayerScaleOptions = NO_LAYER_SCALE) -> None:
         super().__init__()
         scale = options.layer_scale
         self.norm1 = norm(dim)
