@@ -44,13 +44,15 @@ class TokenOptions(GridOptions):
         return options if options.prefix is not None else dataclasses.replace(options, prefix=spec.num_prefix_tokens)
 
     def check(self, spec: Any) -> None:
+        count = "is sized for one token count (the patch grid at img_size and the prefix tokens)"
         for wrong, problem, fix in (
-            (spec.rope.name != "none", "has no query/key to rotate", "use rope='none'"),
-            (spec.dynamic_img_size, "is sized for one token count", "use dynamic_img_size=False"),
-            (spec.drop.patch > 0, "is sized for one token count, which patch dropout changes", "use drop.patch=0"),
+            (spec.rope.name != "none", "has no queries or keys to rotate", "use rope='none'"),
+            (spec.dynamic_img_size, f"{count}, so it takes neither other image sizes nor patch sequences",
+             "use dynamic_img_size=False and image batches of img_size"),
+            (spec.drop.patch > 0, f"{count}, which patch dropout changes", "use drop.patch=0"),
         ):
             if wrong:
-                raise ValueError(f"a token-mixing MLP {problem}; {fix}")
+                raise ValueError(f"a block mixing tokens with weights across them {problem}; {fix}")
 
     @property
     def tokens(self) -> int:
