@@ -61,12 +61,21 @@ class TokenOptions(GridOptions):
             raise ValueError("a token-mixing block needs the token count: build it in a model, or set grid and prefix")
         return self.grid[0] * self.grid[1] + self.prefix
 
+    def params(self, dim: int) -> float:
+        """About how many parameters the block has across tokens (:mod:`vitzoo.size`): one tokens x tokens layer."""
+        n = float(self.tokens)
+        return n * n + n
+
 
 @dataclass(frozen=True)
 class TokenMlpOptions(TokenOptions):
     """Options of the token-mixing MLPs."""
 
     ratio: float = described(0.5, "hidden width / embed_dim (timm's mlp_ratio[0]: Mixer 0.5, gMixer 1.0)", POSITIVE)
+
+    def params(self, dim: int) -> float:
+        n, hidden = float(self.tokens), dim * self.ratio
+        return 2 * n * hidden + hidden + n
 
 
 class AcrossTokens:
