@@ -53,6 +53,11 @@ class TokenOptions(GridOptions):
         ):
             if wrong:
                 raise ValueError(f"a block mixing tokens with weights across them {problem}; {fix}")
+        grid = spec.grid_size
+        if self.tokens != grid[0] * grid[1] + spec.num_prefix_tokens:
+            raise ValueError(f"grid={self.grid} and prefix={self.prefix} give {self.tokens} tokens, but the model has "
+                             f"{grid[0]} x {grid[1]} patches and {spec.num_prefix_tokens} prefix tokens; leave grid "
+                             f"and prefix unset (None) to follow the model")
 
     @property
     def tokens(self) -> int:
@@ -72,6 +77,12 @@ class TokenMlpOptions(TokenOptions):
     """Options of the token-mixing MLPs."""
 
     ratio: float = described(0.5, "hidden width / embed_dim (timm's mlp_ratio[0]: Mixer 0.5, gMixer 1.0)", POSITIVE)
+
+    def check(self, spec: Any) -> None:
+        super().check(spec)
+        if int(spec.embed_dim * self.ratio) < 2:
+            raise ValueError(f"ratio={self.ratio} gives a hidden width int({spec.embed_dim} * {self.ratio}) under 2; "
+                             f"use at least 2 / embed_dim")
 
     def params(self, dim: int) -> float:
         n, hidden = float(self.tokens), dim * self.ratio
@@ -115,7 +126,11 @@ def token_mlp(dim: int, num_heads: int, norm: NormFactory, attn_drop: float = 0.
 def token_glu(dim: int, num_heads: int, norm: NormFactory, attn_drop: float = 0.0, proj_drop: float = 0.0,
               layer: int = 0, *, options: TokenMlpOptions = TokenMlpOptions()) -> TokenGlu:
     """The ``token_glu`` attention entry: :class:`TokenGlu` of hidden width ``ratio * dim`` (gMixer)."""
-    return TokenGlu(options.tokens, int(dim * options.ratio), norm, proj_drop, act=nn.SiLU,
+    hidden = int(dim * options.ratio)
+    if hidden % 2:
+        raise ValueError(f"the hidden width int({dim} * ratio={options.ratio}) = {hidden} is odd, and value and gate "
+                         f"are its two halves; pick attn.ratio so that it is even")
+    return TokenGlu(options.tokens, hidden, norm, proj_drop, act=nn.SiLU,
                     options=PackedGluOptions(gate_last=True))
 
 
