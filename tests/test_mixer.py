@@ -16,6 +16,7 @@ from vitzoo.registry import list_models
 from vitzoo.spec import ViTSpec
 from vitzoo.timm_compat import from_timm
 from vitzoo.validate import timm_reference
+from vitzoo.weights.load import adapt_state_dict
 
 NAMES = list_models(["mixer_*", "gmixer_*", "resmlp_*", "gmlp_*"])
 SMALL = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_classes=10)
@@ -131,6 +132,10 @@ def test_patch_embedding_stored_as_another_name_round_trips():
     assert torch.equal(twin.patch_embed.proj.weight, model.patch_embed.proj.weight)
     with pytest.raises(ValueError, match="stored_as"):
         ViTSpec(patch_embed={"stored_as": "blocks"})
+    gray = vitzoo.create_model("mixer_s16_224", **SMALL, in_chans=1)
+    adapted, report = adapt_state_dict(gray, state)  # a pretrained kernel fitted to one input channel
+    gray.load_state_dict(adapted, strict=True)
+    assert any(line.startswith("stem.proj.weight: (32, 3, 8, 8) -> (32, 1, 8, 8)") for line in report.adapted)
 
 
 def test_validate_cuts_mlp_mixer_to_the_depth_asked():
