@@ -129,7 +129,7 @@ def test_from_timm_names_what_it_cannot_express(kwargs, message):
 
 
 def test_from_timm_refuses_other_families():
-    with pytest.raises(ValueError, match="from_timm reads timm.s VisionTransformer models, got Linear"):
+    with pytest.raises(ValueError, match="from_timm reads timm.s .*VisionTransformer.* models, got Linear"):
         vitzoo.from_timm(torch.nn.Linear(2, 2))
 
 
