@@ -38,6 +38,9 @@ AUTO_DEPTH = 2
 SEQUENCE_GRIDS = ((7, 5), (12, 20), (3, 3))  # patch grids of the images a NaFlexVit is compared on
 SUITE_HEADING = "## timm's own model tests"  # the section of docs/parity.md that tests/upstream writes
 PER_LAYER_TIMM_KWARGS = {"attn.kv_heads": "num_kv_heads"}  # per-layer spec options and timm's keyword for each
+# timm classes whose model functions fix the number of blocks themselves (MlpMixer's pass num_blocks=..., so no
+# keyword can change it): compared at reduced depth, they are built whole and cut with prune_intermediate_layers
+TIMM_FIXED_DEPTH: tuple[type, ...] = (timm.models.mlp_mixer.MlpMixer,)
 
 
 @dataclass
@@ -160,10 +163,24 @@ def reduced_depth(spec: ViTSpec, depth: int) -> tuple[dict[str, Any], dict[str, 
     return ours, {"depth": depth, **{PER_LAYER_TIMM_KWARGS[f]: ours[f] for f in per_layer}}
 
 
+def timm_reference(name: str, keywords: dict[str, Any]) -> nn.Module:
+    """timm's model ``name`` with random weights and ``keywords`` (from :func:`reduced_depth`); a class of
+    :data:`TIMM_FIXED_DEPTH` is built whole and cut to ``depth`` blocks by timm's own ``prune_intermediate_layers``."""
+    depth = keywords.get("depth")
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fixed = isinstance(timm.create_model(name), TIMM_FIXED_DEPTH)
+    if depth is None or not fixed:
+        return timm.create_model(name, pretrained=False, **keywords)
+    reference = timm.create_model(name, pretrained=False, **{k: v for k, v in keywords.items() if k != "depth"})
+    reference.prune_intermediate_layers([depth - 1], prune_norm=False, prune_head=False)
+    return reference
+
+
 def _compare(name: str, depth: int | None, result: Validation) -> None:
     ours, theirs = reduced_depth(model_spec(name), depth) if depth else ({}, {})
     torch.manual_seed(0)
-    reference = timm.create_model(name, pretrained=False, **theirs).eval()
+    reference = timm_reference(name, theirs).eval()
     model = create_model(name, **ours).eval()
     model.load_state_dict(reference.state_dict(), strict=True)
     torch.manual_seed(1)

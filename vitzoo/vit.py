@@ -55,6 +55,20 @@ def embeds_name(key: str) -> str:
     return key
 
 
+def stored_name(key: str, spec: ViTSpec) -> str:
+    """A state_dict key as the model with ``spec`` stores it: timm's NaFlexVit layout with ``patch_embed.embeds``, the
+    patch embedding under ``patch_embed.stored_as`` (``stem.proj.weight``); any other key unchanged."""
+    if spec.get("patch_embed.embeds"):
+        return embeds_name(key)
+    stored = spec.get("patch_embed.stored_as") or "patch_embed"
+    return stored + key.removeprefix("patch_embed") if key.startswith("patch_embed.") else key
+
+
+def renames_keys(spec: ViTSpec) -> bool:
+    """Whether the model with ``spec`` stores some parts under other names than it holds them (:func:`stored_name`)."""
+    return bool(spec.get("patch_embed.embeds")) or spec.get("patch_embed.stored_as") not in (None, "patch_embed")
+
+
 @torch.fx.wrap
 def grid_dependent(block: nn.Module, *args: Any) -> Any:
     """``block(*args)`` for a block whose output depends on the patch grid (position table, rotary angles).
@@ -108,9 +122,9 @@ class VisionTransformer(nn.Module):
         cfg = {**DEFAULT_CFG, **(pretrained_cfg or {}), **self._derived_cfg(pretrained_cfg or {})}
         self.pretrained_cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}  # timm's types
         self._init_linear(self)
-        if spec.get("patch_embed.embeds"):
-            self.register_state_dict_post_hook(_save_naflex_names)
-            self.register_load_state_dict_pre_hook(_load_naflex_names)
+        if renames_keys(spec):
+            self.register_state_dict_post_hook(_save_stored_names)
+            self.register_load_state_dict_pre_hook(_load_stored_names)
 
     # construction -------------------------------------------------------------------------------
     def _build(self, table: BlockTable, slot: str, layer: int, *args: Any) -> nn.Module:
@@ -162,16 +176,20 @@ class VisionTransformer(nn.Module):
 
     def _stored_name(self, key: str) -> str:
         """What the state_dict calls the parameter or module the model holds as ``key``."""
-        return embeds_name(key) if self.spec.get("patch_embed.embeds") else key
+        return stored_name(key, self.spec)
 
     @staticmethod
     def _init_linear(module: nn.Module) -> None:
-        """timm's default init for linear layers: truncated normal (std 0.02), zero bias."""
+        """timm's default init for linear layers: truncated normal (std 0.02), zero bias; then a block's own
+        ``init_weights()`` where it has one (timm's convention: gMLP's gate starts at weight ~0, bias 1)."""
         for m in module.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+        for m in module.modules():
+            if m is not module and callable(getattr(m, "init_weights", None)):
+                m.init_weights()
 
     # timm-compatible attributes -----------------------------------------------------------------
     @property
@@ -456,23 +474,24 @@ class VisionTransformer(nn.Module):
         )
 
 
-def _save_naflex_names(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
-    """``state_dict`` hook of a model with ``patch_embed={"embeds": True}``: its embedding parts named as timm's
-    NaFlexVit names them (``embeds.proj.weight``, ``embeds.pos_embed``), in place and in order."""
+def _save_stored_names(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """``state_dict`` hook of a model whose spec renames keys (:func:`renames_keys`): its parts named as timm's
+    checkpoints name them (NaFlexVit's ``embeds.proj.weight``, MlpMixer's ``stem.proj.weight``), in place and in
+    order."""
     items = list(state_dict.items())
     state_dict.clear()
     for key, value in items:
         own = key.startswith(prefix)
-        state_dict[prefix + embeds_name(key.removeprefix(prefix)) if own else key] = value
+        state_dict[prefix + module._stored_name(key.removeprefix(prefix)) if own else key] = value
 
 
-def _load_naflex_names(
+def _load_stored_names(
     module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict, strict: bool, missing: list,
     unexpected: list, errors: list,
 ) -> None:
-    """``load_state_dict`` hook of a model with ``patch_embed={"embeds": True}``: timm's NaFlexVit names back to the
-    modules the model holds, so its checkpoints load with ``strict=True``."""
-    stored = {prefix + embeds_name(name): prefix + name for name, _ in module.named_parameters()}
-    stored.update({prefix + embeds_name(name): prefix + name for name, _ in module.named_buffers()})
+    """``load_state_dict`` hook of a model whose spec renames keys: timm's names back to the modules the model
+    holds, so its checkpoints load with ``strict=True``."""
+    names = [name for name, _ in (*module.named_parameters(), *module.named_buffers())]
+    stored = {prefix + module._stored_name(name): prefix + name for name in names}
     for key in [k for k in state_dict if k in stored and stored[k] != k]:
         state_dict[stored[key]] = state_dict.pop(key)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from vitzoo.blocks.attention import ATTENTIONS
 from vitzoo.blocks.attn_bias import ATTN_BIASES  # also registers the relative-position attentions
 from vitzoo.blocks.encoder import ENCODER_BLOCKS
+from vitzoo.blocks.mixer import TokenOptions  # registers the all-MLP token mixers (MLP-Mixer, ResMLP, gMLP)
 from vitzoo.blocks.mlp import MLPS
 from vitzoo.blocks.neck import NECKS
 from vitzoo.blocks.norm import NORMS
@@ -61,4 +62,7 @@ def register_block(
     return slot_table(slot).register(name, factory, options=options, overwrite=overwrite, verify=True)
 
 
-__all__ = ["OUTER_SLOTS", "SLOTS", "BlockContractError", "BlockOptions", "BlockTable", "register_block", "slot_table"]
+__all__ = [
+    "OUTER_SLOTS", "SLOTS", "BlockContractError", "BlockOptions", "BlockTable", "TokenOptions", "register_block",
+    "slot_table",
+]

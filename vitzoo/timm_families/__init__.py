@@ -15,6 +15,6 @@ from vitzoo.spec import ViTSpec
 
 READERS: dict[type, Callable[[nn.Module], ViTSpec]] = {}
 
-from vitzoo.timm_families import beit, relpos  # noqa: E402  (the readers import this package's helpers)
+from vitzoo.timm_families import beit, mixer, relpos  # noqa: E402  (the readers import this package's helpers)
 
-READERS.update({beit.TIMM_CLASS: beit.spec, relpos.TIMM_CLASS: relpos.spec})
+READERS.update({module.TIMM_CLASS: module.spec for module in (beit, mixer, relpos)})
