@@ -59,7 +59,7 @@ class ViTSpec:
     """Everything that makes two Vision Transformers different.
 
     Slot fields (``patch_embed``, ``pos_embed``, ``attn``, ``mlp``, ``norm``, ``block``, ``pool``,
-    ``rope``) name entries of the block tables in :mod:`vitzoo.blocks` with their options; ``attn``,
+    ``rope``, ``prefix_join``) name entries of the block tables in :mod:`vitzoo.blocks` with their options; ``attn``,
     ``mlp`` and ``block`` also take one name, and one value of each option, per layer. Specs are plain
     data: they round-trip through :meth:`to_dict` / :meth:`from_dict` (and so TOML), and checkpoints
     carry them.
@@ -88,6 +88,8 @@ class ViTSpec:
     pool: Choice = described(Choice("token"), "readout: token | avg | max | avgmax | map | none")
     rope: Choice = described(
         Choice("none"), "rotary positions on q/k inside attention: none | axial (EVA-02) | dinov3 | mixed")
+    prefix_join: Choice = described(
+        Choice("front"), "where the prefix tokens join: front (before block `at`; ConViT: 10) | class_attn (CaiT)")
     # prefix tokens
     class_token: bool = described(True, "learned [CLS] token in front")
     dist_token: bool = described(False, "DeiT distillation token after [CLS], read by a second head")
@@ -162,8 +164,14 @@ class ViTSpec:
 
     @property
     def positioned_prefix(self) -> int:
-        """Prefix tokens that have rows in the position table (none with ``pos_embed.prefix=false``)."""
-        return self.num_prefix_tokens if self.get("pos_embed.prefix") is not False else 0
+        """Prefix tokens that have rows in the position table (none with ``pos_embed.prefix=false``, nor when they
+        join after the first block)."""
+        return self.num_prefix_tokens if self.get("pos_embed.prefix") is not False and self.join_at == 0 else 0
+
+    @property
+    def join_at(self) -> int:
+        """The block before which the prefix tokens join the patch tokens (``depth``: after the last block)."""
+        return self.layer("prefix_join")[1].joins_at(self.depth)
 
     @property
     def final_norm_at(self) -> str:

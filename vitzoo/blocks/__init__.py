@@ -1,7 +1,7 @@
 """Swappable building blocks, one string-keyed table per slot.
 
 The slot names are the spec fields that choose from them: ``patch_embed``, ``pos_embed``, ``attn``,
-``mlp``, ``norm``, ``block``, ``pool`` and ``rope``. Each table's module documents its constructor contract.
+``mlp``, ``norm``, ``block``, ``pool``, ``rope`` and ``prefix_join``. Each table's module documents its constructor contract.
 Tables of blocks built around a model rather than inside it (``neck``: dense features for detection and
 segmentation) are in ``OUTER_SLOTS``: no spec field names them, but they register and look up the same way.
 """
@@ -12,6 +12,8 @@ from collections.abc import Callable
 
 from vitzoo.blocks.attention import ATTENTIONS
 from vitzoo.blocks.encoder import ENCODER_BLOCKS
+from vitzoo.blocks.head_mixing import GatedPositionalAttention, TalkingHeadsAttention
+from vitzoo.blocks.join import JOINS
 from vitzoo.blocks.mlp import MLPS
 from vitzoo.blocks.neck import NECKS
 from vitzoo.blocks.norm import NORMS
@@ -25,7 +27,7 @@ from vitzoo.errors import did_you_mean
 
 SLOTS: dict[str, BlockTable] = {
     table.slot: table
-    for table in (PATCH_EMBEDS, POSITIONS, ATTENTIONS, MLPS, NORMS, ENCODER_BLOCKS, POOLS, ROPES)
+    for table in (PATCH_EMBEDS, POSITIONS, ATTENTIONS, MLPS, NORMS, ENCODER_BLOCKS, POOLS, ROPES, JOINS)
 }
 OUTER_SLOTS: dict[str, BlockTable] = {NECKS.slot: NECKS}  # built beside a model, outside its spec
 
@@ -59,4 +61,7 @@ def register_block(
     return slot_table(slot).register(name, factory, options=options, overwrite=overwrite, verify=True)
 
 
-__all__ = ["OUTER_SLOTS", "SLOTS", "BlockContractError", "BlockOptions", "BlockTable", "register_block", "slot_table"]
+__all__ = [
+    "OUTER_SLOTS", "SLOTS", "BlockContractError", "BlockOptions", "BlockTable", "GatedPositionalAttention",
+    "TalkingHeadsAttention", "register_block", "slot_table",
+]

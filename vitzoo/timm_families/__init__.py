@@ -14,3 +14,7 @@ from torch import nn
 from vitzoo.spec import ViTSpec
 
 READERS: dict[type, Callable[[nn.Module], ViTSpec]] = {}
+
+from vitzoo.timm_families import cait, convit  # noqa: E402  (the readers import this package's helpers' module)
+
+READERS.update({cait.TIMM_CLASS: cait.spec, convit.TIMM_CLASS: convit.spec})
