@@ -25,6 +25,8 @@ def _spec_for(slot: str, name: str) -> ViTSpec:
         changes["attn"] = "diff"
     if name == "gqa":  # two query heads per key/value head
         changes["attn"] = {"name": "gqa", "kv_heads": 2}
+    if name == "gpsa":  # over the patch grid alone: the class token joins after its blocks
+        changes["prefix_join"] = {"at": SMALL["depth"]}
     if name == "eva_attn_scale":  # LayerScale on the attention branch only
         changes["block"] = {"name": name, "layer_scale": 0.1}
     keywords = getattr(slot_table(slot).get(name), "keywords", {})

@@ -38,6 +38,7 @@ DEFAULT_CFG = {
 # need real tensors and shapes
 torch.fx.wrap("checked_images")
 torch.fx.wrap("rearrange")
+torch.fx.wrap("repeat")
 torch.fx.wrap("drop_patch_tokens")
 # the state_dict names of timm's NaFlexVit (``patch_embed={"embeds": True}``): what the model holds itself -> under
 # ``embeds.`` (exact names, or prefixes)

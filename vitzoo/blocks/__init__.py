@@ -1,7 +1,8 @@
 """Swappable building blocks, one string-keyed table per slot.
 
 The slot names are the spec fields that choose from them: ``patch_embed``, ``pos_embed``, ``attn``,
-``mlp``, ``norm``, ``block``, ``pool``, ``rope`` and ``prefix_join``. Each table's module documents its constructor contract.
+``mlp``, ``norm``, ``block``, ``pool``, ``rope`` and ``prefix_join``. Each table's module documents its
+constructor contract.
 Tables of blocks built around a model rather than inside it (``neck``: dense features for detection and
 segmentation) are in ``OUTER_SLOTS``: no spec field names them, but they register and look up the same way.
 """

@@ -20,6 +20,7 @@ from vitzoo.blocks.rope import Rotation, rotate
 torch.fx.wrap("rearrange")
 torch.fx.wrap("repeat")
 torch.fx.wrap("einsum")
+DEFAULTS = AttentionOptions()
 
 
 def mix_heads(scores: torch.Tensor, mix: nn.Linear) -> torch.Tensor:
@@ -37,7 +38,7 @@ class TalkingHeadsAttention(Attention):
 
     def __init__(
         self, dim: int, num_heads: int, norm: NormFactory, attn_drop: float = 0.0, proj_drop: float = 0.0,
-        layer: int = 0, *, options: AttentionOptions = AttentionOptions(),
+        layer: int = 0, *, options: AttentionOptions = DEFAULTS,
     ) -> None:
         super().__init__(dim, num_heads, norm, attn_drop, proj_drop, layer, options=options)
         self.proj_l = nn.Linear(num_heads, num_heads)

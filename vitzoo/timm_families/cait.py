@@ -46,7 +46,8 @@ def spec(model: Cait) -> ViTSpec:
     for i, block in enumerate(model.blocks):
         if type(block) is not LayerScaleBlock or type(block.attn) is not TalkingHeadAttn:
             raise refuse(f"blocks.{i}", f"{type(block).__name__} with {type(block.attn).__name__}", "block_layers")
-        if common(model, f"blocks.{i}", block) != fixed or _present(block.attn.qkv.bias) != _present(first.attn.qkv.bias):
+        same_bias = (block.attn.qkv.bias is None) == (first.attn.qkv.bias is None)
+        if common(model, f"blocks.{i}", block) != fixed or not same_bias:
             raise refuse(f"blocks.{i}", "a norm, MLP or qkv bias unlike blocks.0", "block_layers")
         if getattr(block.drop_path, "drop_prob", 0.0) > 0:  # vitzoo's rate rises from 0 at block 0
             raise refuse(f"blocks.{i}.drop_path", "the same rate in every block", "drop_path_rate")
