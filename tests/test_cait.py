@@ -139,3 +139,12 @@ def test_spec_round_trip_and_fx():
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert (traced(x) - model(x)).abs().max() <= TOL
+
+
+def test_gpsa_starts_as_a_convolution():
+    """Relative offsets and the local init as timm's GPSA has them."""
+    ours = vitzoo.create_model("convit_tiny", img_size=32).blocks[0].attn
+    theirs = timm.create_model("convit_tiny", img_size=32).blocks[0].attn
+    assert torch.equal(ours.rel_indices, theirs.get_rel_indices(4)[0])
+    assert torch.equal(ours.v.weight, theirs.v.weight)
+    assert torch.equal(ours.pos_proj.weight, theirs.pos_proj.weight)  # 4 heads: all on the 2 x 2 kernel

@@ -176,15 +176,15 @@ class VisionTransformer(nn.Module):
     @staticmethod
     def _init_linear(module: nn.Module) -> None:
         """timm's default init for linear layers: truncated normal (std 0.02), zero bias; then the blocks that
-        start otherwise (ConViT's GPSA as a convolution) run their ``init_weights``."""
+        start otherwise (ConViT's GPSA as a convolution) run their ``init_block_weights``."""
         for m in module.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
         for m in module.modules():
-            if hasattr(m, "init_weights"):
-                m.init_weights()
+            if hasattr(m, "init_block_weights"):  # a name of vitzoo blocks only (timm CNNs have init_weights)
+                m.init_block_weights()
 
     # timm-compatible attributes -----------------------------------------------------------------
     @property

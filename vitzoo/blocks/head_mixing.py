@@ -24,9 +24,9 @@ DEFAULTS = AttentionOptions()
 
 
 def mix_heads(scores: torch.Tensor, mix: nn.Linear) -> torch.Tensor:
-    """``(b, heads, n, m)`` scores -> ``(b, heads, n, m)``: each output head a learned combination of all heads."""
-    scores = einsum(scores, mix.weight, "b h n m, g h -> b g n m")
-    return scores + rearrange(mix.bias, "g -> g 1 1")
+    """``(b, heads, n, m)`` scores -> ``(b, heads, n, m)``: each output head a learned combination of all heads
+    (the linear map over heads runs on a heads-last view, bias fused, as timm runs it)."""
+    return rearrange(mix(rearrange(scores, "b h n m -> b n m h")), "b n m g -> b g n m")
 
 
 class TalkingHeadsAttention(Attention):
@@ -90,7 +90,7 @@ class GatedPositionalAttention(Attention):
     ``F.scaled_dot_product_attention``) with positional attention, a softmax over keys of ``pos_proj`` applied to
     each (query, key) pair's relative offsets on the patch grid. The offsets are a buffer made once for the grid,
     and the positional map is computed once per forward for the whole batch. Initialized as a convolution
-    (:meth:`init_weights`, timm's ``local_init`` with locality strength 1). Stored as ``qk`` (q and k packed, no
+    (:meth:`init_block_weights`, timm's ``local_init`` with locality strength 1). Stored as ``qk`` (q and k packed, no
     separate bias for k), ``v``, ``pos_proj`` (3 -> heads), ``gating_param``, ``proj``.
     """
 
@@ -122,7 +122,7 @@ class GatedPositionalAttention(Attention):
         return self.proj_drop(self.proj(self.norm(x)))
 
     @torch.no_grad()
-    def init_weights(self) -> None:
+    def init_block_weights(self) -> None:
         """Start as a convolution (timm's ``local_init``): ``v`` the identity, and the first ``k * k`` heads
         (``k = int(sqrt(heads))``) each attending around one offset of a ``k x k`` kernel."""
         self.v.weight.copy_(torch.eye(self.v.weight.shape[0]))
