@@ -50,7 +50,7 @@ class TalkingHeadsAttention(Attention):
         q, k = self.q_norm(q), self.k_norm(k)
         if rotation is not None:
             q, k = rotate(q, rotation), rotate(k, rotation)
-        scores = mix_heads(einsum(q * self.scale, k, "b h n d, b h m d -> b h n m"), self.proj_l)
+        scores = mix_heads((q * self.scale) @ rearrange(k, "b h m d -> b h d m"), self.proj_l)
         if mask is not None:
             scores = scores.masked_fill(~mask, -math.inf)
         weights = mix_heads(scores.softmax(dim=-1), self.proj_w)
