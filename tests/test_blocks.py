@@ -27,6 +27,8 @@ def _spec_for(slot: str, name: str) -> ViTSpec:
         changes["attn"] = {"name": "gqa", "kv_heads": 2}
     if (slot, name) in (("attn", "none"), ("block", "gmlp")):  # gMLP: its MLP mixes tokens, no attention branch
         changes.update(attn="none", block="gmlp", mlp="spatial_gating")
+    if name == "gpsa":  # over the patch grid alone: the class token joins after its blocks
+        changes["prefix_join"] = {"at": SMALL["depth"]}
     if name == "eva_attn_scale":  # LayerScale on the attention branch only
         changes["block"] = {"name": name, "layer_scale": 0.1}
     keywords = getattr(slot_table(slot).get(name), "keywords", {})

@@ -59,9 +59,9 @@ class ViTSpec:
     """Everything that makes two Vision Transformers different.
 
     Slot fields (``patch_embed``, ``pos_embed``, ``attn``, ``mlp``, ``norm``, ``block``, ``pool``,
-    ``rope``, ``attn_bias``) name entries of the block tables in :mod:`vitzoo.blocks` with their options; ``attn``,
-    ``mlp`` and ``block`` also take one name, and one value of each option, per layer. Specs are plain
-    data: they round-trip through :meth:`to_dict` / :meth:`from_dict` (and so TOML), and checkpoints
+    ``rope``, ``attn_bias``, ``prefix_join``) name entries of the block tables in :mod:`vitzoo.blocks` with their
+    options; ``attn``, ``mlp`` and ``block`` also take one name, and one value of each option, per layer. Specs are
+    plain data: they round-trip through :meth:`to_dict` / :meth:`from_dict` (and so TOML), and checkpoints
     carry them.
     """
 
@@ -91,6 +91,8 @@ class ViTSpec:
     attn_bias: Choice = described(
         Choice("none"), "one bias on every block's attention logits, computed once per forward: none | relpos_mlp | "
         "relpos_bias (timm's shared_rel_pos)")
+    prefix_join: Choice = described(
+        Choice("front"), "where the prefix tokens join: front (before block `at`; ConViT: 10) | class_attn (CaiT)")
     # prefix tokens
     class_token: bool = described(True, "learned [CLS] token in front")
     dist_token: bool = described(False, "DeiT distillation token after [CLS], read by a second head")
@@ -139,6 +141,9 @@ class ViTSpec:
             fail("drop.patch", "dropping patch tokens would misalign the rotary positions; use rope='none'")
         if self.attn_bias.name != "none" and self.drop.patch > 0:
             fail("drop.patch", "dropping patch tokens would misalign the attention bias; use attn_bias='none'")
+        if self.attn_bias.name != "none" and self.join_at:
+            fail("attn_bias", "its bias is laid out for all tokens from the first block, but prefix_join adds the "
+                 "prefix tokens later; use attn_bias='none' or prefix_join='front' with at=0")
         if self.embed_dim * self.mlp_ratio < 1:  # compared as floats: no overflow
             fail("mlp_ratio", f"gives an MLP of hidden width int({self.embed_dim} * {self.mlp_ratio}) = 0; "
                  f"use at least 1 / embed_dim")
@@ -167,8 +172,14 @@ class ViTSpec:
 
     @property
     def positioned_prefix(self) -> int:
-        """Prefix tokens that have rows in the position table (none with ``pos_embed.prefix=false``)."""
-        return self.num_prefix_tokens if self.get("pos_embed.prefix") is not False else 0
+        """Prefix tokens that have rows in the position table (none with ``pos_embed.prefix=false``, nor when they
+        join after the first block)."""
+        return self.num_prefix_tokens if self.get("pos_embed.prefix") is not False and self.join_at == 0 else 0
+
+    @property
+    def join_at(self) -> int:
+        """The block before which the prefix tokens join the patch tokens (``depth``: after the last block)."""
+        return self.layer("prefix_join")[1].joins_at(self.depth)
 
     @property
     def final_norm_at(self) -> str:

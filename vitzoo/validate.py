@@ -26,6 +26,7 @@ import timm
 import torch
 from torch import nn
 
+from vitzoo.choice import PER_LAYER_SLOTS
 from vitzoo.errors import did_you_mean
 from vitzoo.packing import output_order, pack_images
 from vitzoo.registry import create_model, list_models, model_spec
@@ -152,14 +153,17 @@ def _block_outputs(model: nn.Module) -> tuple[list[torch.Tensor], list]:
 
 
 def reduced_depth(spec: ViTSpec, depth: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(vitzoo overrides, timm keywords) that cut a model to ``depth`` blocks. Per-layer settings keep the
-    first layer of each distinct setting before any other, so the cut model still has every kind of block
-    (Sapiens2 at 2 blocks: one full-head and one grouped-query block)."""
+    """(vitzoo overrides, timm keywords) that cut a model to ``depth`` blocks. Per-layer settings (entry names
+    included; timm has no keyword for those) keep the first layer of each distinct setting before any other, so
+    the cut model still has every kind of block (Sapiens2 at 2 blocks: one full-head and one grouped-query block)."""
     per_layer = {f: spec.get(f) for f in PER_LAYER_TIMM_KWARGS if isinstance(spec.get(f), tuple)}
-    rows = list(zip(*per_layer.values(), strict=True)) if per_layer else [()] * spec.depth
+    names = {slot: getattr(spec, slot).name for slot in PER_LAYER_SLOTS if isinstance(getattr(spec, slot).name, tuple)}
+    rows = list(zip(*per_layer.values(), *names.values(), strict=True)) if per_layer or names else [()] * spec.depth
     firsts = sorted({row: i for i, row in reversed(list(enumerate(rows)))}.values())
     keep = sorted((firsts + [i for i in range(spec.depth) if i not in firsts])[:depth])
     ours = {"depth": depth, **{f: tuple(values[i] for i in keep) for f, values in per_layer.items()}}
+    for slot, values in names.items():  # the entry names per layer, with the options set on them
+        ours[slot] = {**getattr(spec, slot).to_data(), "name": tuple(values[i] for i in keep)}
     return ours, {"depth": depth, **{PER_LAYER_TIMM_KWARGS[f]: ours[f] for f in per_layer}}
 
 

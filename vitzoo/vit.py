@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -14,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 from vitzoo.blocks.attention import ATTENTIONS
 from vitzoo.blocks.attn_bias import ATTN_BIASES
 from vitzoo.blocks.encoder import ENCODER_BLOCKS
+from vitzoo.blocks.join import JOINS
 from vitzoo.blocks.mlp import MLPS
 from vitzoo.blocks.norm import NORMS, NormFactory
 from vitzoo.blocks.patch import PATCH_EMBEDS, HybridPatchEmbed
@@ -38,6 +39,7 @@ DEFAULT_CFG = {
 # need real tensors and shapes
 torch.fx.wrap("checked_images")
 torch.fx.wrap("rearrange")
+torch.fx.wrap("repeat")
 torch.fx.wrap("drop_patch_tokens")
 # the state_dict names of timm's NaFlexVit (``patch_embed={"embeds": True}``): what the model holds itself -> under
 # ``embeds.`` (exact names, or prefixes)
@@ -99,7 +101,9 @@ class VisionTransformer(nn.Module):
         self.patch_embed = self._build(PATCH_EMBEDS, "patch_embed", 0, spec.patch_size, spec.in_chans, dim, norm)
         for name, param in make_prefix_tokens(dim, spec.class_token, spec.dist_token, spec.reg_tokens).items():
             setattr(self, name, param)
-        self.position = self._build(POSITIONS, "pos_embed", 0, spec.grid_size, dim, spec.num_prefix_tokens)
+        self._join_at = spec.join_at  # the prefix tokens join before this block (0: with the patch tokens)
+        self.position = self._build(POSITIONS, "pos_embed", 0, spec.grid_size, dim,
+                                    spec.num_prefix_tokens if self._join_at == 0 else 0)
         self.pos_embed = self.position.init_table()
         with torch.no_grad():  # which of the position contract's layouts this entry gives, fixed here once
             pos = self.position(self.pos_embed, spec.grid_size)
@@ -112,6 +116,10 @@ class VisionTransformer(nn.Module):
         self.norm_pre = norm(dim) if spec.pre_norm else nn.Identity()
         drop_path = [spec.drop.path * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.Sequential(*(self._make_block(i, norm, drop_path[i]) for i in range(depth)))
+        join = self._build(JOINS, "prefix_join", 0, dim, spec.num_heads, spec.mlp_ratio, norm, self._mlp_factory(),
+                           spec.num_prefix_tokens)
+        self._join_name = join.stored_as  # e.g. CaiT's class-attention blocks, under timm's blocks_token_only
+        self.add_module(self._join_name, join)
         self.norm = norm(dim) if spec.final_norm_at == "tokens" else nn.Identity()
         self.attn_pool = self._make_pool()
         self.fc_norm = norm(dim) if spec.final_norm_at == "pooled" else nn.Identity()
@@ -142,15 +150,19 @@ class VisionTransformer(nn.Module):
         mlp = self._build(MLPS, "mlp", i, dim, int(dim * spec.mlp_ratio), norm, spec.drop.proj)
         return self._build(ENCODER_BLOCKS, "block", i, dim, attn, mlp, norm, drop_path)
 
-    def _make_pool(self) -> nn.Module:
-        spec, norm = self.spec, self._norm_factory()
-        mlp_name = spec.layer("mlp", spec.depth - 1)[0]  # the pooling MLP is the last block's kind, bias on
+    def _mlp_factory(self) -> Callable[[int, int], nn.Module]:
+        """``mlp(dim, hidden)``: the last block's kind of MLP, bias on, for the blocks outside the encoder."""
+        norm, mlp_name = self._norm_factory(), self.spec.layer("mlp", self.spec.depth - 1)[0]
 
         def mlp(dim: int, hidden: int) -> nn.Module:
             return MLPS.build(mlp_name, dim, hidden, norm, 0.0)
 
-        return self._build(POOLS, "pool", 0, spec.embed_dim, spec.num_heads, spec.mlp_ratio, norm, mlp,
-                           spec.num_prefix_tokens)
+        return mlp
+
+    def _make_pool(self) -> nn.Module:
+        spec = self.spec
+        return self._build(POOLS, "pool", 0, spec.embed_dim, spec.num_heads, spec.mlp_ratio, self._norm_factory(),
+                           self._mlp_factory(), spec.num_prefix_tokens)
 
     def _make_heads(self) -> None:
         """``head`` (and DeiT's ``head_dist``): a linear classifier, or Identity when num_classes=0."""
@@ -180,16 +192,17 @@ class VisionTransformer(nn.Module):
 
     @staticmethod
     def _init_linear(module: nn.Module) -> None:
-        """timm's default init for linear layers: truncated normal (std 0.02), zero bias; then a block's own
-        ``init_weights()`` where it has one (timm's convention: gMLP's gate starts at weight ~0, bias 1)."""
+        """timm's default init for linear layers: truncated normal (std 0.02), zero bias; then the blocks that
+        start otherwise (ConViT's GPSA as a convolution, gMLP's gate at weight ~0 and bias 1) run their
+        ``init_block_weights``."""
         for m in module.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
         for m in module.modules():
-            if m is not module and callable(getattr(m, "init_weights", None)):
-                m.init_weights()
+            if hasattr(m, "init_block_weights"):  # a name of vitzoo blocks only (timm CNNs have init_weights)
+                m.init_block_weights()
 
     # timm-compatible attributes -----------------------------------------------------------------
     @property
@@ -269,9 +282,10 @@ class VisionTransformer(nn.Module):
         take = block_indices(len(self.blocks), indices)
         depth = max(take) + 1
         changes: dict[str, Any] = {}
-        if depth < len(self.blocks):
+        if depth < len(self.blocks):  # prefix tokens due to join after the last block kept join after it
             self.blocks = self.blocks[:depth]
             changes.update(self.spec.first_layers(depth))
+            self._join_at = min(self._join_at, depth)
         if prune_norm and self.spec.final_norm_at == "tokens":
             self.norm = nn.Identity()
             changes["final_norm"] = "none"
@@ -306,7 +320,7 @@ class VisionTransformer(nn.Module):
         patches = self.patch_embed(images)  # (b, h, w, d): a patch embedding that pads gives the larger grid
         grid = (patches.shape[1], patches.shape[2])
         x = rearrange(patches, "b h w d -> b (h w) d")
-        tokens = self._prefix_tokens()
+        tokens = self._prefix_tokens() if self._join_at == 0 else []
         if self._pos_with_prefix is None:
             x = prepend_tokens(x, tokens)
         elif self._pos_with_prefix:
@@ -315,12 +329,21 @@ class VisionTransformer(nn.Module):
             x = prepend_tokens(x + grid_dependent(self.position, self.pos_embed, grid), tokens)
         x = self.pos_drop(x)
         if self.training and self.spec.drop.patch > 0:
-            x = drop_patch_tokens(x, self.num_prefix_tokens, self.spec.drop.patch)
+            x = drop_patch_tokens(x, self.num_prefix_tokens if tokens else 0, self.spec.drop.patch)
         return self.norm_pre(x), grid
 
     def _prefix_tokens(self) -> list[nn.Parameter]:
         """The class, distillation and register tokens this model has, in their order in front of the patches."""
         return [t for t in (self.cls_token, self.dist_token, self.reg_token) if t is not None]
+
+    def _joined(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        """``x`` as block ``i`` takes it (``i = len(blocks)``: as the final norm does): the prefix tokens join
+        here if the ``prefix_join`` entry puts them before this block (before block 0, :meth:`_embed` did)."""
+        tokens = self._prefix_tokens()
+        if i != self._join_at or i == 0 or not tokens:
+            return x
+        prefix = torch.cat([repeat(t, "1 k d -> b k d", b=x.shape[0]) for t in tokens], dim=1)
+        return getattr(self, self._join_name)(x, prefix.to(x.dtype))
 
     def _rotation(self, grid: tuple[int, int]) -> Rotation | None:
         """The rotary positions for ``grid``, None for a model without RoPE."""
@@ -343,6 +366,9 @@ class VisionTransformer(nn.Module):
         if spec.attn_bias.name != "none":
             raise ValueError(f"attn_bias={spec.attn_bias.name!r} is laid out for the patch grid of one image batch; "
                              f"feed this model images, not patch sequences")
+        if self._join_at:
+            raise ValueError(f"prefix_join={spec.prefix_join.name!r} puts the prefix tokens in after block 0; patch "
+                             f"sequences take them in front from the start: feed this model images")
         patches, coord, valid, image = checked_sequence(batch, next(self.parameters()), spec.in_chans, p)
         layout = SequenceLayout.of(coord, valid, image, self.num_prefix_tokens)
         cells = rearrange(patches, "b n (p1 p2 c) -> (b n) c p1 p2", p1=p, p2=p)
@@ -392,8 +418,8 @@ class VisionTransformer(nn.Module):
         x, grid = self._embed(images)
         rotation, bias = self._rotation(grid), self._attn_bias(grid)
         for i in range(len(self.blocks)):
-            x = self._run_block(i, x, rotation, bias)
-        return self.norm(x)
+            x = self._run_block(i, self._joined(x, i), rotation, bias)
+        return self.norm(self._joined(x, len(self.blocks)))
 
     def _sequence_features(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         x, layout = self._embed_sequence(batch)
@@ -441,27 +467,27 @@ class VisionTransformer(nn.Module):
 
         ``indices``: the last n blocks if an int, those blocks if a sequence (negative counts from
         the end), all if None. Intermediates drop the prefix tokens (``return_prefix_tokens`` pairs
-        them back) and come as ``(b, dim, h, w)`` for ``output_fmt="NCHW"`` or ``(b, h*w, dim)``
-        for ``"NLC"``.
+        them back; a block that runs before they join has none) and come as ``(b, dim, h, w)`` for
+        ``output_fmt="NCHW"`` or ``(b, h*w, dim)`` for ``"NLC"``.
         """
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         take = block_indices(len(self.blocks), indices)
         x, (h, w) = self._embed(images)
         rotation, bias = self._rotation((h, w)), self._attn_bias((h, w))
-        states = []
+        states, n_prefix = [], []
         for i in range(max(take) + 1 if stop_early else len(self.blocks)):
-            x = self._run_block(i, x, rotation, bias)
+            x = self._run_block(i, self._joined(x, i), rotation, bias)
             if i in take:
                 states.append(self.norm(x) if norm else x)
-        n_prefix = self.num_prefix_tokens
-        prefix = [s[:, :n_prefix] for s in states]
-        states = [s[:, n_prefix:] for s in states]
+                n_prefix.append(self.num_prefix_tokens if i >= self._join_at else 0)
+        prefix = [s[:, :n] for s, n in zip(states, n_prefix, strict=True)]
+        states = [s[:, n:] for s, n in zip(states, n_prefix, strict=True)]
         if output_fmt == "NCHW":
             states = [rearrange(s, "b (h w) d -> b d h w", h=h) for s in states]
-        if return_prefix_tokens and n_prefix:
+        if return_prefix_tokens and self.num_prefix_tokens:
             states = list(zip(states, prefix, strict=True))
-        return states if intermediates_only else (self.norm(x), states)
+        return states if intermediates_only else (self.norm(self._joined(x, len(self.blocks))), states)
 
     def get_intermediate_layers(
         self, images: torch.Tensor, n: int | Sequence[int] = 1, reshape: bool = False,

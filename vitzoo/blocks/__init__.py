@@ -1,8 +1,8 @@
 """Swappable building blocks, one string-keyed table per slot.
 
 The slot names are the spec fields that choose from them: ``patch_embed``, ``pos_embed``, ``attn``,
-``mlp``, ``norm``, ``block``, ``pool``, ``rope`` and ``attn_bias``. Each table's module documents its constructor
-contract.
+``mlp``, ``norm``, ``block``, ``pool``, ``rope``, ``attn_bias`` and ``prefix_join``. Each table's module documents
+its constructor contract.
 Tables of blocks built around a model rather than inside it (``neck``: dense features for detection and
 segmentation) are in ``OUTER_SLOTS``: no spec field names them, but they register and look up the same way.
 """
@@ -14,6 +14,8 @@ from collections.abc import Callable
 from vitzoo.blocks.attention import ATTENTIONS
 from vitzoo.blocks.attn_bias import ATTN_BIASES  # also registers the relative-position attentions
 from vitzoo.blocks.encoder import ENCODER_BLOCKS
+from vitzoo.blocks.head_mixing import GatedPositionalAttention, TalkingHeadsAttention
+from vitzoo.blocks.join import JOINS
 from vitzoo.blocks.mixer import TokenOptions  # registers the all-MLP token mixers (MLP-Mixer, ResMLP, gMLP)
 from vitzoo.blocks.mlp import MLPS
 from vitzoo.blocks.neck import NECKS
@@ -28,7 +30,7 @@ from vitzoo.errors import did_you_mean
 
 SLOTS: dict[str, BlockTable] = {
     table.slot: table
-    for table in (PATCH_EMBEDS, POSITIONS, ATTENTIONS, MLPS, NORMS, ENCODER_BLOCKS, POOLS, ROPES, ATTN_BIASES)
+    for table in (PATCH_EMBEDS, POSITIONS, ATTENTIONS, MLPS, NORMS, ENCODER_BLOCKS, POOLS, ROPES, ATTN_BIASES, JOINS)
 }
 OUTER_SLOTS: dict[str, BlockTable] = {NECKS.slot: NECKS}  # built beside a model, outside its spec
 
@@ -63,6 +65,6 @@ def register_block(
 
 
 __all__ = [
-    "OUTER_SLOTS", "SLOTS", "BlockContractError", "BlockOptions", "BlockTable", "TokenOptions", "register_block",
-    "slot_table",
+    "OUTER_SLOTS", "SLOTS", "BlockContractError", "BlockOptions", "BlockTable", "GatedPositionalAttention",
+    "TalkingHeadsAttention", "TokenOptions", "register_block", "slot_table",
 ]

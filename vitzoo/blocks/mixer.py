@@ -176,7 +176,7 @@ class SpatialGatingUnit(nn.Module):
         self.norm = nn.LayerNorm(hidden_dim // 2)
         self.proj = TokenLinear(tokens, tokens)
 
-    def init_weights(self) -> None:
+    def init_block_weights(self) -> None:
         nn.init.normal_(self.proj.weight, std=1e-6)
         nn.init.ones_(self.proj.bias)
 
