@@ -59,8 +59,8 @@ class ViTSpec:
     """Everything that makes two Vision Transformers different.
 
     Slot fields (``patch_embed``, ``pos_embed``, ``attn``, ``mlp``, ``norm``, ``block``, ``pool``,
-    ``rope``) name entries of the block tables in :mod:`vitzoo.blocks` with their options; ``attn``,
-    ``mlp`` and ``block`` also take one name, and one value of each option, per layer. Specs are plain
+    ``rope``, ``features``) name entries of the block tables in :mod:`vitzoo.blocks` with their options;
+    ``attn``, ``mlp`` and ``block`` also take one name, and one value of each option, per layer. Specs are plain
     data: they round-trip through :meth:`to_dict` / :meth:`from_dict` (and so TOML), and checkpoints
     carry them.
     """
@@ -88,6 +88,8 @@ class ViTSpec:
     pool: Choice = described(Choice("token"), "readout: token | avg | max | avgmax | map | none")
     rope: Choice = described(
         Choice("none"), "rotary positions on q/k inside attention: none | axial (EVA-02) | dinov3 | mixed")
+    features: Choice = described(
+        Choice("tokens"), "what forward_features returns: tokens | map | norm_map | conv_neck (SAM's neck)")
     # prefix tokens
     class_token: bool = described(True, "learned [CLS] token in front")
     dist_token: bool = described(False, "DeiT distillation token after [CLS], read by a second head")
@@ -130,6 +132,9 @@ class ViTSpec:
             fail("final_norm", f"{self.final_norm!r} is not a placement; {did_you_mean(self.final_norm, FINAL_NORMS)}")
         if self.pool.name == "token" and not self.class_token:
             fail("pool", "'token' reads the class token, but class_token=False; use pool='avg' or 'map'")
+        if self.features.name != "tokens" and self.pool.name == "token":
+            fail("pool", f"'token' reads the class token, which features={self.features.name!r} drops from its map; "
+                 f"use pool='avg'")
         if self.dist_token and (not self.class_token or self.pool.name != "token"):
             fail("dist_token", "needs class_token=True and pool='token' (DeiT reads both tokens)")
         if self.rope.name != "none" and self.drop.patch > 0:

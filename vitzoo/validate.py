@@ -38,7 +38,11 @@ EVA_MODULES = ("eva",)
 NAFLEX_MODULES = ("naflexvit",)
 SEQUENCE_GRIDS = ((7, 5), (12, 20), (3, 3))  # patch grids of the images a NaFlexVit is compared on
 SUITE_HEADING = "## timm's own model tests"  # the section of docs/parity.md that tests/upstream writes
-PER_LAYER_TIMM_KWARGS = {"attn.kv_heads": "num_kv_heads"}  # per-layer spec options and timm's keyword for each
+# per-layer spec options: timm's keyword for each, and how the per-layer values become its argument
+PER_LAYER_TIMM_KWARGS: dict[str, tuple[str, Any]] = {
+    "attn.kv_heads": ("num_kv_heads", tuple),
+    "attn.window": ("global_attn_indexes", lambda windows: tuple(i for i, s in enumerate(windows) if s == 0)),
+}
 
 
 @dataclass
@@ -139,7 +143,8 @@ def reduced_depth(spec: ViTSpec, depth: int) -> tuple[dict[str, Any], dict[str, 
     firsts = sorted({row: i for i, row in reversed(list(enumerate(rows)))}.values())
     keep = sorted((firsts + [i for i in range(spec.depth) if i not in firsts])[:depth])
     ours = {"depth": depth, **{f: tuple(values[i] for i in keep) for f, values in per_layer.items()}}
-    return ours, {"depth": depth, **{PER_LAYER_TIMM_KWARGS[f]: ours[f] for f in per_layer}}
+    theirs = {keyword: convert(ours[f]) for f, (keyword, convert) in PER_LAYER_TIMM_KWARGS.items() if f in per_layer}
+    return ours, {"depth": depth, **theirs}
 
 
 def _compare(name: str, depth: int | None, result: Validation) -> None:
