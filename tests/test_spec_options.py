@@ -33,7 +33,7 @@ def from_set(*assignments: str) -> ViTSpec:
 
 
 def test_spec_keeps_only_model_wide_fields():
-    assert len(dataclasses.fields(ViTSpec)) <= 24
+    assert len(dataclasses.fields(ViTSpec)) <= 25  # 25th: the features slot (an in-model neck, SAM's)
 
 
 @pytest.mark.parametrize("python,toml,assignments", [

@@ -14,3 +14,8 @@ from torch import nn
 from vitzoo.spec import ViTSpec
 
 READERS: dict[type, Callable[[nn.Module], ViTSpec]] = {}
+
+
+from vitzoo.timm_families import sam  # noqa: E402  (the readers use this package's READERS)
+
+READERS[sam.TIMM_CLASS] = sam.spec
