@@ -165,7 +165,9 @@ def _compare(name: str, depth: int | None, result: Validation) -> None:
     result.depth = len(model.blocks)
     result.diffs = {"features": (feats - feats_ref).abs().max().item(),
                     "logits": (logits - logits_ref).abs().max().item()}
-    result.block_diffs = [(o - t).abs().max().item() for o, t in zip(ours_b, theirs_b, strict=True)]
+    # timm blocks that keep the grid (SAM's: (b, h, w, dim)) are compared as vitzoo's tokens (b, h * w, dim)
+    result.block_diffs = [(o - t.flatten(1, -2)).abs().max().item() if t.ndim == 4 else (o - t).abs().max().item()
+                          for o, t in zip(ours_b, theirs_b, strict=True)]
     if isinstance(reference, timm.models.naflexvit.NaFlexVit):
         result.diffs.update(sequence_diffs(model, reference))
 
