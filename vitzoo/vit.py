@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vitzoo.blocks.attention import ATTENTIONS
+from vitzoo.blocks.attn_bias import ATTN_BIASES
 from vitzoo.blocks.encoder import ENCODER_BLOCKS
 from vitzoo.blocks.feature_map import FEATURE_MAPS
 from vitzoo.blocks.mlp import MLPS
@@ -94,6 +95,8 @@ class VisionTransformer(nn.Module):
         self.pos_drop = nn.Dropout(spec.drop.pos)
         self.rope = self._build(ROPES, "rope", 0, dim // spec.num_heads, spec.grid_size, spec.num_prefix_tokens,
                                 spec.num_heads, depth)
+        self.shared_rel_pos = self._build(ATTN_BIASES, "attn_bias", 0, spec.grid_size, spec.num_prefix_tokens,
+                                          spec.num_heads)
         self.norm_pre = norm(dim) if spec.pre_norm else nn.Identity()
         drop_path = [spec.drop.path * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.Sequential(*(self._make_block(i, norm, drop_path[i]) for i in range(depth)))
@@ -321,6 +324,10 @@ class VisionTransformer(nn.Module):
         """The rotary positions for ``grid``, None for a model without RoPE."""
         return None if self.spec.rope.name == "none" else grid_dependent(self.rope, grid)
 
+    def _attn_bias(self, grid: tuple[int, int]) -> torch.Tensor | None:
+        """The bias every block's attention adds to its logits for ``grid``, None for a model without one."""
+        return None if self.spec.attn_bias.name == "none" else grid_dependent(self.shared_rel_pos, grid)
+
     def _embed_sequence(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, SequenceLayout]:
         """A patch-sequence batch (:mod:`vitzoo.packing`) -> tokens (each image's prefix tokens in front of the
         row) with each image's positions added, as :meth:`_embed` adds them at that image's own grid."""
@@ -331,6 +338,9 @@ class VisionTransformer(nn.Module):
         if self.training and spec.drop.patch > 0:
             raise ValueError("drop.patch > 0 drops tokens of image batches only; set drop={'patch': 0.0} to train "
                              "on patch sequences")
+        if spec.attn_bias.name != "none":
+            raise ValueError(f"attn_bias={spec.attn_bias.name!r} is laid out for the patch grid of one image batch; "
+                             f"feed this model images, not patch sequences")
         patches, coord, valid, image = checked_sequence(batch, next(self.parameters()), spec.in_chans, p)
         layout = SequenceLayout.of(coord, valid, image, self.num_prefix_tokens)
         cells = rearrange(patches, "b n (p1 p2 c) -> (b n) c p1 p2", p1=p, p2=p)
@@ -378,9 +388,9 @@ class VisionTransformer(nn.Module):
         if is_sequence(images):
             return self._sequence_features(images)
         x, grid = self._embed(images)
-        rotation = self._rotation(grid)
+        rotation, bias = self._rotation(grid), self._attn_bias(grid)
         for i in range(len(self.blocks)):
-            x = self._run_block(i, x, rotation)
+            x = self._run_block(i, x, rotation, bias)
         return self._features(x, grid)
 
     def _features(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -449,10 +459,10 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         take = block_indices(len(self.blocks), indices)
         x, (h, w) = self._embed(images)
-        rotation = self._rotation((h, w))
+        rotation, bias = self._rotation((h, w)), self._attn_bias((h, w))
         states = []
         for i in range(max(take) + 1 if stop_early else len(self.blocks)):
-            x = self._run_block(i, x, rotation)
+            x = self._run_block(i, x, rotation, bias)
             if i in take:
                 states.append(self.norm(x) if norm and not self._maps else x)
         if norm and self._maps:  # as timm's SAM: normed intermediates go through the neck, maps with its channels

@@ -1,7 +1,7 @@
 """Swappable building blocks, one string-keyed table per slot.
 
 The slot names are the spec fields that choose from them: ``patch_embed``, ``pos_embed``, ``attn``,
-``mlp``, ``norm``, ``block``, ``pool``, ``rope`` and ``features``. Each table's module documents its
+``mlp``, ``norm``, ``block``, ``pool``, ``rope``, ``attn_bias`` and ``features``. Each table's module documents its
 constructor contract.
 Tables of blocks built around a model rather than inside it (``neck``: dense features for detection and
 segmentation) are in ``OUTER_SLOTS``: no spec field names them, but they register and look up the same way.
@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from vitzoo.blocks.attention import ATTENTIONS
+from vitzoo.blocks.attn_bias import ATTN_BIASES  # also registers the relative-position attentions
 from vitzoo.blocks.encoder import ENCODER_BLOCKS
 from vitzoo.blocks.feature_map import FEATURE_MAPS
 from vitzoo.blocks.mlp import MLPS
@@ -28,7 +29,8 @@ from vitzoo.errors import did_you_mean
 
 SLOTS: dict[str, BlockTable] = {
     table.slot: table
-    for table in (PATCH_EMBEDS, POSITIONS, ATTENTIONS, MLPS, NORMS, ENCODER_BLOCKS, POOLS, ROPES, FEATURE_MAPS)
+    for table in (PATCH_EMBEDS, POSITIONS, ATTENTIONS, MLPS, NORMS, ENCODER_BLOCKS, POOLS, ROPES, ATTN_BIASES,
+                  FEATURE_MAPS)
 }
 OUTER_SLOTS: dict[str, BlockTable] = {NECKS.slot: NECKS}  # built beside a model, outside its spec
 

@@ -36,6 +36,9 @@ class WindowOptions(GridOptions, AttentionOptions):
         if spec.num_prefix_tokens:
             raise ValueError("windowed attention lays the tokens out on the patch grid, so it takes no class, "
                              "distillation or register tokens; pass class_token=False (and pool='avg')")
+        if spec.attn_bias.name != "none":
+            raise ValueError("windowed attention cannot add a bias laid out for the whole grid inside its windows; "
+                             "use attn_bias='none' (rel_pos gives each attention its own relative positions)")
         if spec.dynamic_img_size:
             raise ValueError("windowed attention is built for the patch grid at img_size; use dynamic_img_size=False "
                              "and build the model at the image size you need (img_size=...)")
@@ -107,8 +110,8 @@ class WindowedAttention(Attention):
 
     def forward(self, x: torch.Tensor, rotation: Rotation | None, mask: torch.Tensor | None = None) -> torch.Tensor:
         if rotation is not None or mask is not None:
-            raise ValueError("attn='windowed' takes neither rotary positions nor patch sequences; use rope='none' "
-                             "and image batches")
+            raise ValueError("attn='windowed' takes neither rotary positions, a model-level attention bias nor patch "
+                             "sequences; use rope='none', attn_bias='none' and image batches")
         batch = x.shape[0]
         q, k, v = rearrange(self.project(self._partition(x)), "b n (qkv h d) -> qkv b h n d", qkv=3, h=self.num_heads)
         q, k = self.q_norm(q), self.k_norm(k)

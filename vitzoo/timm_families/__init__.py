@@ -15,7 +15,6 @@ from vitzoo.spec import ViTSpec
 
 READERS: dict[type, Callable[[nn.Module], ViTSpec]] = {}
 
+from vitzoo.timm_families import beit, relpos, sam  # noqa: E402  (the readers import this package's helpers)
 
-from vitzoo.timm_families import sam  # noqa: E402  (the readers use this package's READERS)
-
-READERS[sam.TIMM_CLASS] = sam.spec
+READERS.update({beit.TIMM_CLASS: beit.spec, relpos.TIMM_CLASS: relpos.spec, sam.TIMM_CLASS: sam.spec})

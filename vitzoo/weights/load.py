@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from timm.layers import resize_rel_pos_bias_table
 
 from vitzoo.blocks.position import resample_table
 from vitzoo.vit import VisionTransformer
@@ -15,6 +16,7 @@ from vitzoo.weights.files import StateDict, WeightsError
 
 HEAD_KEYS = ("head.weight", "head.bias", "head_dist.weight", "head_dist.bias")
 PATCH_KEY = "patch_embed.proj.weight"
+REL_POS_TABLE = "relative_position_bias_table"  # the key ending of relative-position tables (BEiT, relpos ViTs)
 
 
 @dataclass
@@ -40,9 +42,9 @@ def _grid_of(n_tokens: int, n_prefix: int, like: tuple[int, int]) -> tuple[int, 
 
 
 def adapt_state_dict(model: VisionTransformer, state_dict: StateDict) -> tuple[StateDict, LoadReport]:
-    """Fit a checkpoint to ``model``: resample the position table to its grid, the patch kernel to its
-    patch size and input channels, and drop a classifier of another size (the model keeps its freshly
-    initialised head)."""
+    """Fit a checkpoint to ``model``: resample the position table and relative-position tables to its grid, the
+    patch kernel to its patch size and input channels, and drop a classifier of another size (the model keeps its
+    freshly initialised head)."""
     spec, own = model.spec, model.state_dict()
     out, report = dict(state_dict), LoadReport()
     pos = out.get("pos_embed")
@@ -64,6 +66,11 @@ def adapt_state_dict(model: VisionTransformer, state_dict: StateDict) -> tuple[S
         if kernel.shape == want:
             report.adapted.append(f"{PATCH_KEY}: {tuple(out[PATCH_KEY].shape)} -> {tuple(want)}, {', '.join(steps)}")
             out[PATCH_KEY] = kernel
+    for key in [k for k in out if k.endswith(REL_POS_TABLE) and k in own and out[k].shape != own[k].shape]:
+        table = out[key]  # laid out for another grid: resampled as timm does on load (square source grid)
+        out[key] = resize_rel_pos_bias_table(table, new_window_size=spec.grid_size, new_bias_shape=own[key].shape)
+        report.adapted.append(f"{key}: resampled {tuple(table.shape)} -> {tuple(own[key].shape)} for grid "
+                              f"{spec.grid_size[0]}x{spec.grid_size[1]}")
     for key in HEAD_KEYS:
         if key in out and (key not in own or out[key].shape != own[key].shape):
             report.adapted.append(
