@@ -23,6 +23,8 @@ def _spec_for(slot: str, name: str) -> ViTSpec:
         changes["class_token"] = False
     if name == "diff_parallel_scaling":  # takes the differential attention apart
         changes["attn"] = "diff"
+    if name == "windowed" or (slot == "features" and name != "tokens"):  # the patch grid alone, mean-pooled
+        changes.update(class_token=False, pool="avg")
     if name == "gqa":  # two query heads per key/value head
         changes["attn"] = {"name": "gqa", "kv_heads": 2}
     if (slot, name) in (("attn", "none"), ("block", "gmlp")):  # gMLP: its MLP mixes tokens, no attention branch

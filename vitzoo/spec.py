@@ -59,9 +59,9 @@ class ViTSpec:
     """Everything that makes two Vision Transformers different.
 
     Slot fields (``patch_embed``, ``pos_embed``, ``attn``, ``mlp``, ``norm``, ``block``, ``pool``,
-    ``rope``, ``attn_bias``, ``prefix_join``) name entries of the block tables in :mod:`vitzoo.blocks` with their
-    options; ``attn``, ``mlp`` and ``block`` also take one name, and one value of each option, per layer. Specs are
-    plain data: they round-trip through :meth:`to_dict` / :meth:`from_dict` (and so TOML), and checkpoints
+    ``rope``, ``attn_bias``, ``prefix_join``, ``features``) name entries of the block tables in :mod:`vitzoo.blocks`
+    with their options; ``attn``, ``mlp`` and ``block`` also take one name, and one value of each option, per layer.
+    Specs are plain data: they round-trip through :meth:`to_dict` / :meth:`from_dict` (and so TOML), and checkpoints
     carry them.
     """
 
@@ -93,6 +93,8 @@ class ViTSpec:
         "relpos_bias (timm's shared_rel_pos)")
     prefix_join: Choice = described(
         Choice("front"), "where the prefix tokens join: front (before block `at`; ConViT: 10) | class_attn (CaiT)")
+    features: Choice = described(
+        Choice("tokens"), "what forward_features returns: tokens | map | norm_map | conv_neck (SAM's neck)")
     # prefix tokens
     class_token: bool = described(True, "learned [CLS] token in front")
     dist_token: bool = described(False, "DeiT distillation token after [CLS], read by a second head")
@@ -135,12 +137,18 @@ class ViTSpec:
             fail("final_norm", f"{self.final_norm!r} is not a placement; {did_you_mean(self.final_norm, FINAL_NORMS)}")
         if self.pool.name == "token" and not self.class_token:
             fail("pool", "'token' reads the class token, but class_token=False; use pool='avg' or 'map'")
+        if self.features.name != "tokens" and self.pool.name == "token":
+            fail("pool", f"'token' reads the class token, which features={self.features.name!r} drops from its map; "
+                 f"use pool='avg'")
         if self.dist_token and (not self.class_token or self.pool.name != "token"):
             fail("dist_token", "needs class_token=True and pool='token' (DeiT reads both tokens)")
         if self.rope.name != "none" and self.drop.patch > 0:
             fail("drop.patch", "dropping patch tokens would misalign the rotary positions; use rope='none'")
         if self.attn_bias.name != "none" and self.drop.patch > 0:
             fail("drop.patch", "dropping patch tokens would misalign the attention bias; use attn_bias='none'")
+        if self.features.name != "tokens" and self.join_at:
+            fail("features", f"{self.features.name!r} makes a map of the patch grid after the blocks, where prefix "
+                 f"tokens that join late would not be told apart; use prefix_join='front' with at=0")
         if self.attn_bias.name != "none" and self.join_at:
             fail("attn_bias", "its bias is laid out for all tokens from the first block, but prefix_join adds the "
                  "prefix tokens later; use attn_bias='none' or prefix_join='front' with at=0")

@@ -38,7 +38,11 @@ FULL_DEPTH_MAX_PARAMS = 100_000_000  # above this, numerics run at AUTO_DEPTH bl
 AUTO_DEPTH = 2
 SEQUENCE_GRIDS = ((7, 5), (12, 20), (3, 3))  # patch grids of the images a NaFlexVit is compared on
 SUITE_HEADING = "## timm's own model tests"  # the section of docs/parity.md that tests/upstream writes
-PER_LAYER_TIMM_KWARGS = {"attn.kv_heads": "num_kv_heads"}  # per-layer spec options and timm's keyword for each
+# per-layer spec options: timm's keyword for each, and how the per-layer values become its argument
+PER_LAYER_TIMM_KWARGS: dict[str, tuple[str, Any]] = {
+    "attn.kv_heads": ("num_kv_heads", tuple),
+    "attn.window": ("global_attn_indexes", lambda windows: tuple(i for i, s in enumerate(windows) if s == 0)),
+}
 # timm classes whose model functions fix the number of blocks themselves (MlpMixer's pass num_blocks=..., so no
 # keyword can change it): compared at reduced depth, they are built whole and cut with prune_intermediate_layers
 TIMM_FIXED_DEPTH: tuple[type, ...] = (timm.models.mlp_mixer.MlpMixer,)
@@ -164,7 +168,8 @@ def reduced_depth(spec: ViTSpec, depth: int) -> tuple[dict[str, Any], dict[str, 
     ours = {"depth": depth, **{f: tuple(values[i] for i in keep) for f, values in per_layer.items()}}
     for slot, values in names.items():  # the entry names per layer, with the options set on them
         ours[slot] = {**getattr(spec, slot).to_data(), "name": tuple(values[i] for i in keep)}
-    return ours, {"depth": depth, **{PER_LAYER_TIMM_KWARGS[f]: ours[f] for f in per_layer}}
+    theirs = {keyword: convert(ours[f]) for f, (keyword, convert) in PER_LAYER_TIMM_KWARGS.items() if f in per_layer}
+    return ours, {"depth": depth, **theirs}
 
 
 def timm_reference(name: str, keywords: dict[str, Any]) -> nn.Module:
@@ -199,7 +204,9 @@ def _compare(name: str, depth: int | None, result: Validation) -> None:
     result.depth = len(model.blocks)
     result.diffs = {"features": (feats - feats_ref).abs().max().item(),
                     "logits": (logits - logits_ref).abs().max().item()}
-    result.block_diffs = [(o - t).abs().max().item() for o, t in zip(ours_b, theirs_b, strict=True)]
+    # timm blocks that keep the grid (SAM's: (b, h, w, dim)) are compared as vitzoo's tokens (b, h * w, dim)
+    result.block_diffs = [(o - t.flatten(1, -2)).abs().max().item() if t.ndim == 4 else (o - t).abs().max().item()
+                          for o, t in zip(ours_b, theirs_b, strict=True)]
     if isinstance(reference, timm.models.naflexvit.NaFlexVit):
         result.diffs.update(sequence_diffs(model, reference))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
@@ -14,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 from vitzoo.blocks.attention import ATTENTIONS
 from vitzoo.blocks.attn_bias import ATTN_BIASES
 from vitzoo.blocks.encoder import ENCODER_BLOCKS
+from vitzoo.blocks.feature_map import FEATURE_MAPS
 from vitzoo.blocks.join import JOINS
 from vitzoo.blocks.mlp import MLPS
 from vitzoo.blocks.norm import NORMS, NormFactory
@@ -121,8 +123,10 @@ class VisionTransformer(nn.Module):
         self._join_name = join.stored_as  # e.g. CaiT's class-attention blocks, under timm's blocks_token_only
         self.add_module(self._join_name, join)
         self.norm = norm(dim) if spec.final_norm_at == "tokens" else nn.Identity()
+        self._maps = spec.features.name != "tokens"  # forward_features gives a map (b, channels, h, w)
+        self.neck = self._build(FEATURE_MAPS, "features", 0, dim) if self._maps else nn.Identity()
         self.attn_pool = self._make_pool()
-        self.fc_norm = norm(dim) if spec.final_norm_at == "pooled" else nn.Identity()
+        self.fc_norm = norm(self.num_features) if spec.final_norm_at == "pooled" else nn.Identity()
         self.head_drop = nn.Dropout(spec.drop.head)
         self._make_heads()
         self.grad_checkpointing = False
@@ -161,13 +165,16 @@ class VisionTransformer(nn.Module):
 
     def _make_pool(self) -> nn.Module:
         spec = self.spec
-        return self._build(POOLS, "pool", 0, spec.embed_dim, spec.num_heads, spec.mlp_ratio, self._norm_factory(),
-                           self._mlp_factory(), spec.num_prefix_tokens)
+        return self._build(POOLS, "pool", 0, self.num_features, spec.num_heads, spec.mlp_ratio, self._norm_factory(),
+                           self._mlp_factory(), 0 if self._maps else spec.num_prefix_tokens)  # a map: patches only
 
     def _make_heads(self) -> None:
-        """``head`` (and DeiT's ``head_dist``): a linear classifier, or Identity when num_classes=0."""
-        dim, num_classes = self.spec.embed_dim, self.spec.num_classes
+        """``head`` (and DeiT's ``head_dist``): a linear classifier, or Identity when num_classes=0; after a feature
+        map, timm's ``ClassifierHead`` layout (``head.fc``)."""
+        dim, num_classes = self.num_features, self.spec.num_classes
         self.head = nn.Linear(dim, num_classes) if num_classes else nn.Identity()
+        if self._maps and num_classes:
+            self.head = nn.Sequential(OrderedDict(fc=self.head))
         if self.spec.dist_token:
             self.head_dist = nn.Linear(dim, num_classes) if num_classes else nn.Identity()
         else:
@@ -183,7 +190,7 @@ class VisionTransformer(nn.Module):
             "input_size": (spec.in_chans, *spec.img_size), "num_classes": spec.num_classes,
             "fixed_input_size": not spec.dynamic_img_size or bool(given.get("fixed_input_size")),
             "first_conv": self._stored_name(f"patch_embed.{first_conv}"),
-            "classifier": ("head", "head_dist") if spec.dist_token else "head",
+            "classifier": ("head", "head_dist") if spec.dist_token else "head.fc" if self._maps else "head",
         }
 
     def _stored_name(self, key: str) -> str:
@@ -213,7 +220,12 @@ class VisionTransformer(nn.Module):
     def embed_dim(self) -> int:
         return self.spec.embed_dim
 
-    num_features = head_hidden_size = embed_dim
+    @property
+    def num_features(self) -> int:
+        """Width of what the pooling reads: the token width, or the channels of the feature map."""
+        return self.neck.out_channels if self._maps else self.spec.embed_dim
+
+    head_hidden_size = num_features
 
     @property
     def default_cfg(self) -> dict[str, Any]:
@@ -289,9 +301,13 @@ class VisionTransformer(nn.Module):
         if prune_norm and self.spec.final_norm_at == "tokens":
             self.norm = nn.Identity()
             changes["final_norm"] = "none"
+        narrowed = prune_norm and self._maps and self.num_features != self.embed_dim
+        if prune_norm and self._maps:  # as timm's SAM: the neck goes, the map stays
+            self.neck = FEATURE_MAPS.build("map", self.embed_dim)
+            changes["features"] = "map"
         if changes:
             self.spec = self.spec.replace(**changes)
-        if prune_head:
+        if prune_head or narrowed:  # a head sized for the neck's channels cannot read the blocks' width
             self.reset_classifier(0, None if self.spec.dist_token else "")  # DeiT's pooling reads its two tokens
             if not isinstance(self.fc_norm, nn.Identity):
                 self.fc_norm = nn.Identity()
@@ -419,9 +435,20 @@ class VisionTransformer(nn.Module):
         rotation, bias = self._rotation(grid), self._attn_bias(grid)
         for i in range(len(self.blocks)):
             x = self._run_block(i, self._joined(x, i), rotation, bias)
-        return self.norm(self._joined(x, len(self.blocks)))
+        return self._features(self._joined(x, len(self.blocks)), grid)
+
+    def _features(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """The final norm, and for a model with ``features`` other than tokens the map ``(b, channels, h, w)``
+        its neck makes of the patch tokens."""
+        x = self.norm(x)
+        if not self._maps:
+            return x
+        return self.neck(rearrange(x[:, self.num_prefix_tokens:], "b (h w) d -> b d h w", h=grid[0], w=grid[1]))
 
     def _sequence_features(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self._maps:
+            raise ValueError(f"features={self.spec.features.name!r} makes a map of one image's grid; feed this "
+                             f"model image batches, or use features='tokens' for patch sequences")
         x, layout = self._embed_sequence(batch)
         rotation, mask = self._sequence_rotation(layout), layout.mask()
         for i in range(len(self.blocks)):
@@ -433,6 +460,8 @@ class VisionTransformer(nn.Module):
         """Tokens (or :meth:`forward_features`' dict for patch sequences) -> pooled features (``pre_logits=True``)
         or class logits."""
         valid = None
+        if self._maps:
+            x = rearrange(x, "b d h w -> b (h w) d")
         if is_sequence(x):
             x, patch_valid = x["patches"], x["patch_valid"]
             valid = torch.cat([patch_valid.new_ones(len(x), self.num_prefix_tokens), patch_valid], dim=1)
@@ -479,15 +508,19 @@ class VisionTransformer(nn.Module):
         for i in range(max(take) + 1 if stop_early else len(self.blocks)):
             x = self._run_block(i, self._joined(x, i), rotation, bias)
             if i in take:
-                states.append(self.norm(x) if norm else x)
+                states.append(self.norm(x) if norm and not self._maps else x)
                 n_prefix.append(self.num_prefix_tokens if i >= self._join_at else 0)
+        if norm and self._maps:  # as timm's SAM: normed intermediates go through the neck, maps with its channels
+            states = [self._features(s, (h, w)) for s in states]
+            states = states if output_fmt == "NCHW" else [rearrange(s, "b d h w -> b (h w) d") for s in states]
+            return states if intermediates_only else (self._features(x, (h, w)), states)
         prefix = [s[:, :n] for s, n in zip(states, n_prefix, strict=True)]
         states = [s[:, n:] for s, n in zip(states, n_prefix, strict=True)]
         if output_fmt == "NCHW":
             states = [rearrange(s, "b (h w) d -> b d h w", h=h) for s in states]
         if return_prefix_tokens and self.num_prefix_tokens:
             states = list(zip(states, prefix, strict=True))
-        return states if intermediates_only else (self.norm(self._joined(x, len(self.blocks))), states)
+        return states if intermediates_only else (self._features(self._joined(x, len(self.blocks)), (h, w)), states)
 
     def get_intermediate_layers(
         self, images: torch.Tensor, n: int | Sequence[int] = 1, reshape: bool = False,

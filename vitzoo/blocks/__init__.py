@@ -1,8 +1,8 @@
 """Swappable building blocks, one string-keyed table per slot.
 
 The slot names are the spec fields that choose from them: ``patch_embed``, ``pos_embed``, ``attn``,
-``mlp``, ``norm``, ``block``, ``pool``, ``rope``, ``attn_bias`` and ``prefix_join``. Each table's module documents
-its constructor contract.
+``mlp``, ``norm``, ``block``, ``pool``, ``rope``, ``attn_bias``, ``prefix_join`` and ``features``. Each table's
+module documents its constructor contract.
 Tables of blocks built around a model rather than inside it (``neck``: dense features for detection and
 segmentation) are in ``OUTER_SLOTS``: no spec field names them, but they register and look up the same way.
 """
@@ -17,6 +17,7 @@ from vitzoo.blocks.encoder import ENCODER_BLOCKS
 from vitzoo.blocks.head_mixing import GatedPositionalAttention, TalkingHeadsAttention
 from vitzoo.blocks.join import JOINS
 from vitzoo.blocks.mixer import TokenOptions  # registers the all-MLP token mixers (MLP-Mixer, ResMLP, gMLP)
+from vitzoo.blocks.feature_map import FEATURE_MAPS
 from vitzoo.blocks.mlp import MLPS
 from vitzoo.blocks.neck import NECKS
 from vitzoo.blocks.norm import NORMS
@@ -26,11 +27,13 @@ from vitzoo.blocks.pooling import POOLS
 from vitzoo.blocks.position import POSITIONS
 from vitzoo.blocks.rope import ROPES
 from vitzoo.blocks.table import BlockContractError, BlockTable
+from vitzoo.blocks.window import WindowedAttention  # noqa: F401  (registers attn="windowed")
 from vitzoo.errors import did_you_mean
 
 SLOTS: dict[str, BlockTable] = {
     table.slot: table
-    for table in (PATCH_EMBEDS, POSITIONS, ATTENTIONS, MLPS, NORMS, ENCODER_BLOCKS, POOLS, ROPES, ATTN_BIASES, JOINS)
+    for table in (PATCH_EMBEDS, POSITIONS, ATTENTIONS, MLPS, NORMS, ENCODER_BLOCKS, POOLS, ROPES, ATTN_BIASES, JOINS,
+                  FEATURE_MAPS)
 }
 OUTER_SLOTS: dict[str, BlockTable] = {NECKS.slot: NECKS}  # built beside a model, outside its spec
 

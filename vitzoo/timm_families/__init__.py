@@ -15,6 +15,6 @@ from vitzoo.spec import ViTSpec
 
 READERS: dict[type, Callable[[nn.Module], ViTSpec]] = {}
 
-from vitzoo.timm_families import beit, cait, convit, mixer, relpos  # noqa: E402  (the readers use this package)
+from vitzoo.timm_families import beit, cait, convit, mixer, relpos, sam  # noqa: E402  (the readers use this package)
 
-READERS.update({module.TIMM_CLASS: module.spec for module in (beit, cait, convit, mixer, relpos)})
+READERS.update({module.TIMM_CLASS: module.spec for module in (beit, cait, convit, mixer, relpos, sam)})

@@ -39,8 +39,8 @@ def load_pretrained(
 ) -> LoadReport:
     """Load the weights ``pretrained`` names, or an already read :class:`Checkpoint`, into ``model``.
 
-    Checkpoints of torchvision, HF transformers, JAX ``.npz``, vit-pytorch or Meta's Sapiens2 are
-    converted to timm's layout first (:mod:`vitzoo.weights.formats`). ``partial`` loads only the
+    Checkpoints of torchvision, HF transformers, JAX ``.npz``, vit-pytorch, Meta's Sapiens2 or Segment Anything
+    are converted to timm's layout first (:mod:`vitzoo.weights.formats`). ``partial`` loads only the
     tensors that still fit a model whose blocks were swapped, and reports the rest as new or
     dropped; otherwise a mismatch is refused and the model left unchanged.
     """

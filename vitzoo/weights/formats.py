@@ -4,10 +4,11 @@ Supported: torchvision ``vit_*``; Hugging Face transformers ``ViT*``/``DeiT*``/`
 CLIP/SigLIP image towers (the hub's on-disk layout and transformers 5's in-memory one); the original
 JAX/Flax ``.npz`` files of the ViT and AugReg papers (big_vision layout); the OpenAI CLIP / OpenCLIP
 image tower (OpenCLIP's own or a timm trunk); lucidrains' vit-pytorch ``ViT``; Meta's Sapiens2
-release (the names timm's Sapiens2 loader maps). The format is detected from the keys. Each
-converter renames tensors by rules, fuses separate q/k/v projections into timm's packed ``qkv`` and
-moves JAX kernels to PyTorch's ``(out, in)`` order with einops; tensors with no vitzoo counterpart
-(HF's pooler, a JAX pre-logits layer, a text tower) are dropped and reported.
+release (the names timm's Sapiens2 loader maps); Segment Anything's ``sam_vit_*.pth`` (its image
+encoder, as timm's SAM loader maps it). The format is detected from the keys. Each converter renames
+tensors by rules, fuses separate q/k/v projections into timm's packed ``qkv`` and moves JAX kernels
+to PyTorch's ``(out, in)`` order with einops; tensors with no vitzoo counterpart (HF's pooler, a JAX
+pre-logits layer, a text tower) are dropped and reported.
 
 A converted checkpoint fits a vitzoo model whose spec matches the source model: :func:`spec_hints`
 gives the fields besides the sizes (prefix tokens, qkv bias, pooling without a class token, and the
@@ -393,6 +394,15 @@ FORMATS: dict[str, Format] = {
         ),
         drop=r"mask_token|rope\..*",  # pretraining only; RoPE tables are recomputed
     ),
+    "sam": Format(  # the names timm's vision_transformer_sam.checkpoint_filter_fn maps
+        "Segment Anything (sam_vit_*.pth)", r"image_encoder\.(blocks\.\d+|patch_embed)\..*",
+        rules=(
+            (r"image_encoder\.blocks\.(\d+)\.mlp\.lin([12])\.(\w+)", r"blocks.\1.mlp.fc\2.\3"),
+            (r"image_encoder\.(.+)", r"\1"),
+        ),
+        drop=r"(?!image_encoder\.).*",  # the prompt encoder and the mask decoder
+        hints=lambda converted: {"final_norm": "none", "norm.eps": 1e-5},  # no norm after the blocks: the neck
+    ),
 }
 
 
@@ -411,10 +421,10 @@ def spec_hints(name: str, converted: StateDict) -> Hints:
         "reg_tokens": converted["reg_token"].shape[1] if "reg_token" in converted else 0,
     }
     if name != "timm":
-        hints.update(FORMATS[name].hints(converted))
         if "cls_token" not in converted:
             hints.update(class_token=False, pool="map" if "attn_pool.latent" in converted else "avg",
                          final_norm="tokens")
+        hints.update(FORMATS[name].hints(converted))  # what the source says wins over the guess above
     return hints
 
 
