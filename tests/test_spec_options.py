@@ -33,7 +33,7 @@ def from_set(*assignments: str) -> ViTSpec:
 
 
 def test_spec_keeps_only_model_wide_fields():
-    assert len(dataclasses.fields(ViTSpec)) <= 27  # the last three: model-level stages (attn_bias, prefix_join, features)
+    assert len(dataclasses.fields(ViTSpec)) <= 27  # the last three are stages: attn_bias, prefix_join, features
 
 
 @pytest.mark.parametrize("python,toml,assignments", [

@@ -14,10 +14,10 @@ from collections.abc import Callable
 from vitzoo.blocks.attention import ATTENTIONS
 from vitzoo.blocks.attn_bias import ATTN_BIASES  # also registers the relative-position attentions
 from vitzoo.blocks.encoder import ENCODER_BLOCKS
+from vitzoo.blocks.feature_map import FEATURE_MAPS
 from vitzoo.blocks.head_mixing import GatedPositionalAttention, TalkingHeadsAttention
 from vitzoo.blocks.join import JOINS
 from vitzoo.blocks.mixer import TokenOptions  # registers the all-MLP token mixers (MLP-Mixer, ResMLP, gMLP)
-from vitzoo.blocks.feature_map import FEATURE_MAPS
 from vitzoo.blocks.mlp import MLPS
 from vitzoo.blocks.neck import NECKS
 from vitzoo.blocks.norm import NORMS
