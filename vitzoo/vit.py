@@ -105,9 +105,9 @@ class VisionTransformer(nn.Module):
         cfg = {**DEFAULT_CFG, **(pretrained_cfg or {}), **self._derived_cfg(pretrained_cfg or {})}
         self.pretrained_cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}  # timm's types
         self._init_linear(self)
-        if spec.get("patch_embed.embeds"):
-            self.register_state_dict_post_hook(_save_naflex_names)
-            self.register_load_state_dict_pre_hook(_load_naflex_names)
+        if any(self._stored_name(k) != k for k in self.state_dict(keep_vars=True)):
+            self.register_state_dict_post_hook(_save_stored_names)
+            self.register_load_state_dict_pre_hook(_load_stored_names)
 
     # construction -------------------------------------------------------------------------------
     def _build(self, table: BlockTable, slot: str, layer: int, *args: Any) -> nn.Module:
@@ -137,7 +137,7 @@ class VisionTransformer(nn.Module):
 
     def _make_heads(self) -> None:
         """``head`` (and DeiT's ``head_dist``): a linear classifier, or Identity when num_classes=0."""
-        dim, num_classes = self.spec.embed_dim, self.spec.num_classes
+        dim, num_classes = self.num_features, self.spec.num_classes
         self.head = nn.Linear(dim, num_classes) if num_classes else nn.Identity()
         if self.spec.dist_token:
             self.head_dist = nn.Linear(dim, num_classes) if num_classes else nn.Identity()
@@ -158,8 +158,14 @@ class VisionTransformer(nn.Module):
         }
 
     def _stored_name(self, key: str) -> str:
-        """What the state_dict calls the parameter or module the model holds as ``key``."""
-        return embeds_name(key) if self.spec.get("patch_embed.embeds") else key
+        """What the state_dict calls the parameter or module the model holds as ``key``: NaFlexVit's ``embeds.``
+        names, a readout's own name for ``attn_pool`` (a VLM projector's ``merger``), ``checkpoint_prefix``."""
+        key = embeds_name(key) if self.spec.get("patch_embed.embeds") else key
+        pool_name = getattr(self.attn_pool, "state_name", "attn_pool")
+        if key.startswith("attn_pool."):
+            key = pool_name + key.removeprefix("attn_pool")
+        prefix = self.spec.checkpoint_prefix
+        return key if not prefix or key.startswith(("head.", "head_dist.")) else prefix + key
 
     @staticmethod
     def _init_linear(module: nn.Module) -> None:
@@ -179,7 +185,12 @@ class VisionTransformer(nn.Module):
     def embed_dim(self) -> int:
         return self.spec.embed_dim
 
-    num_features = head_hidden_size = embed_dim
+    @property
+    def num_features(self) -> int:
+        """Width of what the head reads: embed_dim, or a projecting readout's output width."""
+        return getattr(self.attn_pool, "out_dim", self.spec.embed_dim)
+
+    head_hidden_size = num_features
 
     @property
     def default_cfg(self) -> dict[str, Any]:
@@ -446,23 +457,23 @@ class VisionTransformer(nn.Module):
         )
 
 
-def _save_naflex_names(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
-    """``state_dict`` hook of a model with ``patch_embed={"embeds": True}``: its embedding parts named as timm's
-    NaFlexVit names them (``embeds.proj.weight``, ``embeds.pos_embed``), in place and in order."""
+def _save_stored_names(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """``state_dict`` hook of a model whose checkpoint names differ from its module names (NaFlexVit's ``embeds.``,
+    ``checkpoint_prefix``, a projector's ``merger.``): timm's names, in place and in order."""
     items = list(state_dict.items())
     state_dict.clear()
     for key, value in items:
         own = key.startswith(prefix)
-        state_dict[prefix + embeds_name(key.removeprefix(prefix)) if own else key] = value
+        state_dict[prefix + module._stored_name(key.removeprefix(prefix)) if own else key] = value
 
 
-def _load_naflex_names(
+def _load_stored_names(
     module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict, strict: bool, missing: list,
     unexpected: list, errors: list,
 ) -> None:
-    """``load_state_dict`` hook of a model with ``patch_embed={"embeds": True}``: timm's NaFlexVit names back to the
-    modules the model holds, so its checkpoints load with ``strict=True``."""
-    stored = {prefix + embeds_name(name): prefix + name for name, _ in module.named_parameters()}
-    stored.update({prefix + embeds_name(name): prefix + name for name, _ in module.named_buffers()})
+    """``load_state_dict`` hook of such a model: timm's names back to the modules the model holds, so its
+    checkpoints load with ``strict=True``."""
+    stored = {prefix + module._stored_name(name): prefix + name for name, _ in module.named_parameters()}
+    stored.update({prefix + module._stored_name(name): prefix + name for name, _ in module.named_buffers()})
     for key in [k for k in state_dict if k in stored and stored[k] != k]:
         state_dict[stored[key]] = state_dict.pop(key)
