@@ -14,3 +14,8 @@ from torch import nn
 from vitzoo.spec import ViTSpec
 
 READERS: dict[type, Callable[[nn.Module], ViTSpec]] = {}
+
+
+from vitzoo.timm_families import vlm_towers  # noqa: E402  (the readers use vitzoo.spec, imported above)
+
+READERS.update(dict.fromkeys(vlm_towers.TIMM_CLASSES, vlm_towers.spec))
