@@ -42,7 +42,7 @@ class AvgNormPool(_Readout):
 
     def __init__(
         self, dim: int, num_heads: int, mlp_ratio: float, norm: NormFactory, mlp: MlpFactory, num_prefix: int, *,
-        options: PoolOptions = PoolOptions(),
+        options: PoolOptions,
     ) -> None:
         super().__init__(dim, num_heads, mlp_ratio, norm, mlp, num_prefix, options=options)
         self.norm = parameter_free(norm(dim))
