@@ -96,9 +96,6 @@ class ViTSpec:
     pre_norm: bool = described(False, "norm after embedding, before the blocks (CLIP's ln_pre)")
     final_norm: str = described(
         "auto", "after the blocks: tokens | pooled (after pooling) | none | auto (pooled for avg/max)")
-    # checkpoint layout
-    checkpoint_prefix: str = described(
-        "", "state_dict names of all but the head under this prefix (timm's VLM-tower classifiers: 'encoder.')")
     # regularisation
     drop: Dropouts = described(Dropouts(), "dropout rates: head, pos, patch, attn, proj, path")
 

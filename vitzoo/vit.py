@@ -159,12 +159,13 @@ class VisionTransformer(nn.Module):
 
     def _stored_name(self, key: str) -> str:
         """What the state_dict calls the parameter or module the model holds as ``key``: NaFlexVit's ``embeds.``
-        names, a readout's own name for ``attn_pool`` (a VLM projector's ``merger``), ``checkpoint_prefix``."""
+        names, a readout's own name for ``attn_pool`` (a VLM projector's ``merger``), the readout's
+        ``checkpoint_prefix`` (timm's VLM-tower classifiers)."""
         key = embeds_name(key) if self.spec.get("patch_embed.embeds") else key
         pool_name = getattr(self.attn_pool, "state_name", "attn_pool")
         if key.startswith("attn_pool."):
             key = pool_name + key.removeprefix("attn_pool")
-        prefix = self.spec.checkpoint_prefix
+        prefix = self.spec.get("pool.checkpoint_prefix")
         return key if not prefix or key.startswith(("head.", "head_dist.")) else prefix + key
 
     @staticmethod

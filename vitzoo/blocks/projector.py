@@ -6,7 +6,8 @@ A projector concatenates the tokens of each ``k x k`` cell of the patch grid (a 
 with a two-layer MLP to the language model's width ``out_features``. With ``readout="none"`` the model's output
 is those tokens ``(b, cells, out_features)`` (timm's ``*_enc`` names); with ``readout="avg_norm"`` their mean,
 normalized, goes to the classifier (timm's ``*_merge`` / ``*_align`` names). ``out_dim`` tells the model the
-width its head reads. The module is stored under timm's name for it (``state_name``), not ``attn_pool``.
+width its head reads. The module is stored under timm's name for it (``state_name``), not ``attn_pool``, and
+``checkpoint_prefix`` names the rest of the model as timm's classifier wrappers do (``encoder.``).
 """
 
 from __future__ import annotations
@@ -36,16 +37,29 @@ def parameter_free(norm: nn.Module) -> nn.Module:
     return norm
 
 
+def _checkpoint_prefix() -> str:
+    return described("", "state_dict names of all but the head under this prefix (timm's VLM-tower classifiers "
+                     "hold the tower as 'encoder.')")
+
+
+@dataclass(frozen=True)
+class AvgNormOptions(PoolOptions):
+    """Options of the classifier readout of the VLM towers."""
+
+    norm: bool = described(True, "the parameter-free norm after the mean (timm's final_norm)")
+    checkpoint_prefix: str = _checkpoint_prefix()
+
+
 class AvgNormPool(_Readout):
     """Mean of the patch tokens, then a parameter-free norm of the model's kind: the classifier readout timm puts
     on VLM vision towers whose own output is not normalized for classification (Qwen3-VL, DeepSeek-V4)."""
 
     def __init__(
         self, dim: int, num_heads: int, mlp_ratio: float, norm: NormFactory, mlp: MlpFactory, num_prefix: int, *,
-        options: PoolOptions,
+        options: AvgNormOptions,
     ) -> None:
         super().__init__(dim, num_heads, mlp_ratio, norm, mlp, num_prefix, options=options)
-        self.norm = parameter_free(norm(dim))
+        self.norm = parameter_free(norm(dim)) if options.norm else nn.Identity()
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         return self.norm(masked_mean(*self._read(x, valid)))
@@ -57,10 +71,11 @@ class ProjectorOptions(GridOptions):
 
     cell: int = described(2, "side of the k x k cell of patch tokens merged into one (Qwen 2, DeepSeek 3)",
                           AT_LEAST_ONE)
-    out_features: int = described(0, "output width, the language model's; 0: none (merger: keep k*k*dim)",
+    out_features: int = described(0, "output width, the language model's; 0: k*k*dim (the merger: no fc2)",
                                   NON_NEGATIVE)
-    readout: str = described("none", "after projecting: none (the tokens are the output) | avg_norm (mean, "
-                             "parameter-free norm, for a classifier head)")
+    readout: str = described("avg_norm", "after projecting: avg_norm (mean, parameter-free norm, for a classifier "
+                             "head) | none (the tokens are the output: a VLM's image tokens)")
+    checkpoint_prefix: str = _checkpoint_prefix()
 
     def check(self, spec) -> None:
         if self.readout not in READOUTS:
@@ -100,6 +115,10 @@ class PatchMerger(_Projector):
         options: ProjectorOptions = ProjectorOptions(),
     ) -> None:
         super().__init__(dim, norm, options)
+        if any(side % self.cell for side in self.grid):
+            raise ValueError(f"pool='merger' merges {self.cell}x{self.cell} cells, but the patch grid {self.grid} is "
+                             f"not divisible by the cell; use an image size whose patch grid is a multiple of "
+                             f"{self.cell}, or pool='aligner' (pads the grid)")
         hidden = dim * self.cell**2
         self.norm = norm(dim)
         self.fc1 = nn.Linear(hidden, hidden)
@@ -123,12 +142,10 @@ class PatchAligner(_Projector):
         self, dim: int, num_heads: int, mlp_ratio: float, norm: NormFactory, mlp: MlpFactory, num_prefix: int, *,
         options: ProjectorOptions = ProjectorOptions(),
     ) -> None:
-        if not options.out_features:
-            raise ValueError("pool='aligner' projects to the language model's width: set pool.out_features")
         super().__init__(dim, norm, options)
-        self.fc1 = nn.Linear(dim * self.cell**2, options.out_features)
+        self.fc1 = nn.Linear(dim * self.cell**2, self.out_dim)
         self.act = nn.GELU()
-        self.fc2 = nn.Linear(options.out_features, options.out_features)
+        self.fc2 = nn.Linear(self.out_dim, self.out_dim)
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         h, w = self.grid
@@ -138,6 +155,6 @@ class PatchAligner(_Projector):
         return self.fc2(self.act(self.fc1(x)))
 
 
-POOLS.register("avg_norm", AvgNormPool, options=PoolOptions)
+POOLS.register("avg_norm", AvgNormPool, options=AvgNormOptions)
 POOLS.register("merger", PatchMerger, options=ProjectorOptions)
 POOLS.register("aligner", PatchAligner, options=ProjectorOptions)

@@ -1,6 +1,6 @@
 """Reader of timm's VLM vision towers: ``Qwen3VitEncoder`` / ``Qwen3VitClassifier`` (Qwen3-VL, Qwen3.5) and
 ``DeepseekVitEncoder`` / ``DeepseekVitClassifier`` (DeepSeek-V4). A classifier wraps the encoder as ``encoder``
-(vitzoo: ``checkpoint_prefix="encoder."``) and reads the mean of its tokens through a parameter-free norm
+(vitzoo: the readout's ``checkpoint_prefix="encoder."``) and reads the mean of its tokens through a parameter-free norm
 (``pool="avg_norm"``); the VLM projector (``merger`` / ``aligner``) is a readout entry of the same names.
 """
 
@@ -97,14 +97,15 @@ def spec(model: nn.Module) -> ViTSpec:
     if classifier:
         if model.global_pool != "avg":
             raise refuse("global_pool", repr(model.global_pool), "global_pool")
+        prefix = {"checkpoint_prefix": "encoder."}
         if projector is None and not _present(model.norm):  # final_norm=False: the plain mean
-            pool: dict[str, Any] = {"name": "avg"}
+            pool: dict[str, Any] = {"name": "avg_norm", "norm": False, **prefix}
         else:
             _free_norm("norm", model.norm, kind)
-            pool = {"name": "avg_norm"} if projector is None else {
-                "name": projector[0], **projector[1], "readout": "avg_norm"}
+            pool = {"name": "avg_norm", **prefix} if projector is None else {
+                "name": projector[0], **projector[1], "readout": "avg_norm", **prefix}
     elif projector is not None:
-        pool = {"name": projector[0], **projector[1]}
+        pool = {"name": projector[0], **projector[1], "readout": "none"}
     else:
         pool = {"name": {"avg": "avg", "": "none"}[enc.global_pool]}
     path = blocks[-1].drop_path1.drop_prob if isinstance(blocks[-1].drop_path1, DropPath) else 0.0
@@ -118,7 +119,6 @@ def spec(model: nn.Module) -> ViTSpec:
         attn={"name": "mhsa", **attn}, mlp={"name": mlp, "bias": mlp_bias},
         norm={"name": kind[0], "eps": kind[1]}, pool=pool, class_token=False,
         final_norm="tokens" if _present(getattr(enc, "norm", None)) else "none",
-        checkpoint_prefix="encoder." if classifier else "",
         drop=Dropouts(head=float(getattr(getattr(model, "head_drop", None), "p", 0.0)),
                       attn=float(blocks[0].attn.attn_drop.p), proj=float(blocks[0].attn.proj_drop.p),
                       path=float(path)),
