@@ -107,3 +107,35 @@ def test_from_timm_refuses_what_it_cannot_express() -> None:
     reference = timm.create_model("qwen3_vit_88m", **TINY, img_size=64, pos_embed_grid_size=4, global_pool="")
     with pytest.raises(ValueError, match="global_pool"):
         from_timm(reference)
+
+
+def test_qwen_vl_release_layout_loads_like_timm(tmp_path) -> None:
+    """The vision tower of a transformers Qwen3-VL checkpoint (``model.visual.*``: Conv3d patch embedding over 2
+    frames, ``pos_embed.weight``, ``linear_fc1/2``, DeepStack projectors, the language model beside it): timm's
+    own loader reads it back to timm's model, and vitzoo converts it and gives timm's tokens."""
+    from timm.models.qwen3_vit import checkpoint_filter_fn_encoder
+
+    from vitzoo.weights import load_pretrained, write_state_dict
+
+    torch.manual_seed(0)
+    reference = timm.create_model("qwen3_vit_88m_enc", **TINY, img_size=64, pos_embed_grid_size=4,
+                                  out_features=32).eval()
+    upstream = {"model.language_model.embed_tokens.weight": torch.randn(10, 8),
+                "model.visual.deepstack_merger_list.0.norm.weight": torch.randn(256)}
+    for key, tensor in reference.state_dict().items():
+        if key == "patch_embed.proj.weight":  # two temporal slices that sum to the 2-D kernel
+            tensor = torch.stack([tensor * 0.25, tensor * 0.75], dim=2)
+        elif key == "pos_embed":
+            key, tensor = "pos_embed.weight", tensor[0]
+        key = key.replace("mlp.fc", "mlp.linear_fc").replace("merger.fc", "merger.linear_fc")
+        upstream[f"model.visual.{key}"] = tensor
+    timm_read = checkpoint_filter_fn_encoder(upstream, reference)
+    assert timm_read.keys() == reference.state_dict().keys()
+    write_state_dict(upstream, tmp_path / "qwen3_vl.safetensors")
+
+    model = vitzoo.create_model("qwen3_vit_88m_enc", **TINY, img_size=64, pool={"out_features": 32}).eval()
+    report = load_pretrained(model, str(tmp_path / "qwen3_vl.safetensors")).adapted
+    assert "Qwen3-VL" in report[0] and "deepstack_merger_list" in report[0]
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert (model(x) - reference(x)).abs().max() <= 1e-4
