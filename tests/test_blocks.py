@@ -25,6 +25,8 @@ def _spec_for(slot: str, name: str) -> ViTSpec:
         changes["attn"] = "diff"
     if name == "gqa":  # two query heads per key/value head
         changes["attn"] = {"name": "gqa", "kv_heads": 2}
+    if (slot, name) in (("attn", "none"), ("block", "gmlp")):  # gMLP: its MLP mixes tokens, no attention branch
+        changes.update(attn="none", block="gmlp", mlp="spatial_gating")
     if name == "eva_attn_scale":  # LayerScale on the attention branch only
         changes["block"] = {"name": name, "layer_scale": 0.1}
     keywords = getattr(slot_table(slot).get(name), "keywords", {})

@@ -14,7 +14,7 @@ from timm.models.vision_transformer import DiffParallelScalingBlock, ParallelSca
 import vitzoo
 import vitzoo.validate as validate_module
 from vitzoo.timm_compat import mlp_ratio_for, spec_from_timm
-from vitzoo.validate import TOL, validate
+from vitzoo.validate import TOL, Validation, validate
 
 # name -> the feature it stands for; compared at one or two blocks (structure at full size).
 REPRESENTATIVES = {
@@ -129,7 +129,7 @@ def test_from_timm_names_what_it_cannot_express(kwargs, message):
 
 
 def test_from_timm_refuses_other_families():
-    with pytest.raises(ValueError, match="from_timm reads timm.s VisionTransformer models, got Linear"):
+    with pytest.raises(ValueError, match="from_timm reads timm.s .*VisionTransformer.* models, got Linear"):
         vitzoo.from_timm(torch.nn.Linear(2, 2))
 
 
@@ -159,10 +159,28 @@ def test_validate_all_keeps_the_section_of_timms_own_tests(tmp_path, monkeypatch
     out = tmp_path / "parity.md"
     section = validate_module.SUITE_HEADING + "\n\n| upstream test | passed |\n"
     out.write_text("# an older report\n\n" + section)
-    monkeypatch.setattr(validate_module, "timm_vit_names", list)
-    monkeypatch.setattr(validate_module, "timm_eva_names", list)
-    monkeypatch.setattr(validate_module, "timm_naflex_names", list)
-    assert validate_module._cmd_validate(argparse.Namespace(all=True, name=None, depth=None, out=str(out))) == 0
+    monkeypatch.setattr(validate_module, "sweep_names", lambda sweep: [])
+    args = argparse.Namespace(all=True, name=None, depth=None, out=str(out), classes=None)
+    assert validate_module._cmd_validate(args) == 0
     text = out.read_text()
-    assert text.startswith("# timm VisionTransformer, Eva and NaFlexVit coverage") and "older report" not in text
+    assert text.startswith("# timm coverage") and "older report" not in text and "- **Beit: 0 / 0**" in text
     assert text.endswith("\n\n" + section)
+
+
+def test_validate_all_reruns_chosen_classes_and_keeps_the_others(tmp_path, monkeypatch):
+    """``--classes`` validates the names of those timm classes only; every other section comes from the kept results."""
+    out = tmp_path / "parity.md"
+    names = {"VisionTransformer": ["vit_a"], "Eva": ["eva_a"]}
+    monkeypatch.setattr(validate_module, "sweep_names", lambda sweep: names.get(sweep.title, []))
+    monkeypatch.setattr(validate_module, "validate", lambda name, depth: Validation(name, ok=True, depth=1))
+    assert validate_module._cmd_validate(argparse.Namespace(all=True, name=None, depth=None, out=str(out),
+                                                            classes=None)) == 0
+    names.update(VisionTransformer=["vit_b"], Eva=["eva_b"])
+    assert validate_module._cmd_validate(argparse.Namespace(all=True, name=None, depth=None, out=str(out),
+                                                            classes="Eva")) == 0
+    text = out.read_text()
+    assert "`vit_a`" in text and "`vit_b`" not in text and "`eva_b`" in text and "`eva_a`" not in text
+    assert "- **VisionTransformer: 1 / 1**" in text and "**2 / 2** timm" in text
+    with pytest.raises(ValueError, match="no timm class 'Evaa' is swept; closest: Eva"):
+        validate_module._cmd_validate(argparse.Namespace(all=True, name=None, depth=None, out=str(out),
+                                                         classes="Evaa"))

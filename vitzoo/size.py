@@ -8,7 +8,7 @@ percent of the real count for plain ViTs. Arithmetic is in floats, so any size g
 
 from __future__ import annotations
 
-from vitzoo.blocks import SLOTS
+from vitzoo.blocks import SLOTS, TokenOptions
 from vitzoo.choice import PER_LAYER_SLOTS, varies_per_layer
 from vitzoo.spec import ViTSpec
 
@@ -28,6 +28,13 @@ def _mlp(dim: float, hidden: float, name: str) -> float:
     return inputs * (dim * hidden + hidden) + hidden * dim + dim
 
 
+def _across_tokens(spec: ViTSpec, slot: str, i: int) -> float | None:
+    """Parameters laid out across the tokens (Mixer's token MLP, ResMLP's, gMLP's gate), which grow with the image
+    size; None for a block without (:class:`~vitzoo.blocks.mixer.TokenOptions`)."""
+    options = spec.layer(slot, i)[1]
+    return options.for_model(spec).params(spec.embed_dim) if isinstance(options, TokenOptions) else None
+
+
 def estimate_params(spec: ViTSpec) -> float:
     """About how many parameters the model of ``spec`` has (float: absurd specs give absurd numbers)."""
     dim, heads = float(spec.embed_dim), spec.num_heads
@@ -43,7 +50,10 @@ def estimate_params(spec: ViTSpec) -> float:
         kind, mlp = spec.layer("block", i)[0], spec.layer("mlp", i)[0]
         kv = getattr(spec.layer("attn", i)[1], "kv_heads", None) or heads
         qkv = dim * dim + 2 * dim * kv * head_dim
-        branch = qkv + 3 * dim + dim * dim + dim + _mlp(dim, hidden, mlp) + 4 * dim  # + proj and two norms
+        attention = _across_tokens(spec, "attn", i)
+        attention = qkv + 3 * dim + dim * dim + dim if attention is None else attention  # + proj
+        mlp_params = _mlp(dim, hidden, mlp) + (_across_tokens(spec, "mlp", i) or 0.0)
+        branch = attention + mlp_params + 4 * dim  # + two norms
         return BRANCHES.get(kind, 1) * branch
 
     if any(varies_per_layer(SLOTS[slot], getattr(spec, slot)) for slot in PER_LAYER_SLOTS):  # depth values at hand

@@ -59,7 +59,7 @@ class ViTSpec:
     """Everything that makes two Vision Transformers different.
 
     Slot fields (``patch_embed``, ``pos_embed``, ``attn``, ``mlp``, ``norm``, ``block``, ``pool``,
-    ``rope``) name entries of the block tables in :mod:`vitzoo.blocks` with their options; ``attn``,
+    ``rope``, ``attn_bias``) name entries of the block tables in :mod:`vitzoo.blocks` with their options; ``attn``,
     ``mlp`` and ``block`` also take one name, and one value of each option, per layer. Specs are plain
     data: they round-trip through :meth:`to_dict` / :meth:`from_dict` (and so TOML), and checkpoints
     carry them.
@@ -88,6 +88,9 @@ class ViTSpec:
     pool: Choice = described(Choice("token"), "readout: token | avg | max | avgmax | map | none")
     rope: Choice = described(
         Choice("none"), "rotary positions on q/k inside attention: none | axial (EVA-02) | dinov3 | mixed")
+    attn_bias: Choice = described(
+        Choice("none"), "one bias on every block's attention logits, computed once per forward: none | relpos_mlp | "
+        "relpos_bias (timm's shared_rel_pos)")
     # prefix tokens
     class_token: bool = described(True, "learned [CLS] token in front")
     dist_token: bool = described(False, "DeiT distillation token after [CLS], read by a second head")
@@ -134,6 +137,8 @@ class ViTSpec:
             fail("dist_token", "needs class_token=True and pool='token' (DeiT reads both tokens)")
         if self.rope.name != "none" and self.drop.patch > 0:
             fail("drop.patch", "dropping patch tokens would misalign the rotary positions; use rope='none'")
+        if self.attn_bias.name != "none" and self.drop.patch > 0:
+            fail("drop.patch", "dropping patch tokens would misalign the attention bias; use attn_bias='none'")
         if self.embed_dim * self.mlp_ratio < 1:  # compared as floats: no overflow
             fail("mlp_ratio", f"gives an MLP of hidden width int({self.embed_dim} * {self.mlp_ratio}) = 0; "
                  f"use at least 1 / embed_dim")

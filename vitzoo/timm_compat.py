@@ -201,6 +201,13 @@ def _pool(model: TimmViT, layers: dict[str, Any]) -> str:
     return pool
 
 
+def can_read(model: nn.Module) -> bool:
+    """Whether :func:`from_timm` knows ``model``'s class (it may still refuse a setting of the instance)."""
+    from vitzoo.timm_families import READERS
+
+    return isinstance(model, (TimmViT, *READERS))
+
+
 def spec_from_timm(model: nn.Module) -> ViTSpec:
     """The :class:`ViTSpec` of a built timm ``VisionTransformer`` (or DeiT ``VisionTransformerDistilled``), or of
     an instance of a class :mod:`vitzoo.timm_families` reads."""

@@ -4,19 +4,21 @@ For one name: state_dict keys and shapes at full size (on the ``meta`` device, s
 numerics with timm's random weights loaded strictly: logits, ``forward_features`` and the hidden
 state after every block, so a mismatch points at the first block that differs. Models too big for
 a quick CPU run are compared at reduced depth (the same ``depth=`` on both sides). ``--all`` does
-this for every timm name whose class is ``VisionTransformer``, then for every name whose class is
-timm's ``Eva`` (EVA-02, DINOv3, ROPE-ViT, Perception Encoder...), then every ``NaFlexVit`` name, and writes a
-Markdown coverage report. NaFlexVit names are also compared on patch sequences (:mod:`vitzoo.packing`): images of
-three sizes one per row as timm takes them, and the same images packed into one row.
+this for every name of each timm class vitzoo follows (:data:`SWEEPS`: ``VisionTransformer``, ``Eva``,
+``NaFlexVit``, ``Beit``, ...) and writes a Markdown coverage report with the total per class; ``--classes``
+reruns some classes and keeps the others' results. NaFlexVit names are also compared on patch sequences
+(:mod:`vitzoo.packing`): images of three sizes one per row as timm takes them, and the same images packed into
+one row.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,17 +30,17 @@ from vitzoo.errors import did_you_mean
 from vitzoo.packing import output_order, pack_images
 from vitzoo.registry import create_model, list_models, model_spec
 from vitzoo.spec import ViTSpec
-from vitzoo.timm_compat import from_timm
+from vitzoo.timm_compat import can_read, from_timm
 
 TOL = 1e-4
 FULL_DEPTH_MAX_PARAMS = 100_000_000  # above this, numerics run at AUTO_DEPTH blocks
 AUTO_DEPTH = 2
-TIMM_MODULES = ("vision_transformer", "deit", "vision_transformer_hybrid", "vitamin")
-EVA_MODULES = ("eva",)
-NAFLEX_MODULES = ("naflexvit",)
 SEQUENCE_GRIDS = ((7, 5), (12, 20), (3, 3))  # patch grids of the images a NaFlexVit is compared on
 SUITE_HEADING = "## timm's own model tests"  # the section of docs/parity.md that tests/upstream writes
 PER_LAYER_TIMM_KWARGS = {"attn.kv_heads": "num_kv_heads"}  # per-layer spec options and timm's keyword for each
+# timm classes whose model functions fix the number of blocks themselves (MlpMixer's pass num_blocks=..., so no
+# keyword can change it): compared at reduced depth, they are built whole and cut with prune_intermediate_layers
+TIMM_FIXED_DEPTH: tuple[type, ...] = (timm.models.mlp_mixer.MlpMixer,)
 
 
 @dataclass
@@ -59,30 +61,49 @@ class Validation:
         return max(values) if values else None
 
 
-def _timm_names(modules: tuple[str, ...], cls: type) -> list[str]:
-    names = sorted({n for module in modules for n in timm.list_models(module=module)})
+@dataclass(frozen=True)
+class Sweep:
+    """The timm names ``--all`` compares for one timm model class: the section of the report that gives its total."""
+
+    title: str  # the timm class, as the report's section heading names it
+    modules: tuple[str, ...]  # the timm.models modules whose names are listed
+    classes: tuple[str, ...]  # the names kept are those built as one of these classes (or a subclass)
+    about: str  # what these models are, for the summary line
+
+
+SWEEPS = (
+    Sweep("VisionTransformer", ("vision_transformer", "deit", "vision_transformer_hybrid", "vitamin"),
+          ("VisionTransformer",), "DeiT's distilled subclass included"),
+    Sweep("Eva", ("eva",), ("Eva",),
+          "EVA-02, DINOv3, ROPE-ViT, Perception Encoder, ...: 2-D RoPE, SwiGLU, EVA attention"),
+    Sweep("NaFlexVit", ("naflexvit",), ("NaFlexVit",),
+          "images at their own size and aspect ratio; also compared on patch sequences"),
+    Sweep("Beit", ("beit",), ("Beit",), "BEiT and BEiT v2: a relative position bias table in every attention"),
+    Sweep("VisionTransformerRelPos", ("vision_transformer_relpos",), ("VisionTransformerRelPos",),
+          "relative position bias or relative-position MLP in attention"),
+    Sweep("Cait", ("cait",), ("Cait",), "talking-heads attention, LayerScale, class-attention blocks"),
+    Sweep("ConVit", ("convit",), ("ConVit",), "gated positional self-attention in the first blocks"),
+    Sweep("VisionTransformerSAM", ("vision_transformer_sam",), ("VisionTransformerSAM",),
+          "Segment Anything's image encoder: windowed attention, decomposed relative positions, a conv neck"),
+    Sweep("Xcit", ("xcit",), ("Xcit",), "cross-covariance attention, local patch interaction, class attention"),
+    Sweep("MlpMixer", ("mlp_mixer",), ("MlpMixer",),
+          "MLP-Mixer, gMixer, ResMLP, gMLP: token-mixing MLPs in place of attention"),
+    Sweep("Qwen3Vit", ("qwen3_vit",), ("Qwen3VitClassifier", "Qwen3VitEncoder"), "Qwen3-VL's vision tower"),
+    Sweep("Gemma4Vit", ("gemma4_vit",), ("Gemma4VitClassifier", "Gemma4VitEncoder"), "Gemma 4's vision tower"),
+    Sweep("DeepseekVit", ("deepseek_vit",), ("DeepseekVitClassifier", "DeepseekVitEncoder"), "DeepSeek's vision tower"),
+)
+
+
+def sweep_names(sweep: Sweep) -> list[str]:
+    """Every timm model name of ``sweep``'s modules whose model is one of its classes."""
+    names = sorted({n for module in sweep.modules for n in timm.list_models(module=module)})
     out = []
     for name in names:
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            if isinstance(timm.create_model(name), cls):
+            if any(cls.__name__ in sweep.classes for cls in type(timm.create_model(name)).__mro__):
                 out.append(name)
     return out
-
-
-def timm_vit_names() -> list[str]:
-    """Every timm model name whose class is timm's ``VisionTransformer`` (DeiT's distilled subclass included)."""
-    return _timm_names(TIMM_MODULES, timm.models.VisionTransformer)
-
-
-def timm_eva_names() -> list[str]:
-    """Every timm model name whose class is timm's ``Eva`` (ViTs with RoPE: EVA-02, DINOv3, PE, ...)."""
-    return _timm_names(EVA_MODULES, timm.models.eva.Eva)
-
-
-def timm_naflex_names() -> list[str]:
-    """Every timm model name whose class is timm's ``NaFlexVit`` (images at their own size as patch sequences)."""
-    return _timm_names(NAFLEX_MODULES, timm.models.naflexvit.NaFlexVit)
 
 
 def sequence_diffs(model: nn.Module, reference: nn.Module) -> dict[str, float]:
@@ -126,7 +147,9 @@ def _structure_problem(theirs: dict, ours: dict) -> str:
 
 def _blocks(model: nn.Module) -> nn.Module:
     """The encoder blocks, also of a timm class that wraps its tower as ``encoder`` (the VLM-tower classifiers)."""
-    return model.blocks if hasattr(model, "blocks") else model.encoder.blocks
+    if hasattr(model, "blocks"):
+        return model.blocks
+    return getattr(getattr(model, "encoder", None), "blocks", ())
 
 
 def _block_outputs(model: nn.Module) -> tuple[list[torch.Tensor], list]:
@@ -164,10 +187,24 @@ def reduced_depth(spec: ViTSpec, depth: int) -> tuple[dict[str, Any], dict[str, 
     return ours, {"depth": depth, **{PER_LAYER_TIMM_KWARGS[f]: ours[f] for f in per_layer}}
 
 
+def timm_reference(name: str, keywords: dict[str, Any]) -> nn.Module:
+    """timm's model ``name`` with random weights and ``keywords`` (from :func:`reduced_depth`); a class of
+    :data:`TIMM_FIXED_DEPTH` is built whole and cut to ``depth`` blocks by timm's own ``prune_intermediate_layers``."""
+    depth = keywords.get("depth")
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fixed = isinstance(timm.create_model(name), TIMM_FIXED_DEPTH)
+    if depth is None or not fixed:
+        return timm.create_model(name, pretrained=False, **keywords)
+    reference = timm.create_model(name, pretrained=False, **{k: v for k, v in keywords.items() if k != "depth"})
+    reference.prune_intermediate_layers([depth - 1], prune_norm=False, prune_head=False)
+    return reference
+
+
 def _compare(name: str, depth: int | None, result: Validation) -> None:
     ours, theirs = reduced_depth(model_spec(name), depth) if depth else ({}, {})
     torch.manual_seed(0)
-    reference = timm.create_model(name, pretrained=False, **theirs).eval()
+    reference = timm_reference(name, theirs).eval()
     model = create_model(name, **ours).eval()
     model.load_state_dict(reference.state_dict(), strict=True)
     torch.manual_seed(1)
@@ -201,6 +238,9 @@ def validate(name: str, depth: int | None = None) -> Validation:
         if name not in list_models():
             if isinstance(reference, timm.models.eva.Eva):
                 result.reason = f"{eva_gap(reference)} (not expressible)"
+                return result
+            if not can_read(reference):
+                result.reason = f"vitzoo has no blocks for timm's {type(reference).__name__} yet"
                 return result
             try:
                 from_timm(reference)
@@ -244,33 +284,48 @@ def _report_table(results: list[Validation]) -> list[str]:
     return lines
 
 
-def coverage_report(
-    results: list[Validation], eva: list[Validation], naflex: list[Validation], command: str, seconds: float,
-) -> str:
-    """Markdown: every timm VisionTransformer, Eva and NaFlexVit name with its verdict, worst difference, reason."""
-    passed, eva_passed = sum(r.ok for r in results), sum(r.ok for r in eva)
+def coverage_report(sections: dict[str, dict[str, Any]], command: str) -> str:
+    """Markdown: the total per timm class, then every name with its verdict, worst difference and reason.
+    ``sections`` maps each :class:`Sweep` title to ``{"seconds": ..., "results": [Validation, ...]}``."""
+    by_title = {sweep.title: sweep for sweep in SWEEPS}
+    done = [title for title in by_title if title in sections]
+    totals = {t: (sum(r.ok for r in sections[t]["results"]), len(sections[t]["results"])) for t in done}
     lines = [
-        "# timm VisionTransformer, Eva and NaFlexVit coverage", "",
-        f"- **VisionTransformer: {passed} / {len(results)}** timm {timm.__version__} names whose class is "
-        f"`VisionTransformer` (DeiT's distilled subclass included)",
-        f"- **Eva: {eva_passed} / {len(eva)}** timm names whose class is `Eva` (EVA-02, DINOv3, ROPE-ViT, "
-        f"Perception Encoder, ...: 2-D RoPE, SwiGLU, EVA attention)",
-        f"- **NaFlexVit: {sum(r.ok for r in naflex)} / {len(naflex)}** timm names whose class is `NaFlexVit` "
-        f"(images at their own size and aspect ratio), also on patch sequences", "",
-        f"are vitzoo registry models with timm's exact state_dict (strict load) and outputs within {TOL:g} in "
-        f"fp32 (logits, `forward_features`, every block). NaFlexVit names are also compared on patch sequences: "
-        f"images of {', '.join(f'{h}x{w}' for h, w in SEQUENCE_GRIDS)} patches one per row as timm takes them, and "
-        f"the same three packed into one row (vitzoo's packing) against timm's outputs one per row.",
-        "", "Generated on CPU (torch " + torch.__version__ + f") in {seconds / 60:.1f} min by:", "",
-        f"```bash\n{command}\n```", "",
+        "# timm coverage", "",
+        f"**{sum(ok for ok, _ in totals.values())} / {sum(n for _, n in totals.values())}** timm {timm.__version__} "
+        f"names of the classes below are vitzoo registry models with timm's exact state_dict (strict load) and "
+        f"outputs within {TOL:g} in fp32 (logits, `forward_features`, every block):", "",
+        *(f"- **{t}: {totals[t][0]} / {totals[t][1]}** ({by_title[t].about})" for t in done), "",
+        f"NaFlexVit names are also compared on patch sequences: images of "
+        f"{', '.join(f'{h}x{w}' for h, w in SEQUENCE_GRIDS)} patches one per row as timm takes them, and the same "
+        f"three packed into one row (vitzoo's packing) against timm's outputs one per row.", "",
+        f"Generated on CPU (torch {torch.__version__}) by the command below; `--classes TITLE,...` reruns the "
+        f"sections of those classes and keeps the others (each name's result is kept in the `.json` beside this "
+        f"file):", "", f"```bash\n{command}\n```", "",
         f"Keys and shapes are compared at full size on the `meta` device; numerics run at full depth up "
         f"to {FULL_DEPTH_MAX_PARAMS // 1_000_000}M parameters and at {AUTO_DEPTH} blocks above "
-        f"(column *depth*: compared / full).", "",
-        "## VisionTransformer", "", *_report_table(results), "",
-        "## Eva", "", *_report_table(eva), "",
-        "## NaFlexVit", "", *_report_table(naflex),
+        f"(column *depth*: compared / full).",
     ]
+    for t in done:
+        lines += ["", f"## {t}", "", f"{totals[t][0]} / {totals[t][1]} in {sections[t]['seconds'] / 60:.1f} min.",
+                  "", *_report_table(sections[t]["results"])]
     return "\n".join(lines) + "\n"
+
+
+def load_sections(path: Path) -> dict[str, dict[str, Any]]:
+    """The per-class results an earlier ``--all`` kept beside its report (none when there is no such file)."""
+    if not path.exists():
+        return {}
+    data = json.loads(path.read_text())
+    return {t: {"seconds": v["seconds"], "results": [Validation(**r) for r in v["results"]]} for t, v in data.items()}
+
+
+def save_sections(path: Path, sections: dict[str, dict[str, Any]]) -> None:
+    """Write the per-class results atomically, so an interrupted run leaves the previous file whole."""
+    data = {t: {"seconds": v["seconds"], "results": [asdict(r) for r in v["results"]]} for t, v in sections.items()}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    tmp.replace(path)
 
 
 def split_suite_section(text: str) -> tuple[str, str]:
@@ -303,17 +358,25 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         result = validate(args.name, args.depth)
         print(format_table(result))
         return 0 if result.ok else 1
-    start = time.perf_counter()
-    results, eva = _sweep(timm_vit_names(), args.depth), _sweep(timm_eva_names(), args.depth)
-    naflex = _sweep(timm_naflex_names(), args.depth)
-    command = "vitzoo validate --all" + (f" --depth {args.depth}" if args.depth else "") + f" --out {args.out}"
+    titles = [sweep.title for sweep in SWEEPS]
+    chosen = args.classes.split(",") if args.classes else titles
+    for title in chosen:
+        if title not in titles:
+            raise ValueError(f"--classes: no timm class {title!r} is swept; {did_you_mean(title, titles)}")
     out = Path(args.out)
+    kept_json = out.with_suffix(".json")
+    sections = load_sections(kept_json) if args.classes else {}
+    for sweep in SWEEPS:
+        if sweep.title in chosen:
+            start = time.perf_counter()
+            results = _sweep(sweep_names(sweep), args.depth)
+            sections[sweep.title] = {"seconds": time.perf_counter() - start, "results": results}
+            print(f"{sweep.title}: {sum(r.ok for r in results)} / {len(results)} covered", file=sys.stderr)
+    save_sections(kept_json, sections)
+    command = "vitzoo validate --all" + (f" --depth {args.depth}" if args.depth else "") + f" --out {args.out}"
     kept = split_suite_section(out.read_text())[1] if out.exists() else ""
-    report = coverage_report(results, eva, naflex, command, time.perf_counter() - start)
-    out.write_text("\n".join(filter(None, [report, kept])))
-    print(f"VisionTransformer: {sum(r.ok for r in results)} / {len(results)} covered; "
-          f"Eva: {sum(r.ok for r in eva)} / {len(eva)} covered; "
-          f"NaFlexVit: {sum(r.ok for r in naflex)} / {len(naflex)} covered; report written to {args.out}")
+    out.write_text("\n".join(filter(None, [coverage_report(sections, command), kept])))
+    print(f"report written to {args.out}")
     return 0
 
 
@@ -321,7 +384,9 @@ def add_validate_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("validate", help="compare vitzoo models with timm: keys, shapes, outputs per block")
     p.add_argument("name", nargs="?", help="a model name that both timm and vitzoo know")
     p.add_argument("--all", action="store_true",
-                   help="every timm VisionTransformer, Eva and NaFlexVit name; writes a report")
+                   help="every timm name of the classes vitzoo follows (VisionTransformer, Eva, ...); writes a report")
+    p.add_argument("--classes", help="with --all: rerun only these timm classes (comma-separated section titles), "
+                                     "keeping the other sections of the report")
     p.add_argument("--depth", type=int, help="compare numerics at this many blocks (default: automatic)")
     p.add_argument("--out", default="docs/parity.md", help="where --all writes its Markdown report")
     p.set_defaults(func=_cmd_validate)

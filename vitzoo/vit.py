@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vitzoo.blocks.attention import ATTENTIONS
+from vitzoo.blocks.attn_bias import ATTN_BIASES
 from vitzoo.blocks.encoder import ENCODER_BLOCKS
 from vitzoo.blocks.mlp import MLPS
 from vitzoo.blocks.norm import NORMS, NormFactory
@@ -54,6 +55,31 @@ def embeds_name(key: str) -> str:
     return key
 
 
+def _pool_stored_as(spec: ViTSpec) -> str:
+    """What the state_dict calls the readout: ``attn_pool``, or the entry's own name (a VLM projector's ``merger``)."""
+    return getattr(POOLS.get(spec.pool.name), "state_name", "attn_pool")
+
+
+def stored_name(key: str, spec: ViTSpec) -> str:
+    """A state_dict key as the model with ``spec`` stores it: timm's NaFlexVit layout with ``patch_embed.embeds``, the
+    patch embedding under ``patch_embed.stored_as`` (``stem.proj.weight``), the readout under its entry's name
+    (``merger.``), all but the head under the readout's ``checkpoint_prefix`` (``encoder.``); else unchanged."""
+    if spec.get("patch_embed.embeds"):
+        key = embeds_name(key)
+    elif key.startswith("patch_embed."):
+        key = (spec.get("patch_embed.stored_as") or "patch_embed") + key.removeprefix("patch_embed")
+    if key.startswith("attn_pool."):
+        key = _pool_stored_as(spec) + key.removeprefix("attn_pool")
+    prefix = spec.get("pool.checkpoint_prefix")
+    return prefix + key if prefix and not key.startswith(("head.", "head_dist.")) else key
+
+
+def renames_keys(spec: ViTSpec) -> bool:
+    """Whether the model with ``spec`` stores some parts under other names than it holds them (:func:`stored_name`)."""
+    return (bool(spec.get("patch_embed.embeds")) or spec.get("patch_embed.stored_as") not in (None, "patch_embed")
+            or _pool_stored_as(spec) != "attn_pool" or bool(spec.get("pool.checkpoint_prefix")))
+
+
 @torch.fx.wrap
 def grid_dependent(block: nn.Module, *args: Any) -> Any:
     """``block(*args)`` for a block whose output depends on the patch grid (position table, rotary angles).
@@ -92,6 +118,8 @@ class VisionTransformer(nn.Module):
         self.pos_drop = nn.Dropout(spec.drop.pos)
         self.rope = self._build(ROPES, "rope", 0, dim // spec.num_heads, spec.grid_size, spec.num_prefix_tokens,
                                 spec.num_heads, depth)
+        self.shared_rel_pos = self._build(ATTN_BIASES, "attn_bias", 0, spec.grid_size, spec.num_prefix_tokens,
+                                          spec.num_heads)
         self.norm_pre = norm(dim) if spec.pre_norm else nn.Identity()
         drop_path = [spec.drop.path * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.Sequential(*(self._make_block(i, norm, drop_path[i]) for i in range(depth)))
@@ -105,7 +133,7 @@ class VisionTransformer(nn.Module):
         cfg = {**DEFAULT_CFG, **(pretrained_cfg or {}), **self._derived_cfg(pretrained_cfg or {})}
         self.pretrained_cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}  # timm's types
         self._init_linear(self)
-        if any(self._stored_name(k) != k for k in self.state_dict(keep_vars=True)):
+        if renames_keys(spec):
             self.register_state_dict_post_hook(_save_stored_names)
             self.register_load_state_dict_pre_hook(_load_stored_names)
 
@@ -158,24 +186,21 @@ class VisionTransformer(nn.Module):
         }
 
     def _stored_name(self, key: str) -> str:
-        """What the state_dict calls the parameter or module the model holds as ``key``: NaFlexVit's ``embeds.``
-        names, a readout's own name for ``attn_pool`` (a VLM projector's ``merger``), the readout's
-        ``checkpoint_prefix`` (timm's VLM-tower classifiers)."""
-        key = embeds_name(key) if self.spec.get("patch_embed.embeds") else key
-        pool_name = getattr(self.attn_pool, "state_name", "attn_pool")
-        if key.startswith("attn_pool."):
-            key = pool_name + key.removeprefix("attn_pool")
-        prefix = self.spec.get("pool.checkpoint_prefix")
-        return key if not prefix or key.startswith(("head.", "head_dist.")) else prefix + key
+        """What the state_dict calls the parameter or module the model holds as ``key``."""
+        return stored_name(key, self.spec)
 
     @staticmethod
     def _init_linear(module: nn.Module) -> None:
-        """timm's default init for linear layers: truncated normal (std 0.02), zero bias."""
+        """timm's default init for linear layers: truncated normal (std 0.02), zero bias; then a block's own
+        ``init_weights()`` where it has one (timm's convention: gMLP's gate starts at weight ~0, bias 1)."""
         for m in module.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+        for m in module.modules():
+            if m is not module and callable(getattr(m, "init_weights", None)):
+                m.init_weights()
 
     # timm-compatible attributes -----------------------------------------------------------------
     @property
@@ -317,6 +342,10 @@ class VisionTransformer(nn.Module):
         """The rotary positions for ``grid``, None for a model without RoPE."""
         return None if self.spec.rope.name == "none" else grid_dependent(self.rope, grid)
 
+    def _attn_bias(self, grid: tuple[int, int]) -> torch.Tensor | None:
+        """The bias every block's attention adds to its logits for ``grid``, None for a model without one."""
+        return None if self.spec.attn_bias.name == "none" else grid_dependent(self.shared_rel_pos, grid)
+
     def _embed_sequence(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, SequenceLayout]:
         """A patch-sequence batch (:mod:`vitzoo.packing`) -> tokens (each image's prefix tokens in front of the
         row) with each image's positions added, as :meth:`_embed` adds them at that image's own grid."""
@@ -327,6 +356,9 @@ class VisionTransformer(nn.Module):
         if self.training and spec.drop.patch > 0:
             raise ValueError("drop.patch > 0 drops tokens of image batches only; set drop={'patch': 0.0} to train "
                              "on patch sequences")
+        if spec.attn_bias.name != "none":
+            raise ValueError(f"attn_bias={spec.attn_bias.name!r} is laid out for the patch grid of one image batch; "
+                             f"feed this model images, not patch sequences")
         patches, coord, valid, image = checked_sequence(batch, next(self.parameters()), spec.in_chans, p)
         layout = SequenceLayout.of(coord, valid, image, self.num_prefix_tokens)
         cells = rearrange(patches, "b n (p1 p2 c) -> (b n) c p1 p2", p1=p, p2=p)
@@ -374,9 +406,9 @@ class VisionTransformer(nn.Module):
         if is_sequence(images):
             return self._sequence_features(images)
         x, grid = self._embed(images)
-        rotation = self._rotation(grid)
+        rotation, bias = self._rotation(grid), self._attn_bias(grid)
         for i in range(len(self.blocks)):
-            x = self._run_block(i, x, rotation)
+            x = self._run_block(i, x, rotation, bias)
         return self.norm(x)
 
     def _sequence_features(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -432,10 +464,10 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         take = block_indices(len(self.blocks), indices)
         x, (h, w) = self._embed(images)
-        rotation = self._rotation((h, w))
+        rotation, bias = self._rotation((h, w)), self._attn_bias((h, w))
         states = []
         for i in range(max(take) + 1 if stop_early else len(self.blocks)):
-            x = self._run_block(i, x, rotation)
+            x = self._run_block(i, x, rotation, bias)
             if i in take:
                 states.append(self.norm(x) if norm else x)
         n_prefix = self.num_prefix_tokens
@@ -459,8 +491,9 @@ class VisionTransformer(nn.Module):
 
 
 def _save_stored_names(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
-    """``state_dict`` hook of a model whose checkpoint names differ from its module names (NaFlexVit's ``embeds.``,
-    ``checkpoint_prefix``, a projector's ``merger.``): timm's names, in place and in order."""
+    """``state_dict`` hook of a model whose spec renames keys (:func:`renames_keys`): its parts named as timm's
+    checkpoints name them (NaFlexVit's ``embeds.proj.weight``, MlpMixer's ``stem.proj.weight``), in place and in
+    order."""
     items = list(state_dict.items())
     state_dict.clear()
     for key, value in items:
@@ -472,9 +505,9 @@ def _load_stored_names(
     module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict, strict: bool, missing: list,
     unexpected: list, errors: list,
 ) -> None:
-    """``load_state_dict`` hook of such a model: timm's names back to the modules the model holds, so its
-    checkpoints load with ``strict=True``."""
-    stored = {prefix + module._stored_name(name): prefix + name for name, _ in module.named_parameters()}
-    stored.update({prefix + module._stored_name(name): prefix + name for name, _ in module.named_buffers()})
+    """``load_state_dict`` hook of a model whose spec renames keys: timm's names back to the modules the model
+    holds, so its checkpoints load with ``strict=True``."""
+    names = [name for name, _ in (*module.named_parameters(), *module.named_buffers())]
+    stored = {prefix + module._stored_name(name): prefix + name for name in names}
     for key in [k for k in state_dict if k in stored and stored[k] != k]:
         state_dict[stored[key]] = state_dict.pop(key)

@@ -1,7 +1,8 @@
 """Swappable building blocks, one string-keyed table per slot.
 
 The slot names are the spec fields that choose from them: ``patch_embed``, ``pos_embed``, ``attn``,
-``mlp``, ``norm``, ``block``, ``pool`` and ``rope``. Each table's module documents its constructor contract.
+``mlp``, ``norm``, ``block``, ``pool``, ``rope`` and ``attn_bias``. Each table's module documents its constructor
+contract.
 Tables of blocks built around a model rather than inside it (``neck``: dense features for detection and
 segmentation) are in ``OUTER_SLOTS``: no spec field names them, but they register and look up the same way.
 """
@@ -11,7 +12,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from vitzoo.blocks.attention import ATTENTIONS
+from vitzoo.blocks.attn_bias import ATTN_BIASES  # also registers the relative-position attentions
 from vitzoo.blocks.encoder import ENCODER_BLOCKS
+from vitzoo.blocks.mixer import TokenOptions  # registers the all-MLP token mixers (MLP-Mixer, ResMLP, gMLP)
 from vitzoo.blocks.mlp import MLPS
 from vitzoo.blocks.neck import NECKS
 from vitzoo.blocks.norm import NORMS
@@ -26,7 +29,7 @@ from vitzoo.errors import did_you_mean
 
 SLOTS: dict[str, BlockTable] = {
     table.slot: table
-    for table in (PATCH_EMBEDS, POSITIONS, ATTENTIONS, MLPS, NORMS, ENCODER_BLOCKS, POOLS, ROPES)
+    for table in (PATCH_EMBEDS, POSITIONS, ATTENTIONS, MLPS, NORMS, ENCODER_BLOCKS, POOLS, ROPES, ATTN_BIASES)
 }
 OUTER_SLOTS: dict[str, BlockTable] = {NECKS.slot: NECKS}  # built beside a model, outside its spec
 
@@ -60,4 +63,7 @@ def register_block(
     return slot_table(slot).register(name, factory, options=options, overwrite=overwrite, verify=True)
 
 
-__all__ = ["OUTER_SLOTS", "SLOTS", "BlockContractError", "BlockOptions", "BlockTable", "register_block", "slot_table"]
+__all__ = [
+    "OUTER_SLOTS", "SLOTS", "BlockContractError", "BlockOptions", "BlockTable", "TokenOptions", "register_block",
+    "slot_table",
+]

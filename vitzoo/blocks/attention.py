@@ -4,7 +4,8 @@ Contract: ``factory(dim, num_heads, norm, attn_drop, proj_drop, layer, *, option
 ``forward(x, rotation, mask=None)`` mapping ``(b, n, dim) -> (b, n, dim)``; ``norm`` is the model's norm factory
 (for q/k and inner norms), ``layer`` the index of the block it serves, ``rotation`` the rotary positions
 to turn q and k by (:class:`~vitzoo.blocks.rope.Rotation`), None for a model without RoPE, and ``mask`` which
-keys each query may attend to, bool ``(b, 1, n, n)`` (None: all; patch sequences, :mod:`vitzoo.packing`).
+keys each query may attend to, bool ``(b, 1, n, n)`` (None: all; patch sequences, :mod:`vitzoo.packing`), or a
+float bias ``(1, heads, n, n)`` to add to the logits (the model's ``attn_bias``, :mod:`vitzoo.blocks.attn_bias`).
 """
 
 from __future__ import annotations

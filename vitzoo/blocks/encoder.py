@@ -4,7 +4,7 @@ Contract: ``factory(dim, attn, mlp, norm, drop_path, *, options) -> nn.Module`` 
 ``forward(x, rotation, mask=None)`` mapping ``(b, n, dim) -> (b, n, dim)``; ``attn`` and ``mlp`` are built
 modules, ``norm`` a norm factory, ``drop_path`` this block's stochastic-depth rate, and ``rotation`` and ``mask``
 what the block hands to its attention (rotary positions, None without RoPE; the keys each query may see, None:
-all). Parameter names follow timm's ``Block``: ``norm1``, ``attn``,
+all, or a float bias on the logits). Parameter names follow timm's ``Block``: ``norm1``, ``attn``,
 ``ls1``, ``norm2``, ``mlp``, ``ls2``.
 """
 

@@ -39,6 +39,14 @@ class InnerNormMlpOptions(MlpOptions):
         False, "norm on the hidden activations before the output layer (Sub-LN of BEiT-3; EVA-02)")
 
 
+@dataclass(frozen=True)
+class PackedGluOptions(InnerNormMlpOptions):
+    """Options of the gated MLP packed in one ``fc1``."""
+
+    gate_last: bool = described(
+        False, "the gate is the second half of fc1 (timm's GluMlp default: gMixer); False: the first (SwiGLUPacked)")
+
+
 class QuickGELU(nn.Module):
     """``x * sigmoid(1.702 x)``, the GELU approximation of OpenAI CLIP."""
 
@@ -92,15 +100,17 @@ class GatedMlp(nn.Module):
 
 class PackedGatedMlp(nn.Module):
     """Gated linear unit with gate and value packed in one ``fc1`` of width ``hidden_dim``:
-    act(first half) * second half -> fc2 from ``hidden_dim / 2`` (DINOv2 ViT-g, timm ``SwiGLUPacked``).
+    act(first half) * second half -> fc2 from ``hidden_dim / 2`` (DINOv2 ViT-g, timm ``SwiGLUPacked``); with
+    ``gate_last`` first half * act(second half) (gMixer, timm ``GluMlp``).
     """
 
     def __init__(
         self, dim: int, hidden_dim: int, norm: NormFactory, drop: float = 0.0,
-        act: Callable[[], nn.Module] = nn.SiLU, *, options: InnerNormMlpOptions = InnerNormMlpOptions(),
+        act: Callable[[], nn.Module] = nn.SiLU, *, options: PackedGluOptions = PackedGluOptions(),
     ) -> None:
         super().__init__()
         bias = options.bias
+        self.gate_last = options.gate_last
         if hidden_dim % 2:
             raise ValueError(f"a packed gated MLP splits fc1 in two halves; hidden width {hidden_dim} is odd, "
                              f"pick mlp_ratio so that int(embed_dim * mlp_ratio) is even")
@@ -112,7 +122,8 @@ class PackedGatedMlp(nn.Module):
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, value = rearrange(self.fc1(x), "... (two e) -> two ... e", two=2)
+        first, second = rearrange(self.fc1(x), "... (two e) -> two ... e", two=2)
+        gate, value = (second, first) if self.gate_last else (first, second)
         return self.drop2(self.fc2(self.norm(self.drop1(self.act(gate) * value))))
 
 
@@ -145,7 +156,7 @@ MLPS: BlockTable = BlockTable(
 for _name, _block, _act in (
     ("gelu", Mlp, nn.GELU), ("gelu_tanh", Mlp, partial(nn.GELU, approximate="tanh")), ("quick_gelu", Mlp, QuickGELU),
     ("relu", Mlp, nn.ReLU), ("swiglu", GatedMlp, nn.SiLU), ("geglu", GatedMlp, nn.GELU),
-    ("swiglu_packed", PackedGatedMlp, nn.SiLU),
 ):
     MLPS.register(_name, partial(_block, act=_act), options=InnerNormMlpOptions)
+MLPS.register("swiglu_packed", partial(PackedGatedMlp, act=nn.SiLU), options=PackedGluOptions)
 MLPS.register("geglu_normed", partial(NormedGatedMlp, act=nn.GELU), options=MlpOptions)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,10 @@ from vitzoo.fields import described
 torch.fx.wrap("rearrange")
 
 
+# names a patch embedding cannot be stored under: the model's other parts (see VisionTransformer.state_dict)
+STORED_ELSEWHERE = ("blocks", "norm", "head", "position", "pos_embed", "cls_token", "fc_norm", "embeds")
+
+
 @dataclass(frozen=True)
 class ProjectionOptions(BlockOptions):
     """Options of every patch-embedding entry."""
@@ -35,6 +40,17 @@ class ProjectionOptions(BlockOptions):
     embeds: bool = described(
         False, "the state_dict keeps this embedding, the prefix tokens and the position tables under embeds., as "
                "timm's NaFlexVit does (embeds.proj.weight, embeds.cls_token, embeds.pos_embed)")
+    stored_as: str = described(
+        "patch_embed", "the name the state_dict keeps this embedding under: patch_embed (timm's ViT), stem (timm's "
+                       "MlpMixer, ResMLP, gMLP: stem.proj.weight)")
+
+    def check(self, spec: Any) -> None:
+        if not self.stored_as.isidentifier() or self.stored_as in STORED_ELSEWHERE:
+            raise ValueError(f"stored_as={self.stored_as!r} is not a free module name; use an identifier such as "
+                             f"'patch_embed' or 'stem', not one of {', '.join(STORED_ELSEWHERE)}")
+        if self.embeds and self.stored_as != "patch_embed":
+            raise ValueError("embeds=True already stores this embedding as timm's NaFlexVit does (under embeds.); "
+                             "leave stored_as='patch_embed'")
 
 
 @dataclass(frozen=True)

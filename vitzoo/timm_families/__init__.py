@@ -15,7 +15,7 @@ from vitzoo.spec import ViTSpec
 
 READERS: dict[type, Callable[[nn.Module], ViTSpec]] = {}
 
+from vitzoo.timm_families import beit, mixer, relpos, vlm_towers  # noqa: E402  (readers import this package)
 
-from vitzoo.timm_families import vlm_towers  # noqa: E402  (the readers use vitzoo.spec, imported above)
-
+READERS.update({module.TIMM_CLASS: module.spec for module in (beit, mixer, relpos)})
 READERS.update(dict.fromkeys(vlm_towers.TIMM_CLASSES, vlm_towers.spec))

@@ -8,13 +8,15 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from timm.layers import resize_rel_pos_bias_table
 
 from vitzoo.blocks.position import resample_table
-from vitzoo.vit import VisionTransformer
+from vitzoo.vit import VisionTransformer, stored_name
 from vitzoo.weights.files import StateDict, WeightsError
 
 HEAD_KEYS = ("head.weight", "head.bias", "head_dist.weight", "head_dist.bias")
 PATCH_KEY = "patch_embed.proj.weight"
+REL_POS_TABLE = "relative_position_bias_table"  # the key ending of relative-position tables (BEiT, relpos ViTs)
 
 
 @dataclass
@@ -40,9 +42,9 @@ def _grid_of(n_tokens: int, n_prefix: int, like: tuple[int, int]) -> tuple[int, 
 
 
 def adapt_state_dict(model: VisionTransformer, state_dict: StateDict) -> tuple[StateDict, LoadReport]:
-    """Fit a checkpoint to ``model``: resample the position table to its grid, the patch kernel to its
-    patch size and input channels, and drop a classifier of another size (the model keeps its freshly
-    initialised head)."""
+    """Fit a checkpoint to ``model``: resample the position table and relative-position tables to its grid, the
+    patch kernel to its patch size and input channels, and drop a classifier of another size (the model keeps its
+    freshly initialised head)."""
     spec, own = model.spec, model.state_dict()
     out, report = dict(state_dict), LoadReport()
     pos = out.get("pos_embed")
@@ -52,9 +54,10 @@ def adapt_state_dict(model: VisionTransformer, state_dict: StateDict) -> tuple[S
         out["pos_embed"] = resample_table(pos, old, spec.grid_size, n_prefix)
         report.adapted.append(f"pos_embed: resampled {tuple(pos.shape)} -> {tuple(out['pos_embed'].shape)}, "
                               f"grid {old[0]}x{old[1]} -> {spec.grid_size[0]}x{spec.grid_size[1]}")
-    kernel = out.get(PATCH_KEY)
-    if kernel is not None and PATCH_KEY in own and kernel.shape != own[PATCH_KEY].shape:
-        want, steps = own[PATCH_KEY].shape, []
+    patch_key = stored_name(PATCH_KEY, spec)  # MlpMixer's stem.proj.weight, NaFlexVit's embeds.proj.weight
+    kernel = out.get(patch_key)
+    if kernel is not None and patch_key in own and kernel.shape != own[patch_key].shape:
+        want, steps = own[patch_key].shape, []
         if kernel.shape[1] != want[1] and kernel.shape[1] == 3:
             kernel = adapt_input_channels(kernel, want[1])
             steps.append(f"input channels 3 -> {want[1]}")
@@ -62,8 +65,13 @@ def adapt_state_dict(model: VisionTransformer, state_dict: StateDict) -> tuple[S
             steps.append(f"patch {kernel.shape[2]}x{kernel.shape[3]} -> {want[2]}x{want[3]} resampled as in FlexiViT")
             kernel = resample_patch_kernel(kernel, tuple(want[2:]))
         if kernel.shape == want:
-            report.adapted.append(f"{PATCH_KEY}: {tuple(out[PATCH_KEY].shape)} -> {tuple(want)}, {', '.join(steps)}")
-            out[PATCH_KEY] = kernel
+            report.adapted.append(f"{patch_key}: {tuple(out[patch_key].shape)} -> {tuple(want)}, {', '.join(steps)}")
+            out[patch_key] = kernel
+    for key in [k for k in out if k.endswith(REL_POS_TABLE) and k in own and out[k].shape != own[k].shape]:
+        table = out[key]  # laid out for another grid: resampled as timm does on load (square source grid)
+        out[key] = resize_rel_pos_bias_table(table, new_window_size=spec.grid_size, new_bias_shape=own[key].shape)
+        report.adapted.append(f"{key}: resampled {tuple(table.shape)} -> {tuple(own[key].shape)} for grid "
+                              f"{spec.grid_size[0]}x{spec.grid_size[1]}")
     for key in HEAD_KEYS:
         if key in out and (key not in own or out[key].shape != own[key].shape):
             report.adapted.append(
