@@ -150,10 +150,34 @@ def _structure_problem(theirs: dict, ours: dict) -> str:
     return "; ".join(parts)
 
 
+def _blocks(model: nn.Module) -> nn.Module:
+    """The encoder blocks, also of a timm class that wraps its tower as ``encoder`` (the VLM-tower classifiers)."""
+    if hasattr(model, "blocks"):
+        return model.blocks
+    return getattr(getattr(model, "encoder", None), "blocks", ())
+
+
 def _block_outputs(model: nn.Module) -> tuple[list[torch.Tensor], list]:
     outputs: list[torch.Tensor] = []
-    hooks = [b.register_forward_hook(lambda _m, _i, out: outputs.append(out)) for b in model.blocks]
+    hooks = [b.register_forward_hook(lambda _m, _i, out: outputs.append(out)) for b in _blocks(model)]
     return outputs, hooks
+
+
+def _head(model: nn.Module, feats: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``forward_head(feats)``, or ``forward(x)`` for a timm encoder without a head (its ``forward_head`` raises)."""
+    try:
+        return model.forward_head(feats)
+    except NotImplementedError:
+        return model(x)
+
+
+def _feature_diff(ours: torch.Tensor, theirs: torch.Tensor) -> float | None:
+    """max |ours - theirs| of forward_features, the token layout aside (timm's VLM towers give (b, h, w, d));
+    None when they hold different values (timm counts a VLM projector in its classifiers' features, vitzoo in
+    the readout: the logits compare that path)."""
+    if ours.numel() != theirs.numel():
+        return None
+    return (ours.reshape(theirs.shape) - theirs).abs().max().item()
 
 
 def reduced_depth(spec: ViTSpec, depth: int) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -198,11 +222,12 @@ def _compare(name: str, depth: int | None, result: Validation) -> None:
     theirs_b, hooks_t = _block_outputs(reference)
     with torch.no_grad():
         feats, feats_ref = model.forward_features(x), reference.forward_features(x)
-        logits, logits_ref = model.forward_head(feats), reference.forward_head(feats_ref)
-    for hook in hooks_o + hooks_t:
-        hook.remove()
+        for hook in hooks_o + hooks_t:
+            hook.remove()
+        logits, logits_ref = model.forward_head(feats), _head(reference, feats_ref, x)
     result.depth = len(model.blocks)
-    result.diffs = {"features": (feats - feats_ref).abs().max().item(),
+    features = _feature_diff(feats, feats_ref)
+    result.diffs = {**({} if features is None else {"features": features}),
                     "logits": (logits - logits_ref).abs().max().item()}
     # timm blocks that keep the grid (SAM's: (b, h, w, dim)) are compared as vitzoo's tokens (b, h * w, dim)
     result.block_diffs = [(o - t.flatten(1, -2)).abs().max().item() if t.ndim == 4 else (o - t).abs().max().item()
@@ -220,7 +245,7 @@ def validate(name: str, depth: int | None = None) -> Validation:
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         reference = timm.create_model(name)
-        result.full_depth = len(getattr(reference, "blocks", ()))
+        result.full_depth = len(_blocks(reference))
         if name not in list_models():
             if isinstance(reference, timm.models.eva.Eva):
                 result.reason = f"{eva_gap(reference)} (not expressible)"

@@ -59,18 +59,29 @@ def embeds_name(key: str) -> str:
     return key
 
 
+def _pool_stored_as(spec: ViTSpec) -> str:
+    """What the state_dict calls the readout: ``attn_pool``, or the entry's own name (a VLM projector's ``merger``)."""
+    return getattr(POOLS.get(spec.pool.name), "state_name", "attn_pool")
+
+
 def stored_name(key: str, spec: ViTSpec) -> str:
     """A state_dict key as the model with ``spec`` stores it: timm's NaFlexVit layout with ``patch_embed.embeds``, the
-    patch embedding under ``patch_embed.stored_as`` (``stem.proj.weight``); any other key unchanged."""
+    patch embedding under ``patch_embed.stored_as`` (``stem.proj.weight``), the readout under its entry's name
+    (``merger.``), all but the head under the readout's ``checkpoint_prefix`` (``encoder.``); else unchanged."""
     if spec.get("patch_embed.embeds"):
-        return embeds_name(key)
-    stored = spec.get("patch_embed.stored_as") or "patch_embed"
-    return stored + key.removeprefix("patch_embed") if key.startswith("patch_embed.") else key
+        key = embeds_name(key)
+    elif key.startswith("patch_embed."):
+        key = (spec.get("patch_embed.stored_as") or "patch_embed") + key.removeprefix("patch_embed")
+    if key.startswith("attn_pool."):
+        key = _pool_stored_as(spec) + key.removeprefix("attn_pool")
+    prefix = spec.get("pool.checkpoint_prefix")
+    return prefix + key if prefix and not key.startswith(("head.", "head_dist.")) else key
 
 
 def renames_keys(spec: ViTSpec) -> bool:
     """Whether the model with ``spec`` stores some parts under other names than it holds them (:func:`stored_name`)."""
-    return bool(spec.get("patch_embed.embeds")) or spec.get("patch_embed.stored_as") not in (None, "patch_embed")
+    return (bool(spec.get("patch_embed.embeds")) or spec.get("patch_embed.stored_as") not in (None, "patch_embed")
+            or _pool_stored_as(spec) != "attn_pool" or bool(spec.get("pool.checkpoint_prefix")))
 
 
 @torch.fx.wrap
@@ -165,8 +176,13 @@ class VisionTransformer(nn.Module):
 
     def _make_pool(self) -> nn.Module:
         spec = self.spec
-        return self._build(POOLS, "pool", 0, self.num_features, spec.num_heads, spec.mlp_ratio, self._norm_factory(),
-                           self._mlp_factory(), 0 if self._maps else spec.num_prefix_tokens)  # a map: patches only
+        return self._build(POOLS, "pool", 0, self._pooled_width(), spec.num_heads, spec.mlp_ratio,
+                           self._norm_factory(), self._mlp_factory(), 0 if self._maps else spec.num_prefix_tokens)
+
+    def _pooled_width(self) -> int:
+        """Width of what the pooling reads: the token width, or the channels of the feature map (a map holds the
+        patch tokens only)."""
+        return self.neck.out_channels if self._maps else self.spec.embed_dim
 
     def _make_heads(self) -> None:
         """``head`` (and DeiT's ``head_dist``): a linear classifier, or Identity when num_classes=0; after a feature
@@ -222,8 +238,9 @@ class VisionTransformer(nn.Module):
 
     @property
     def num_features(self) -> int:
-        """Width of what the pooling reads: the token width, or the channels of the feature map."""
-        return self.neck.out_channels if self._maps else self.spec.embed_dim
+        """Width of what the head reads: the pooled width (:meth:`_pooled_width`), or a projecting readout's output
+        width (the VLM towers' mergers)."""
+        return getattr(self.attn_pool, "out_dim", self._pooled_width())
 
     head_hidden_size = num_features
 

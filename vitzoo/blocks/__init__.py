@@ -25,6 +25,7 @@ from vitzoo.blocks.options import BlockOptions
 from vitzoo.blocks.patch import PATCH_EMBEDS
 from vitzoo.blocks.pooling import POOLS
 from vitzoo.blocks.position import POSITIONS
+from vitzoo.blocks.projector import READOUTS  # noqa: F401  (registers the VLM projector readouts)
 from vitzoo.blocks.rope import ROPES
 from vitzoo.blocks.table import BlockContractError, BlockTable
 from vitzoo.blocks.window import WindowedAttention  # noqa: F401  (registers attn="windowed")

@@ -162,6 +162,14 @@ class DinoV3Rope(AxialRope):
         return rearrange(2 * math.pi * coords[..., None] / periods.to(coords.device), "n c f -> n (c f)")
 
 
+class AxialHalfRope(AxialRope):
+    """Axial 2-D RoPE (as ``axial``) with channel ``i`` paired with ``i + head_dim / 2`` ("rotate half") instead of
+    interleaved pairs: the vision RoPE of Qwen2-VL / Qwen3-VL and DeepSeek-V4 (timm's ``RotaryEmbeddingCat`` with
+    ``rotate_half=True``)."""
+
+    rotate_half = True
+
+
 class MixedRope(AxialRope):
     """RoPE-Mixed: learned 2-D frequencies per layer and head, each angle a mix of x and y, so heads can
     attend along diagonals (ROPE-ViT, Heo et al. 2024; timm's ``RotaryEmbeddingMixed``). The frequencies
@@ -210,5 +218,6 @@ ROPES: BlockTable = BlockTable(
 )
 ROPES.register("none", NoRope)
 ROPES.register("axial", AxialRope, options=RopeOptions)
+ROPES.register("axial_half", AxialHalfRope, options=RopeOptions)
 ROPES.register("dinov3", DinoV3Rope, options=RopeOptions)
 ROPES.register("mixed", MixedRope, options=RopeOptions)

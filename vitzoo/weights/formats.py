@@ -5,10 +5,11 @@ CLIP/SigLIP image towers (the hub's on-disk layout and transformers 5's in-memor
 JAX/Flax ``.npz`` files of the ViT and AugReg papers (big_vision layout); the OpenAI CLIP / OpenCLIP
 image tower (OpenCLIP's own or a timm trunk); lucidrains' vit-pytorch ``ViT``; Meta's Sapiens2
 release (the names timm's Sapiens2 loader maps); Segment Anything's ``sam_vit_*.pth`` (its image
-encoder, as timm's SAM loader maps it). The format is detected from the keys. Each converter renames
-tensors by rules, fuses separate q/k/v projections into timm's packed ``qkv`` and moves JAX kernels
-to PyTorch's ``(out, in)`` order with einops; tensors with no vitzoo counterpart (HF's pooler, a JAX
-pre-logits layer, a text tower) are dropped and reported.
+encoder, as timm's SAM loader maps it); the Qwen3-VL / Qwen3.5 vision tower (``model.visual.*`` of the
+transformers checkpoint, loaded by the ``qwen3_vit_*_enc`` names). The format is detected from the keys. Each
+converter renames tensors by rules, fuses separate q/k/v projections into timm's packed ``qkv`` and
+moves JAX kernels to PyTorch's ``(out, in)`` order with einops; tensors with no vitzoo counterpart
+(HF's pooler, a JAX pre-logits layer, a text tower) are dropped and reported.
 
 A converted checkpoint fits a vitzoo model whose spec matches the source model: :func:`spec_hints`
 gives the fields besides the sizes (prefix tokens, qkv bias, pooling without a class token, and the
@@ -231,6 +232,19 @@ def _vit_pytorch_layout(state_dict: StateDict) -> StateDict:
     return out
 
 
+QV = r"(?:vlm\.)?(?:model\.)?visual\."  # the vision tower's prefix in Qwen3-VL / Qwen3.5 (Qwen-Drive: vlm.)
+
+
+def _qwen_vl_layout(state_dict: StateDict) -> StateDict:
+    """The Conv3d patch embedding over 2 frames folded into timm's Conv2d: an image is fed as the same frame twice,
+    so the 2-D kernel is the sum of the temporal slices (summed in float64, rounded once, as timm does)."""
+    out = dict(state_dict)
+    for key, tensor in state_dict.items():
+        if re.fullmatch(rf"{QV}patch_embed\.proj\.weight", key) and tensor.ndim == 5:
+            out[key] = tensor.double().sum(dim=2).to(tensor.dtype)
+    return out
+
+
 def _hf_hints(converted: StateDict) -> Hints:
     """HF ViT/DeiT normalise with epsilon 1e-12, DINOv2 (HF's one ViT with LayerScale) with 1e-6; register
     tokens come in the ``no_embed_class`` layout (see :func:`_hf_layout`)."""
@@ -375,6 +389,20 @@ FORMATS: dict[str, Format] = {
             (r"mlp_head\.(\w+)", r"head.\1"),
         ),
         hints=lambda converted: {"norm.eps": 1e-5, "patch_embed": "linear_prenorm"},
+    ),
+    "qwen_vl": Format(
+        "Qwen3-VL / Qwen3.5 vision tower (Hugging Face)", rf"{QV}blocks\.\d+\.mlp\.linear_fc[12]\..*",
+        prepare=_qwen_vl_layout,
+        rules=(
+            (rf"{QV}patch_embed\.proj\.(\w+)", r"patch_embed.proj.\1"),
+            (rf"{QV}pos_embed\.weight", "pos_embed"),
+            (rf"{QV}blocks\.(\d+)\.(norm[12]|attn\.qkv|attn\.proj)\.(\w+)", r"blocks.\1.\2.\3"),
+            (rf"{QV}blocks\.(\d+)\.mlp\.linear_fc([12])\.(\w+)", r"blocks.\1.mlp.fc\2.\3"),
+            (rf"{QV}merger\.norm\.(\w+)", r"merger.norm.\1"),
+            (rf"{QV}merger\.linear_fc([12])\.(\w+)", r"merger.fc\1.\2"),
+        ),
+        # the language model, the DeepStack projectors of mid-block tokens, the cached RoPE table
+        drop=rf"(?!{QV}).*|{QV}(deepstack_merger_list\..*|rotary_pos_emb\..*)",
     ),
     "sapiens2": Format(
         "Meta Sapiens2",

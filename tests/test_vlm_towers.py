@@ -1,0 +1,141 @@
+"""Vision towers of VLMs (timm's Qwen3Vit* and DeepseekVit*): keys at full size, outputs at small size, the new
+entries in another model, from_timm."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import timm
+import torch
+
+import vitzoo
+from vitzoo.registry import list_models
+from vitzoo.timm_compat import from_timm
+from vitzoo.validate import _shapes, _structure_problem
+
+NAMES = [n for n in list_models() if n.startswith(("qwen3_vit_", "deepseek_vit_"))]
+
+# one small model per kind: (name, vitzoo overrides, timm keywords), the same architecture on both sides
+SMALL = {
+    "qwen3_vit_88m": ({"img_size": 64}, {"pos_embed_grid_size": 4}),
+    "qwen3_vit_88m_merge": ({"img_size": 64, "pool": {"out_features": 32}},
+                            {"pos_embed_grid_size": 4, "out_features": 32}),
+    "qwen3_vit_88m_enc": ({"img_size": 64, "pool": {"out_features": 32}},
+                          {"pos_embed_grid_size": 4, "out_features": 32}),
+    "deepseek_vit_412m": ({"img_size": 56}, {}),
+    "deepseek_vit_412m_align": ({"img_size": 70, "pool": {"out_features": 32}}, {"out_features": 32}),  # 5x5: padded
+    "deepseek_vit_412m_enc": ({"img_size": 84, "pool": {"out_features": 32}}, {"out_features": 32}),
+}
+TINY = {"depth": 2, "embed_dim": 64, "num_heads": 2}
+
+
+def test_family_names() -> None:
+    assert len(NAMES) == 12
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_keys_and_shapes_match_timm(name: str) -> None:
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        problem = _structure_problem(_shapes(timm.create_model(name)), _shapes(vitzoo.create_model(name)))
+    assert not problem
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_outputs_match_timm(name: str) -> None:
+    ours_kw, theirs_kw = SMALL[name]
+    torch.manual_seed(0)
+    size = ours_kw["img_size"]
+    reference = timm.create_model(name, img_size=size, **TINY, **theirs_kw).eval()
+    model = vitzoo.create_model(name, **TINY, **ours_kw).eval()
+    model.load_state_dict(reference.state_dict(), strict=True)
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        ours, theirs = model(x), reference(x)
+        assert ours.shape == theirs.shape
+        assert (ours - theirs).abs().max() <= 1e-4
+        if not name.endswith(("_merge", "_align")):  # timm counts the projector in those features
+            feats = reference.forward_features(x)
+            assert (model.forward_features(x).reshape(feats.shape) - feats).abs().max() <= 1e-4
+
+
+def test_entries_in_another_model() -> None:
+    x, small = torch.randn(1, 3, 128, 128), {"depth": 2, "img_size": 128}
+    rope = vitzoo.create_model("vit_tiny_patch16_224", rope="axial_half", pool="avg_norm", num_classes=10, **small)
+    assert rope(x).shape == (1, 10) and not any("attn_pool" in k for k in rope.state_dict())
+    merged = vitzoo.create_model("vit_tiny_patch16_224", class_token=False, num_classes=10, **small,
+                                 pool={"name": "merger", "out_features": 48, "readout": "avg_norm"})
+    assert merged.head.in_features == 48 and merged(x).shape == (1, 10)
+    assert "merger.fc2.weight" in merged.state_dict()
+    aligned = vitzoo.create_model("vit_tiny_patch16_224", class_token=False, num_classes=0, **small,
+                                  pool={"name": "aligner", "cell": 3, "out_features": 32, "readout": "none"})
+    assert aligned(x).shape == (1, 9, 32)  # 8 x 8 patches padded to 3 x 3 cells of 3 x 3
+    with pytest.raises(ValueError, match="class_token=False"):
+        vitzoo.create_model("vit_tiny_patch16_224", pool="merger", **small)
+    with pytest.raises(ValueError, match="divisible by the cell"):
+        vitzoo.create_model("vit_tiny_patch16_224", class_token=False, pool="merger", depth=1, img_size=112)
+
+
+def test_checkpoint_prefix_round_trip() -> None:
+    model = vitzoo.create_model("deepseek_vit_412m", **TINY, img_size=56)
+    keys = list(model.state_dict())
+    assert all(k.startswith("encoder.") for k in keys)
+    twin = vitzoo.create_model("deepseek_vit_412m", **TINY, img_size=56)
+    twin.load_state_dict(model.state_dict(), strict=True)
+    assert model.pretrained_cfg["first_conv"] == "encoder.patch_embed.proj"
+
+
+@pytest.mark.parametrize("name,kwargs", [
+    ("qwen3_vit_88m_merge", {"img_size": 64, "pos_embed_grid_size": 4, "num_classes": 5, "out_features": 24,
+                             "mlp_ratio": 3.0, "rope_temperature": 100.0}),
+    ("deepseek_vit_412m_enc", {"img_size": 56, "out_features": 0, "global_pool": "avg", "norm_eps": 1e-5}),
+    ("qwen3_vit_88m", {"img_size": 64, "pos_embed_grid_size": 4, "final_norm": False, "num_classes": 3}),
+])
+def test_from_timm_round_trip(name: str, kwargs: dict) -> None:
+    torch.manual_seed(0)
+    reference = timm.create_model(name, **TINY, **kwargs).eval()
+    model = from_timm(reference).eval()
+    x = torch.randn(2, 3, kwargs["img_size"], kwargs["img_size"])
+    with torch.no_grad():
+        assert (model(x) - reference(x)).abs().max() <= 1e-4
+    rebuilt = vitzoo.VisionTransformer(vitzoo.ViTSpec.from_dict(model.spec.to_dict()))
+    rebuilt.load_state_dict(reference.state_dict(), strict=True)
+
+
+def test_from_timm_refuses_what_it_cannot_express() -> None:
+    reference = timm.create_model("qwen3_vit_88m", **TINY, img_size=64, pos_embed_grid_size=4, global_pool="")
+    with pytest.raises(ValueError, match="global_pool"):
+        from_timm(reference)
+
+
+def test_qwen_vl_release_layout_loads_like_timm(tmp_path) -> None:
+    """The vision tower of a transformers Qwen3-VL checkpoint (``model.visual.*``: Conv3d patch embedding over 2
+    frames, ``pos_embed.weight``, ``linear_fc1/2``, DeepStack projectors, the language model beside it): timm's
+    own loader reads it back to timm's model, and vitzoo converts it and gives timm's tokens."""
+    from timm.models.qwen3_vit import checkpoint_filter_fn_encoder
+
+    from vitzoo.weights import load_pretrained, write_state_dict
+
+    torch.manual_seed(0)
+    reference = timm.create_model("qwen3_vit_88m_enc", **TINY, img_size=64, pos_embed_grid_size=4,
+                                  out_features=32).eval()
+    upstream = {"model.language_model.embed_tokens.weight": torch.randn(10, 8),
+                "model.visual.deepstack_merger_list.0.norm.weight": torch.randn(256)}
+    for key, tensor in reference.state_dict().items():
+        if key == "patch_embed.proj.weight":  # two temporal slices that sum to the 2-D kernel
+            tensor = torch.stack([tensor * 0.25, tensor * 0.75], dim=2)
+        elif key == "pos_embed":
+            key, tensor = "pos_embed.weight", tensor[0]
+        key = key.replace("mlp.fc", "mlp.linear_fc").replace("merger.fc", "merger.linear_fc")
+        upstream[f"model.visual.{key}"] = tensor
+    timm_read = checkpoint_filter_fn_encoder(upstream, reference)
+    assert timm_read.keys() == reference.state_dict().keys()
+    write_state_dict(upstream, tmp_path / "qwen3_vl.safetensors")
+
+    model = vitzoo.create_model("qwen3_vit_88m_enc", **TINY, img_size=64, pool={"out_features": 32}).eval()
+    report = load_pretrained(model, str(tmp_path / "qwen3_vl.safetensors")).adapted
+    assert "Qwen3-VL" in report[0] and "deepstack_merger_list" in report[0]
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert (model(x) - reference(x)).abs().max() <= 1e-4
