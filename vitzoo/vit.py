@@ -318,7 +318,7 @@ class VisionTransformer(nn.Module):
         if prune_norm and self.spec.final_norm_at == "tokens":
             self.norm = nn.Identity()
             changes["final_norm"] = "none"
-        narrowed = prune_norm and self._maps and self.num_features != self.embed_dim
+        narrowed = prune_norm and self._maps and self._pooled_width() != self.embed_dim
         if prune_norm and self._maps:  # as timm's SAM: the neck goes, the map stays
             self.neck = FEATURE_MAPS.build("map", self.embed_dim)
             changes["features"] = "map"
