@@ -46,8 +46,8 @@ class ProjectionOptions(BlockOptions):
 
     def check(self, spec: Any) -> None:
         if not self.stored_as.isidentifier() or self.stored_as in STORED_ELSEWHERE:
-            raise ValueError(f"stored_as={self.stored_as!r} is not a free module name; use an identifier such as "
-                             f"'patch_embed' or 'stem', not one of {', '.join(STORED_ELSEWHERE)}")
+            raise ValueError(f"{type(self).__name__}.stored_as: {self.stored_as!r} is not a free module name; use an "
+                             f"identifier such as 'patch_embed' or 'stem', not one of {', '.join(STORED_ELSEWHERE)}")
         if self.embeds and self.stored_as != "patch_embed":
             raise ValueError("embeds=True already stores this embedding as timm's NaFlexVit does (under embeds.); "
                              "leave stored_as='patch_embed'")
