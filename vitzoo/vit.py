@@ -64,14 +64,23 @@ def _pool_stored_as(spec: ViTSpec) -> str:
     return getattr(POOLS.get(spec.pool.name), "state_name", "attn_pool")
 
 
+def _position_stored_as(spec: ViTSpec) -> str:
+    """What the state_dict calls the position entry's own parameters: ``position``, or the entry's ``state_name``
+    (XCiT's Fourier encoding is timm's ``pos_embed.token_projection``)."""
+    return getattr(POSITIONS.get(spec.pos_embed.name), "state_name", "position")
+
+
 def stored_name(key: str, spec: ViTSpec) -> str:
     """A state_dict key as the model with ``spec`` stores it: timm's NaFlexVit layout with ``patch_embed.embeds``, the
-    patch embedding under ``patch_embed.stored_as`` (``stem.proj.weight``), the readout under its entry's name
-    (``merger.``), all but the head under the readout's ``checkpoint_prefix`` (``encoder.``); else unchanged."""
+    patch embedding under ``patch_embed.stored_as`` (``stem.proj.weight``), the position entry's and the readout's
+    parameters under their entries' names (``pos_embed.``, ``merger.``), all but the head under the readout's
+    ``checkpoint_prefix`` (``encoder.``); else unchanged."""
     if spec.get("patch_embed.embeds"):
         key = embeds_name(key)
     elif key.startswith("patch_embed."):
         key = (spec.get("patch_embed.stored_as") or "patch_embed") + key.removeprefix("patch_embed")
+    elif key.startswith("position."):
+        key = _position_stored_as(spec) + key.removeprefix("position")
     if key.startswith("attn_pool."):
         key = _pool_stored_as(spec) + key.removeprefix("attn_pool")
     prefix = spec.get("pool.checkpoint_prefix")
@@ -81,7 +90,8 @@ def stored_name(key: str, spec: ViTSpec) -> str:
 def renames_keys(spec: ViTSpec) -> bool:
     """Whether the model with ``spec`` stores some parts under other names than it holds them (:func:`stored_name`)."""
     return (bool(spec.get("patch_embed.embeds")) or spec.get("patch_embed.stored_as") not in (None, "patch_embed")
-            or _pool_stored_as(spec) != "attn_pool" or bool(spec.get("pool.checkpoint_prefix")))
+            or _pool_stored_as(spec) != "attn_pool" or bool(spec.get("pool.checkpoint_prefix"))
+            or _position_stored_as(spec) != "position")
 
 
 @torch.fx.wrap

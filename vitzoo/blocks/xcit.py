@@ -4,7 +4,9 @@
 - ``block = "xcit"``: attention, local patch interaction (two depthwise 3x3 convs over the patch grid) and MLP,
   each with its own LayerScale;
 - ``patch_embed = "conv_bn"``: a stack of stride-2 3x3 conv + BatchNorm layers;
-- ``pos_embed = "fourier"``: sine-cosine features of the normalized grid coordinates, projected by a 1x1 conv.
+- ``pos_embed = "fourier"``: sine-cosine features of the normalized grid coordinates, projected by a 1x1 conv;
+- ``prefix_join = "xcit_class_attn"``: XCiT's class-attention layers after the blocks (CaiT's, with XCiT's
+  order of norms and names).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch import nn
 
 from vitzoo.blocks.attention import ATTENTIONS, Attention, AttentionOptions
 from vitzoo.blocks.encoder import ENCODER_BLOCKS, DropPath, LayerScaleOptions
+from vitzoo.blocks.join import JOINS, ClassAttention, ClassAttentionOptions, MlpFactory
 from vitzoo.blocks.norm import NormFactory
 from vitzoo.blocks.options import GridOptions
 from vitzoo.blocks.patch import PATCH_EMBEDS
@@ -137,6 +140,8 @@ class FourierOptions(PositionOptions):
 
 
 class FourierPosition(nn.Module):
+    state_name = "pos_embed"  # timm's key of the module: pos_embed.token_projection.weight
+
     """Sine-cosine features of each patch's row and column (counted from 1, scaled to (0, 2 pi]) projected to
     the token width by a learned 1x1 convolution ``token_projection`` (XCiT's ``PositionalEncodingFourier``,
     after DETR). Any grid works; the patch tokens only get it (``prefix`` must be False)."""
@@ -166,7 +171,67 @@ class FourierPosition(nn.Module):
         return rearrange(pos, "1 d h w -> 1 (h w) d")
 
 
+@dataclass(frozen=True)
+class XcitClassAttentionOptions(ClassAttentionOptions):
+    """Options of XCiT's class-attention layers."""
+
+    tokens_norm: bool = described(
+        False, "the second norm normalizes every token, not only the class token (XCiT's tokens_norm)")
+
+
+class XcitClassAttentionBlock(nn.Module):
+    """One XCiT class-attention layer (timm's ``ClassAttentionBlock`` of XCiT): the class token attends to all
+    tokens; unlike CaiT's, the residual adds the first norm's output to the patch tokens too, and the second norm
+    applies to the class token (every token with ``tokens_norm``) before the class token's MLP, whose residual
+    covers the whole sequence, so the patch tokens are added to themselves (the official code's, kept for its
+    weights). LayerScale as ``gamma1`` / ``gamma2``."""
+
+    def __init__(
+        self, dim: int, attn: ClassAttention, mlp: nn.Module, norm: NormFactory, tokens_norm: bool,
+        layer_scale: float | None,
+    ) -> None:
+        super().__init__()
+        self.norm1, self.attn, self.norm2, self.mlp = norm(dim), attn, norm(dim), mlp
+        self.tokens_norm = tokens_norm
+        self.gamma1, self.gamma2 = (nn.Parameter(torch.full((dim,), float(layer_scale))) if layer_scale else None
+                                    for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        normed = self.norm1(x)
+        queries = self.attn.num_queries
+        x = x + _scaled(torch.cat([self.attn(normed), normed[:, queries:]], dim=1), self.gamma1)
+        x = self.norm2(x) if self.tokens_norm else torch.cat([self.norm2(x[:, :queries]), x[:, queries:]], dim=1)
+        prefix = x[:, :queries] + _scaled(self.mlp(x[:, :queries]), self.gamma2)
+        return torch.cat([prefix, 2 * x[:, queries:]], dim=1)  # the MLP's residual spans the patch tokens too
+
+
+class XcitClassAttentionStage(nn.ModuleList):
+    """XCiT's class-attention stage: the class token joins after the XCiT blocks, and ``depth``
+    :class:`XcitClassAttentionBlock` update it (and, by their residual, the patch tokens). Stored as timm's
+    ``cls_attn_blocks.N``."""
+
+    stored_as = "cls_attn_blocks"
+
+    def __init__(
+        self, dim: int, num_heads: int, mlp_ratio: float, norm: NormFactory, mlp: MlpFactory, num_prefix: int, *,
+        options: XcitClassAttentionOptions = XcitClassAttentionOptions(),
+    ) -> None:
+        hidden = int(dim * (options.mlp_ratio or mlp_ratio))
+        super().__init__(
+            XcitClassAttentionBlock(dim, ClassAttention(dim, num_heads, num_prefix, options.qkv_bias),
+                                    mlp(dim, hidden), norm, options.tokens_norm, options.layer_scale)
+            for _ in range(options.depth)
+        )
+
+    def forward(self, x: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([prefix, x], dim=1)
+        for block in self:
+            x = block(x)
+        return x
+
+
 ATTENTIONS.register("xca", CrossCovarianceAttention, options=AttentionOptions)
 ENCODER_BLOCKS.register("xcit", XcitBlock, options=XcitBlockOptions)
 PATCH_EMBEDS.register("conv_bn", ConvBnPatchEmbed)
 POSITIONS.register("fourier", FourierPosition, options=FourierOptions)
+JOINS.register("xcit_class_attn", XcitClassAttentionStage, options=XcitClassAttentionOptions)

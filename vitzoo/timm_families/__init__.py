@@ -15,7 +15,7 @@ from vitzoo.spec import ViTSpec
 
 READERS: dict[type, Callable[[nn.Module], ViTSpec]] = {}
 
-from vitzoo.timm_families import beit, cait, convit, mixer, relpos, sam, vlm_towers  # noqa: E402  (they use this)
+from vitzoo.timm_families import beit, cait, convit, mixer, relpos, sam, vlm_towers, xcit  # noqa: E402
 
-READERS.update({module.TIMM_CLASS: module.spec for module in (beit, cait, convit, mixer, relpos, sam)})
+READERS.update({module.TIMM_CLASS: module.spec for module in (beit, cait, convit, mixer, relpos, sam, xcit)})
 READERS.update(dict.fromkeys(vlm_towers.TIMM_CLASSES, vlm_towers.spec))
