@@ -76,6 +76,9 @@ def test_entries_in_another_model() -> None:
         vitzoo.create_model("vit_tiny_patch16_224", pool="cell_mean", **small)
     with pytest.raises(ValueError, match="not divisible by the cell"):
         vitzoo.create_model("vit_tiny_patch16_224", class_token=False, pool="cell_mean", depth=1, img_size=64)
+    with pytest.raises(ValueError, match="dynamic_img_size=False"):
+        vitzoo.create_model("vit_tiny_patch16_224", class_token=False, pool="cell_mean", depth=1, img_size=96,
+                            dynamic_img_size=True)
 
 
 def test_rotation_matches_timm() -> None:

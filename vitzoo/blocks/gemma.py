@@ -212,7 +212,7 @@ class CellMeanOptions(GridOptions):
         False, "then (x - std_bias) * std_scale with stored per-channel buffers (Gemma 4 26B/31B)")
 
     def check(self, spec) -> None:
-        grid = self.grid or spec.grid_size
+        grid = self.grid or spec.grid_size  # filled from the model (GridOptions.for_model)
         if any(side % self.cell for side in grid):
             raise ValueError(f"pool='cell_mean' averages {self.cell}x{self.cell} cells, but the patch grid {grid} is "
                              f"not divisible by the cell; use an image size that is a multiple of "
@@ -220,6 +220,9 @@ class CellMeanOptions(GridOptions):
         if spec.num_prefix_tokens:
             raise ValueError("pool='cell_mean' averages cells of the patch grid; use class_token=False and "
                              "reg_tokens=0")
+        if spec.dynamic_img_size:
+            raise ValueError("pool='cell_mean' is laid out for the patch grid of img_size; use "
+                             "dynamic_img_size=False")
 
 
 class CellMeanPool(nn.Module):
