@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from pathlib import Path
+from types import ModuleType
+from unittest import mock
 
 import pytest
 import timm
@@ -42,6 +45,22 @@ def timm_twin(name: str, **overrides) -> tuple[torch.nn.Module, vitzoo.VisionTra
     model = vitzoo.create_model(name, **overrides).eval()
     model.load_state_dict(reference.state_dict(), strict=True)
     return reference, model
+
+
+def meta_twins(name: str, *timm_modules: ModuleType) -> tuple[torch.nn.Module, vitzoo.VisionTransformer]:
+    """timm's model ``name`` and vitzoo's at full size on the ``meta`` device with weight init skipped (most of a
+    meta build's time, where only keys and shapes count); ``timm_modules`` are those whose ``trunc_normal_`` runs."""
+    def skip(*args, **kwargs) -> None:
+        return None
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.device("meta"))
+        for cls in (torch.nn.Linear, torch.nn.LayerNorm, torch.nn.Conv2d):
+            stack.enter_context(mock.patch.object(cls, "reset_parameters", skip))
+        for module in timm_modules:
+            stack.enter_context(mock.patch.object(module, "trunc_normal_", skip))
+        stack.enter_context(mock.patch.object(vitzoo.VisionTransformer, "_init_linear", staticmethod(skip)))
+        return timm.create_model(name, pretrained=False), vitzoo.create_model(name)
 
 
 @pytest.fixture

@@ -3,15 +3,13 @@ stage), talking-heads attention and GPSA as blocks of any model; from_timm for b
 
 from __future__ import annotations
 
-from unittest import mock
-
 import pytest
 import timm
 import torch
 from timm.models import cait, convit
-from torch import nn
 
 import vitzoo
+from tests.conftest import meta_twins
 from vitzoo.packing import pack_images
 from vitzoo.timm_compat import from_timm
 
@@ -41,18 +39,9 @@ def random_twin(name: str, **kwargs) -> tuple[torch.nn.Module, vitzoo.VisionTran
     return reference, from_timm(reference)
 
 
-def skip(*args, **kwargs) -> None:
-    """Stands in for weight init where only keys and shapes count (init is most of a meta build's time)."""
-
-
 @pytest.mark.parametrize("name", CAIT + CONVIT)
 def test_full_size_structure_matches_timm(name):
-    with torch.device("meta"), mock.patch.object(nn.Linear, "reset_parameters", skip), \
-            mock.patch.object(nn.LayerNorm, "reset_parameters", skip), mock.patch.object(cait, "trunc_normal_", skip), \
-            mock.patch.object(convit, "trunc_normal_", skip), \
-            mock.patch.object(vitzoo.VisionTransformer, "_init_linear", staticmethod(skip)):
-        reference = timm.create_model(name, pretrained=False)
-        model = vitzoo.create_model(name)
+    reference, model = meta_twins(name, cait, convit)
     assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == \
         {k: tuple(v.shape) for k, v in reference.state_dict().items()}
     assert model.pretrained_cfg["input_size"] == reference.pretrained_cfg["input_size"]

@@ -155,3 +155,20 @@ def test_tables_resampled_on_load_as_timm_does():
     model = vitzoo.create_model("beit_base_patch16_224", img_size=96, **sizes).eval()
     assert "blocks.0.attn.relative_position_bias_table: resampled" in str(load_weights(model, weights))
     assert_twin(reference, model)
+
+
+def test_beits_own_release_layout_loads(tmp_path):
+    """A checkpoint as BEiT's own code saves it (unilm: under "model", with the relative-position index buffers
+    timm recomputes) loads into the registry model as it is."""
+    from timm.models.beit import checkpoint_filter_fn
+
+    sizes = dict(depth=2, embed_dim=96, num_heads=3, img_size=64)
+    torch.manual_seed(0)
+    reference = randomized(timm.create_model("beit_base_patch16_224", **sizes)).eval()
+    upstream = dict(reference.state_dict())
+    for i in range(2):
+        upstream[f"blocks.{i}.attn.relative_position_index"] = torch.zeros(17, 17, dtype=torch.long)
+    assert checkpoint_filter_fn({"model": upstream}, reference).keys() == reference.state_dict().keys()
+    torch.save({"model": upstream}, tmp_path / "beit_unilm.pth")
+    model = vitzoo.create_model("beit_base_patch16_224", pretrained=str(tmp_path / "beit_unilm.pth"), **sizes).eval()
+    assert_twin(reference, model)

@@ -3,8 +3,6 @@ another model; from_timm of built timm instances."""
 
 from __future__ import annotations
 
-from unittest import mock
-
 import pytest
 import timm
 import torch
@@ -12,14 +10,11 @@ from timm.models import xcit
 from torch import nn
 
 import vitzoo
+from tests.conftest import meta_twins
 from vitzoo.timm_compat import from_timm
 
 TOL = 1e-4
 NAMES = sorted(timm.list_models("xcit_*"))
-
-
-def skip(*args, **kwargs) -> None:
-    """Stands in for weight init where only keys and shapes count."""
 
 
 def random_twin(name: str, **kwargs) -> tuple[nn.Module, vitzoo.VisionTransformer]:
@@ -40,11 +35,7 @@ def test_every_name_is_in_the_registry():
 
 @pytest.mark.parametrize("name", NAMES)
 def test_full_size_structure_matches_timm(name):
-    with torch.device("meta"), mock.patch.object(nn.Linear, "reset_parameters", skip), \
-            mock.patch.object(nn.Conv2d, "reset_parameters", skip), mock.patch.object(xcit, "trunc_normal_", skip), \
-            mock.patch.object(vitzoo.VisionTransformer, "_init_linear", staticmethod(skip)):
-        reference = timm.create_model(name, pretrained=False)
-        model = vitzoo.create_model(name)
+    reference, model = meta_twins(name, xcit)
     assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == \
         {k: tuple(v.shape) for k, v in reference.state_dict().items()}
     assert model.pretrained_cfg["input_size"] == reference.pretrained_cfg["input_size"]

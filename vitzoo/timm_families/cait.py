@@ -31,16 +31,33 @@ def common(model: nn.Module, where: str, block: nn.Module) -> dict[str, Any]:
     return {"norm": _norm_kind(f"{where}.norm1", block.norm1), "mlp": mlp, "hidden": hidden}
 
 
-def spec(model: Cait) -> ViTSpec:
-    """The :class:`ViTSpec` of a built timm ``Cait``."""
+def trunk_fields(model: nn.Module, fixed: dict[str, Any], num_heads: int) -> dict[str, Any]:
+    """The :class:`ViTSpec` fields CaiT and ConViT read alike: input and patch embedding, sizes, the blocks' MLP
+    and norm (``fixed``, from :func:`common`), pooling and the final norm, which must be the blocks' kind."""
     pe, dim = model.patch_embed, model.embed_dim
     if type(pe) is not PatchEmbed:
         raise refuse("patch_embed", type(pe).__name__, "patch_layer")
-    patch_embed, patch = _patch_embed(pe, model.in_chans)
-    if model.blocks_token_only is None or model.cls_token is None:
-        raise refuse("blocks_token_only", "None (pruned)", "prune_intermediate_layers")
     if model.global_pool not in POOLS:
         raise refuse("global_pool", repr(model.global_pool), "global_pool")
+    if _present(model.norm) and _norm_kind("norm", model.norm) != fixed["norm"]:
+        raise refuse("norm", "a norm unlike the blocks'", "norm_layer")
+    patch_embed, patch = _patch_embed(pe, model.in_chans)
+    return dict(
+        img_size=tuple(pe.img_size), patch_size=patch, in_chans=model.in_chans,
+        patch_embed={"name": patch_embed, "bias": pe.proj.bias is not None, "norm": _present(pe.norm)},
+        num_classes=model.head.out_features if isinstance(model.head, nn.Linear) else 0,
+        embed_dim=dim, depth=len(model.blocks), num_heads=num_heads,
+        mlp_ratio=mlp_ratio_for(fixed["hidden"], dim), mlp=fixed["mlp"],
+        norm={"name": fixed["norm"][0], "eps": fixed["norm"][1]},
+        pool=POOLS[model.global_pool], final_norm="tokens" if _present(model.norm) else "none",
+    )
+
+
+def spec(model: Cait) -> ViTSpec:
+    """The :class:`ViTSpec` of a built timm ``Cait``."""
+    dim = model.embed_dim
+    if model.blocks_token_only is None or model.cls_token is None:
+        raise refuse("blocks_token_only", "None (pruned)", "prune_intermediate_layers")
     first = model.blocks[0]
     fixed = common(model, "blocks.0", first)
     for i, block in enumerate(model.blocks):
@@ -59,23 +76,15 @@ def spec(model: Cait) -> ViTSpec:
         ours = common(model, where, block)
         if (ours["norm"], ours["mlp"]) != (fixed["norm"], fixed["mlp"]) or ours != common(model, where, token[0]):
             raise refuse(where, "a norm or MLP unlike the other blocks'", "mlp_block_token_only")
-    if _present(model.norm) and _norm_kind("norm", model.norm) != fixed["norm"]:
-        raise refuse("norm", "a norm unlike the blocks'", "norm_layer")
     attn = first.attn
     return ViTSpec(
-        img_size=tuple(pe.img_size), patch_size=patch, in_chans=model.in_chans,
-        patch_embed={"name": patch_embed, "bias": pe.proj.bias is not None, "norm": _present(pe.norm)},
-        num_classes=model.head.out_features if isinstance(model.head, nn.Linear) else 0,
-        embed_dim=dim, depth=len(model.blocks), num_heads=attn.num_heads,
-        mlp_ratio=mlp_ratio_for(fixed["hidden"], dim), mlp=fixed["mlp"],
+        **trunk_fields(model, fixed, attn.num_heads),
         attn={"name": "talking_heads", "qkv_bias": attn.qkv.bias is not None},
-        norm={"name": fixed["norm"][0], "eps": fixed["norm"][1]},
         block={"name": "eva", "layer_scale": layer_scale(first.gamma_1)},
         pos_embed={"name": "learned", "prefix": False},
         prefix_join={"name": "class_attn", "depth": len(token), "qkv_bias": token[0].attn.q.bias is not None,
                      "mlp_ratio": mlp_ratio_for(token[0].mlp.fc1.out_features, dim),
                      "layer_scale": layer_scale(token[0].gamma_1)},
-        pool=POOLS[model.global_pool], final_norm="tokens" if _present(model.norm) else "none",
         drop=Dropouts(head=float(model.head_drop.p), pos=float(model.pos_drop.p), attn=float(attn.attn_drop.p),
                       proj=float(attn.proj_drop.p)),
     )
