@@ -31,6 +31,8 @@ def _spec_for(slot: str, name: str) -> ViTSpec:
         changes.update(attn="none", block="gmlp", mlp="spatial_gating")
     if name == "gpsa":  # over the patch grid alone: the class token joins after its blocks
         changes["prefix_join"] = {"at": SMALL["depth"]}
+    if name == "cell_mean":  # the 4 x 4 grid in 2 x 2 cells: one output per cell
+        changes["pool"] = {"name": name, "cell": 2}
     if name == "eva_attn_scale":  # LayerScale on the attention branch only
         changes["block"] = {"name": name, "layer_scale": 0.1}
     keywords = getattr(slot_table(slot).get(name), "keywords", {})
@@ -49,7 +51,7 @@ def test_every_table_entry_trains(slot, name):
     model = vitzoo.VisionTransformer(spec)
     x = torch.randn(3, 3, *spec.img_size)
     out = model(x)
-    expected = (3, 16, 32) if (slot, name) == ("pool", "none") else (3, 5)
+    expected = {("pool", "none"): (3, 16, 32), ("pool", "cell_mean"): (3, 4, 5)}.get((slot, name), (3, 5))
     assert out.shape == expected and torch.isfinite(out).all()
     out.square().mean().backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]

@@ -81,8 +81,8 @@ def stored_name(key: str, spec: ViTSpec) -> str:
         key = (spec.get("patch_embed.stored_as") or "patch_embed") + key.removeprefix("patch_embed")
     elif key.startswith("position."):
         key = _position_stored_as(spec) + key.removeprefix("position")
-    if key.startswith("attn_pool."):
-        key = _pool_stored_as(spec) + key.removeprefix("attn_pool")
+    if key.startswith("attn_pool."):  # a readout named "" keeps its state at the model's top level (Gemma 4)
+        key = ".".join(filter(None, (_pool_stored_as(spec), key.removeprefix("attn_pool."))))
     prefix = spec.get("pool.checkpoint_prefix")
     return prefix + key if prefix and not key.startswith(("head.", "head_dist.")) else key
 

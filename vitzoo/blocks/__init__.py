@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import vitzoo.blocks.gemma  # noqa: F401  (registers Gemma 4's entries in the tables below)
 import vitzoo.blocks.xcit  # noqa: F401  (registers XCiT's entries in the tables below)
 from vitzoo.blocks.attention import ATTENTIONS
 from vitzoo.blocks.attn_bias import ATTN_BIASES  # also registers the relative-position attentions

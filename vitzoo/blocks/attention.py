@@ -64,18 +64,19 @@ def attend(
 
 def attend_heads(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_norm: nn.Module, k_norm: nn.Module, dropout: float = 0.0,
-    rotation: Rotation | None = None, groups: int = 1, mask: torch.Tensor | None = None,
+    rotation: Rotation | None = None, groups: int = 1, mask: torch.Tensor | None = None, scale: float | None = None,
 ) -> torch.Tensor:
     """Per-head q ``(b, h, n, d)`` and k, v ``(b, h / groups, n, d)`` -> ``(b, n, h * d)``: q/k norm, rotary
     positions, each key/value head shared by ``groups`` query heads (all of them once rotated, as
     grouped-query attention stores them), then ``F.scaled_dot_product_attention``. ``groups`` comes from the
-    block's configuration, not from the shapes, so the branch is static for ``torch.fx``."""
+    block's configuration, not from the shapes, so the branch is static for ``torch.fx``. ``scale`` multiplies the
+    logits (None: ``head_dim ** -0.5``)."""
     q, k = q_norm(q), k_norm(k)
     if rotation is not None:
         q, k = rotate(q, rotation), rotate(k, rotation)
     if groups > 1:
         k, v = (repeat(t, "b h n d -> b (h g) n d", g=groups) for t in (k, v))
-    x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+    x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale)
     return rearrange(x, "b h n d -> b n (h d)")
 
 

@@ -48,11 +48,17 @@ class AvgNormOptions(PoolOptions):
 
     norm: bool = described(True, "the parameter-free norm after the mean (timm's final_norm)")
     checkpoint_prefix: str = _checkpoint_prefix()
+    std_buffers: bool = described(
+        False, "hold the tower's std_bias / std_scale buffers, which only its own readout applies (timm's Gemma 4 "
+               "26B/31B classifier stores them unused)")
 
 
 class AvgNormPool(_Readout):
     """Mean of the patch tokens, then a parameter-free norm of the model's kind: the classifier readout timm puts
-    on VLM vision towers whose own output is not normalized for classification (Qwen3-VL, DeepSeek-V4)."""
+    on VLM vision towers whose own output is not normalized for classification (Qwen3-VL, DeepSeek-V4, Gemma 4).
+    Its buffers, if any, are stored at the model's top level."""
+
+    state_name = ""
 
     def __init__(
         self, dim: int, num_heads: int, mlp_ratio: float, norm: NormFactory, mlp: MlpFactory, num_prefix: int, *,
@@ -60,6 +66,9 @@ class AvgNormPool(_Readout):
     ) -> None:
         super().__init__(dim, num_heads, mlp_ratio, norm, mlp, num_prefix, options=options)
         self.norm = parameter_free(norm(dim)) if options.norm else nn.Identity()
+        if options.std_buffers:
+            self.register_buffer("std_bias", torch.zeros(dim))
+            self.register_buffer("std_scale", torch.ones(dim))
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         return self.norm(masked_mean(*self._read(x, valid)))

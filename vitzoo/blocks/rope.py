@@ -33,7 +33,7 @@ class RopeOptions(BlockOptions):
     """Options of the rotary entries."""
 
     temperature: float | None = described(
-        None, "frequency base; None: the entry's own (axial 1e4, dinov3 100, mixed 10)", POSITIVE)
+        None, "frequency base; None: the entry's own (axial 1e4, dinov3 and axial_split 100, mixed 10)", POSITIVE)
     ref_grid: tuple[int, int] | None = described(
         None, "positions rescaled to this patch grid, the one of pretraining (EVA-02)", AT_LEAST_ONE)
     grid_offset: float = described(0.0, "added to every position (Perception Encoder: 1)")
@@ -123,11 +123,15 @@ class AxialRope(nn.Module):
     def _build(self, grid: Grid, scale: torch.Tensor | float = 1.0) -> torch.Tensor:
         """cos and signed sin stacked: ``(2, [depth, heads,] num_prefix + h * w, head_dim)``."""
         angles = self.angles(self.coords(grid).to(self.pair.device) * scale)
-        layout = "... n k -> ... n (two k)" if self.rotate_half else "... n k -> ... n (k two)"
         sign = self._pairing()[1].to(angles.device)
-        cos, sin = repeat(angles.cos(), layout, two=2), repeat(angles.sin(), layout, two=2) * sign
+        cos, sin = self._spread(angles.cos()), self._spread(angles.sin()) * sign
         prefix = cos.new_zeros(*cos.shape[:-2], self.num_prefix, self.head_dim)
         return torch.stack([torch.cat([prefix + 1, cos], dim=-2), torch.cat([prefix, sin], dim=-2)])
+
+    def _spread(self, t: torch.Tensor) -> torch.Tensor:
+        """``(..., n, head_dim / 2)`` per-angle values -> ``(..., n, head_dim)``, each at both channels of its pair."""
+        layout = "... n k -> ... n (two k)" if self.rotate_half else "... n k -> ... n (k two)"
+        return repeat(t, layout, two=2)
 
     def forward(self, grid: Grid) -> Rotation:
         if self.training and self.rescale:  # DINOv3's training-time position augmentation
@@ -168,6 +172,22 @@ class AxialHalfRope(AxialRope):
     ``rotate_half=True``)."""
 
     rotate_half = True
+
+
+class AxialSplitRope(AxialRope):
+    """Axial 2-D RoPE with each axis in its own half of the head (x first with ``xy=True``) and "rotate half" inside
+    each half: channel ``i`` of a half pairs with ``i + head_dim / 4`` of it (Gemma 4 vision; timm's
+    ``Gemma4RotaryEmbedding2D`` with ``apply_multidimensional_rope``)."""
+
+    default_temperature = 100.0
+
+    def _pairing(self) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = rearrange(torch.arange(self.head_dim), "(c two f) -> c two f", c=2, two=2)
+        sign = repeat(torch.tensor([-1.0, 1.0]), "two -> (c two f)", c=2, f=self.head_dim // 4)
+        return rearrange(parts.flip(1), "c two f -> (c two f)"), sign
+
+    def _spread(self, t: torch.Tensor) -> torch.Tensor:
+        return repeat(t, "... n (c f) -> ... n (c two f)", c=2, two=2)
 
 
 class MixedRope(AxialRope):
@@ -219,5 +239,6 @@ ROPES: BlockTable = BlockTable(
 ROPES.register("none", NoRope)
 ROPES.register("axial", AxialRope, options=RopeOptions)
 ROPES.register("axial_half", AxialHalfRope, options=RopeOptions)
+ROPES.register("axial_split", AxialSplitRope, options=RopeOptions)
 ROPES.register("dinov3", DinoV3Rope, options=RopeOptions)
 ROPES.register("mixed", MixedRope, options=RopeOptions)

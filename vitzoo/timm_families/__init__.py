@@ -15,7 +15,8 @@ from vitzoo.spec import ViTSpec
 
 READERS: dict[type, Callable[[nn.Module], ViTSpec]] = {}
 
-from vitzoo.timm_families import beit, cait, convit, mixer, relpos, sam, vlm_towers, xcit  # noqa: E402
+from vitzoo.timm_families import beit, cait, convit, gemma4, mixer, relpos, sam, vlm_towers, xcit  # noqa: E402
 
 READERS.update({module.TIMM_CLASS: module.spec for module in (beit, cait, convit, mixer, relpos, sam, xcit)})
 READERS.update(dict.fromkeys(vlm_towers.TIMM_CLASSES, vlm_towers.spec))
+READERS.update(dict.fromkeys(gemma4.TIMM_CLASSES, gemma4.spec))
