@@ -72,14 +72,18 @@ class LocalPatchInteraction(nn.Module):
         self.conv2 = nn.Conv2d(dim, dim, kernel, padding=kernel // 2, groups=dim)
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        x = rearrange(x, "b (h w) d -> b d h w", h=grid[0], w=grid[1])
-        return rearrange(self.conv2(self.bn(self.act(self.conv1(x)))), "b d h w -> b (h w) d")
+        """Tokens ``(b, prefix + h * w, dim)``, the patch grid last -> the same shape, zero for prefix tokens (XCiT's
+        class token joins after these blocks; in another model a class token in front is passed over)."""
+        prefix = x.shape[1] - grid[0] * grid[1]
+        patches = rearrange(x[:, prefix:], "b (h w) d -> b d h w", h=grid[0], w=grid[1])
+        out = rearrange(self.conv2(self.bn(self.act(self.conv1(patches)))), "b d h w -> b (h w) d")
+        return F.pad(out, (0, 0, prefix, 0))
 
 
 class XcitBlock(nn.Module):
     """x + attn(norm(x)), x + lpi(norm(x)), x + mlp(norm(x)), each branch scaled by its own LayerScale
-    (``gamma1``, ``gamma3``, ``gamma2``): XCiT's block (timm's ``XCABlock``). The local patch interaction
-    needs the tokens to be the patch grid the options name, so the class token joins after these blocks."""
+    (``gamma1``, ``gamma3``, ``gamma2``): XCiT's block (timm's ``XCABlock``). The local patch interaction reads the
+    last tokens as the patch grid the options name; XCiT's class token joins after these blocks."""
 
     def __init__(
         self, dim: int, attn: nn.Module, mlp: nn.Module, norm: NormFactory, drop_path: float = 0.0, *,
