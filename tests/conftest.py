@@ -63,6 +63,29 @@ def meta_twins(name: str, *timm_modules: ModuleType) -> tuple[torch.nn.Module, v
         return timm.create_model(name, pretrained=False), vitzoo.create_model(name)
 
 
+def entry_changes(slot: str, name: str) -> dict:
+    """The spec changes that put entry ``name`` of ``slot`` into a small model, with what the
+    entry needs beside it (a readout without the class token, the attention a fused block takes apart, ...)."""
+    changes: dict = {slot: name}
+    if slot == "pool" and name != "token":
+        changes["class_token"] = False
+    if name == "diff_parallel_scaling":  # takes the differential attention apart
+        changes["attn"] = "diff"
+    if name == "windowed" or (slot == "features" and name != "tokens"):  # the patch grid alone, mean-pooled
+        changes.update(class_token=False, pool="avg")
+    if name == "gqa":  # two query heads per key/value head
+        changes["attn"] = {"name": "gqa", "kv_heads": 2}
+    if (slot, name) in (("attn", "none"), ("block", "gmlp")):  # gMLP: its MLP mixes tokens, no attention branch
+        changes.update(attn="none", block="gmlp", mlp="spatial_gating")
+    if name == "gpsa":  # over the patch grid alone (ConViT's class token joins after these blocks)
+        changes.update(class_token=False, pool="avg")
+    if name == "cell_mean":  # the 4 x 4 grid in 2 x 2 cells: one output per cell
+        changes["pool"] = {"name": name, "cell": 2}
+    if name == "eva_attn_scale":  # LayerScale on the attention branch only
+        changes["block"] = {"name": name, "layer_scale": 0.1}
+    return changes
+
+
 @pytest.fixture
 def images():
     def make(model: vitzoo.VisionTransformer, batch: int = 2) -> torch.Tensor:

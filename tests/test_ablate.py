@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import vitzoo
+from tests.conftest import entry_changes
 from vitzoo import registry
 from vitzoo.ablate import main, parse_grid
 from vitzoo.blocks import SLOTS, BlockContractError, register_block, slot_table
@@ -22,8 +23,9 @@ from vitzoo.weights import write_state_dict
 
 TINY = dict(img_size=16, patch_size=4, embed_dim=16, depth=2, num_heads=2, mlp_ratio=2.0)
 # Hybrid CNN stems need patch_size = their reduction (up to 32) and are covered by test_blocks;
-# pool "none" returns every token (a features-only readout) and cannot feed a classifier.
-SKIP = {("patch_embed", n) for n in SLOTS["patch_embed"] if n.startswith("hybrid")} | {("pool", "none")}
+# pool "none" and "cell_mean" return tokens (features-only readouts) and cannot feed a classifier.
+SKIP = {("patch_embed", n) for n in SLOTS["patch_embed"] if n.startswith("hybrid")} | {("pool", "none"),
+                                                                                      ("pool", "cell_mean")}
 CASES = [(slot, name) for slot, table in SLOTS.items() for name in table if (slot, name) not in SKIP]
 
 
@@ -62,10 +64,7 @@ def _overfit_losses(model: nn.Module, steps: int = 5) -> list[float]:
 @pytest.mark.parametrize(("slot", "name"), CASES, ids=[f"{s}={n}" for s, n in CASES])
 def test_every_slot_entry_swapped_at_creation_trains(tiny_model, slot, name):
     torch.manual_seed(0)
-    extra = {"class_token": False} if slot == "pool" and name not in ("token",) else {}
-    if name == "diff_parallel_scaling":  # takes the differential attention apart
-        extra["attn"] = "diff"
-    model = vitzoo.create_model(tiny_model, num_classes=4, **{slot: name}, **extra)
+    model = vitzoo.create_model(tiny_model, num_classes=4, **entry_changes(slot, name))
     assert getattr(model.spec, slot).name in (name, (name,) * model.spec.depth)
     losses = _overfit_losses(model)
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]

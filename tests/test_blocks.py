@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import vitzoo
+from tests.conftest import entry_changes
 from vitzoo.blocks import SLOTS, register_block, slot_table
 from vitzoo.blocks.position import LearnedPosition, resample_table
 from vitzoo.spec import ViTSpec
@@ -16,25 +17,9 @@ SMALL = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, num_
 
 
 def _spec_for(slot: str, name: str) -> ViTSpec:
-    changes = {slot: name}
+    changes = entry_changes(slot, name)
     if slot == "pool" and name == "none":
         changes["num_classes"] = 0
-    if slot == "pool" and name != "token":
-        changes["class_token"] = False
-    if name == "diff_parallel_scaling":  # takes the differential attention apart
-        changes["attn"] = "diff"
-    if name == "windowed" or (slot == "features" and name != "tokens"):  # the patch grid alone, mean-pooled
-        changes.update(class_token=False, pool="avg")
-    if name == "gqa":  # two query heads per key/value head
-        changes["attn"] = {"name": "gqa", "kv_heads": 2}
-    if (slot, name) in (("attn", "none"), ("block", "gmlp")):  # gMLP: its MLP mixes tokens, no attention branch
-        changes.update(attn="none", block="gmlp", mlp="spatial_gating")
-    if name == "gpsa":  # over the patch grid alone: the class token joins after its blocks
-        changes["prefix_join"] = {"at": SMALL["depth"]}
-    if name == "cell_mean":  # the 4 x 4 grid in 2 x 2 cells: one output per cell
-        changes["pool"] = {"name": name, "cell": 2}
-    if name == "eva_attn_scale":  # LayerScale on the attention branch only
-        changes["block"] = {"name": name, "layer_scale": 0.1}
     keywords = getattr(slot_table(slot).get(name), "keywords", {})
     reduction = keywords.get("reduction")
     if reduction:  # a CNN stem: one patch per stem output stride, a 2 x 2 grid
