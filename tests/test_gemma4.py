@@ -124,3 +124,41 @@ def test_from_timm_refuses_what_it_cannot_express(kwargs: dict, argument: str) -
     reference = timm.create_model("gemma4_vit_167m", **{**THEIRS, **kwargs})
     with pytest.raises(ValueError, match=argument):
         from_timm(reference)
+
+
+@pytest.mark.parametrize("name,clamp,standardize", [
+    ("gemma4_vit_167m", True, False),  # the classifier: the tower's tensors go under "encoder."
+    ("gemma4_vit_570m_enc", False, True),
+])
+def test_release_layout_loads_like_timm(tmp_path, name: str, clamp: bool, standardize: bool) -> None:
+    """Gemma 4's vision tower as transformers saves it (``model.vision_tower.*`` of Gemma4ForConditionalGeneration,
+    written here by transformers' own Gemma4VisionModel, with the language model and the projector beside it):
+    timm's loader reads it to timm's model, and ``create_model(pretrained=FILE)`` converts it and gives timm's
+    outputs."""
+    from timm.models.gemma4_vit import checkpoint_filter_fn_classifier, checkpoint_filter_fn_encoder
+    from transformers.models.gemma4.configuration_gemma4 import Gemma4VisionConfig
+    from transformers.models.gemma4.modeling_gemma4 import Gemma4VisionModel
+
+    from vitzoo.weights import write_state_dict
+
+    torch.manual_seed(0)
+    config = Gemma4VisionConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2,
+                                num_key_value_heads=2, head_dim=32, position_embedding_size=32,
+                                use_clipped_linears=clamp, standardize=standardize)
+    tower = _perturbed(Gemma4VisionModel(config))
+    with torch.no_grad():
+        for name_, tensor in tower.named_parameters():  # norms away from their start, so a swap would show
+            tensor.normal_(std=0.3 if name_.endswith("proj.linear.weight") else 1.0)
+    upstream = {"model.language_model.embed_tokens.weight": torch.randn(10, 8),
+                "model.embed_vision.embedding_projection.weight": torch.randn(8, 64),
+                **{f"model.vision_tower.{k}": v for k, v in tower.state_dict().items()}}
+    write_state_dict(upstream, tmp_path / "gemma4.safetensors")
+
+    reference = timm.create_model(name, **THEIRS).eval()
+    read = (checkpoint_filter_fn_encoder if name.endswith("_enc") else checkpoint_filter_fn_classifier)(
+        upstream, reference)
+    reference.load_state_dict(read, strict=True)
+    model = vitzoo.create_model(name, pretrained=str(tmp_path / "gemma4.safetensors"), **OURS).eval()
+    x = torch.rand(2, 3, 96, 96)
+    with torch.no_grad():
+        assert (model(x) - reference(x)).abs().max() <= 1e-4

@@ -139,3 +139,38 @@ def test_qwen_vl_release_layout_loads_like_timm(tmp_path) -> None:
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert (model(x) - reference(x)).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["deepseek_vit_412m_enc", "deepseek_vit_412m"])
+def test_deepseek_release_layout_loads_like_timm(tmp_path, name: str) -> None:
+    """DeepSeek-V4's release: the tower under ``vision.`` (a linear patch embedding over flattened ``(c p p)``
+    patches, ``wqkv``/``wo``, ``w1``/``w2``), ``aligner.w1/w2``, and the language model at the top level, whose
+    ``norm``/``head`` collide with timm's names. timm's loader reads it to timm's model; ``create_model(pretrained=
+    FILE)`` converts it and gives timm's outputs, for the classifier name (without the aligner) too."""
+    from einops import rearrange
+    from timm.models.deepseek_vit import checkpoint_filter_fn_classifier, checkpoint_filter_fn_encoder
+
+    from vitzoo.weights import write_state_dict
+
+    torch.manual_seed(0)
+    source = timm.create_model("deepseek_vit_412m_enc", **TINY, img_size=84, out_features=32)
+    upstream = {"embed.weight": torch.randn(10, 8), "norm.weight": torch.randn(8), "head.weight": torch.randn(10, 8)}
+    for key, tensor in source.state_dict().items():
+        if key == "patch_embed.proj.weight":
+            tensor = rearrange(tensor, "d c p1 p2 -> d (c p1 p2)")
+        for theirs, ours in (("attn.qkv.", "attn.wqkv."), ("attn.proj.", "attn.wo."), ("mlp.fc", "mlp.w"),
+                             ("aligner.fc", "aligner.w")):
+            key = key.replace(theirs, ours)
+        upstream[key if key.startswith("aligner.") else f"vision.{key}"] = tensor.normal_(std=0.1)
+    write_state_dict(upstream, tmp_path / "deepseek_v4.safetensors")
+
+    ours, theirs = SMALL[name]
+    ours, theirs = {**ours, "img_size": 84}, {**theirs, "img_size": 84}
+    reference = timm.create_model(name, **TINY, **theirs).eval()
+    read = (checkpoint_filter_fn_encoder if name.endswith("_enc") else checkpoint_filter_fn_classifier)(
+        upstream, reference)
+    reference.load_state_dict(read, strict=True)
+    model = vitzoo.create_model(name, pretrained=str(tmp_path / "deepseek_v4.safetensors"), **TINY, **ours).eval()
+    x = torch.randn(2, 3, 84, 84)
+    with torch.no_grad():
+        assert (model(x) - reference(x)).abs().max() <= 1e-4

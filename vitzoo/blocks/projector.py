@@ -167,3 +167,4 @@ class PatchAligner(_Projector):
 POOLS.register("avg_norm", AvgNormPool, options=AvgNormOptions)
 POOLS.register("merger", PatchMerger, options=ProjectorOptions)
 POOLS.register("aligner", PatchAligner, options=ProjectorOptions)
+PROJECTORS = tuple(cls.state_name for cls in (PatchMerger, PatchAligner))  # their state_dict names

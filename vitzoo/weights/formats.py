@@ -6,10 +6,12 @@ JAX/Flax ``.npz`` files of the ViT and AugReg papers (big_vision layout); the Op
 image tower (OpenCLIP's own or a timm trunk); lucidrains' vit-pytorch ``ViT``; Meta's Sapiens2
 release (the names timm's Sapiens2 loader maps); Segment Anything's ``sam_vit_*.pth`` (its image
 encoder, as timm's SAM loader maps it); the Qwen3-VL / Qwen3.5 vision tower (``model.visual.*`` of the
-transformers checkpoint, loaded by the ``qwen3_vit_*_enc`` names). The format is detected from the keys. Each
-converter renames tensors by rules, fuses separate q/k/v projections into timm's packed ``qkv`` and
-moves JAX kernels to PyTorch's ``(out, in)`` order with einops; tensors with no vitzoo counterpart
-(HF's pooler, a JAX pre-logits layer, a text tower) are dropped and reported.
+transformers checkpoint), DeepSeek-V4's (``vision.*`` and ``aligner.*`` of its release) and Gemma 4's
+(``model.vision_tower.*`` of the transformers checkpoint), each read by the registry names of that tower (the
+language model beside it is dropped). The format is detected from the keys. Each converter renames tensors by
+rules, fuses separate q/k/v projections into timm's packed ``qkv`` and moves JAX kernels to PyTorch's ``(out, in)``
+order with einops; tensors with no vitzoo counterpart (HF's pooler, a JAX pre-logits layer, a text tower) are
+dropped and reported.
 
 A converted checkpoint fits a vitzoo model whose spec matches the source model: :func:`spec_hints`
 gives the fields besides the sizes (prefix tokens, qkv bias, pooling without a class token, and the
@@ -43,6 +45,7 @@ class Format:
     prepare: Callable[[StateDict], StateDict] = dict  # whole-dict steps before renaming (fusing, transposing)
     drop: str = r"$^"  # keys with no vitzoo counterpart
     hints: Callable[[StateDict], Hints] = lambda converted: {}  # what the source implies that no tensor shows
+    tower: bool = False  # one fixed VLM tower, which its registry entry describes whole: the file implies nothing
 
     def convert(self, state_dict: StateDict) -> tuple[StateDict, list[str]]:
         out, dropped, unknown = {}, [], []
@@ -245,6 +248,26 @@ def _qwen_vl_layout(state_dict: StateDict) -> StateDict:
     return out
 
 
+def _deepseek_layout(state_dict: StateDict) -> StateDict:
+    """DeepSeek-V4 embeds patches with a linear layer over the flattened ``(c p1 p2)`` RGB patch: the numbers of
+    timm's stride-p convolution kernel, reshaped."""
+    out = dict(state_dict)
+    weight = out.get(DEEPSEEK_PATCH)
+    if weight is not None and weight.ndim == 2:
+        p = math.isqrt(weight.shape[1] // 3)
+        if 3 * p * p != weight.shape[1]:
+            raise WeightsError(f"{DEEPSEEK_PATCH} of shape {tuple(weight.shape)} is no linear map of square RGB "
+                               "patches; vitzoo converts the DeepSeek-V4 vision tower as released")
+        out[DEEPSEEK_PATCH] = rearrange(weight, "d (c p1 p2) -> d c p1 p2", c=3, p1=p)
+    return out
+
+
+DEEPSEEK_PATCH = "vision.patch_embed.proj.weight"
+GEMMA = r"(?:model\.)?(?:vision_tower|vision_model)\."  # Gemma 4's vision tower in Gemma4ForConditionalGeneration
+GEMMA_LAYER = GEMMA + r"encoder\.layers\.(\d+)\."  # one encoder layer; group 1 is its index
+GEMMA_NORMS = {"input": 1, "post_attention": 2, "pre_feedforward": 3, "post_feedforward": 4}  # timm's norm1..4
+
+
 def _hf_hints(converted: StateDict) -> Hints:
     """HF ViT/DeiT normalise with epsilon 1e-12, DINOv2 (HF's one ViT with LayerScale) with 1e-6; register
     tokens come in the ``no_embed_class`` layout (see :func:`_hf_layout`)."""
@@ -403,6 +426,35 @@ FORMATS: dict[str, Format] = {
         ),
         # the language model, the DeepStack projectors of mid-block tokens, the cached RoPE table
         drop=rf"(?!{QV}).*|{QV}(deepstack_merger_list\..*|rotary_pos_emb\..*)",
+        tower=True,
+    ),
+    "deepseek_v4": Format(  # the names timm's deepseek_vit.checkpoint_filter_fn_encoder maps
+        "DeepSeek-V4 vision tower", r"vision\.blocks\.\d+\.(attn\.w(qkv|o)|mlp\.w[12])\..*",
+        prepare=_deepseek_layout,
+        rules=(
+            (r"vision\.blocks\.(\d+)\.attn\.wqkv\.(\w+)", r"blocks.\1.attn.qkv.\2"),
+            (r"vision\.blocks\.(\d+)\.attn\.wo\.(\w+)", r"blocks.\1.attn.proj.\2"),
+            (r"vision\.blocks\.(\d+)\.mlp\.w([12])\.(\w+)", r"blocks.\1.mlp.fc\2.\3"),
+            (r"vision\.(patch_embed\.proj\.\w+|blocks\.\d+\.norm[12]\.\w+|norm\.\w+)", r"\1"),
+            (r"aligner\.w([12])\.(\w+)", r"aligner.fc\1.\2"),
+        ),
+        drop=r"(?!vision\.|aligner\.).*",  # the language model, its image start/end/newline embeddings included
+        tower=True,
+    ),
+    "gemma4": Format(  # the names timm's gemma4_vit.checkpoint_filter_fn_encoder maps
+        "Gemma 4 vision tower (Hugging Face)",
+        rf"{GEMMA_LAYER}(self_attn\.([qkvo]_proj\.linear|[qk]_norm)|mlp\.(gate|up|down)_proj\.linear"
+        rf"|({'|'.join(GEMMA_NORMS)})_layernorm)\..*",
+        rules=(
+            (rf"{GEMMA}patch_embedder\.(.+)", r"patch_embed.\1"),
+            *((rf"{GEMMA_LAYER}{name}_layernorm\.(\w+)", rf"blocks.\1.norm{i}.\2") for name, i in GEMMA_NORMS.items()),
+            (rf"{GEMMA_LAYER}self_attn\.(.+)", r"blocks.\1.attn.\2"),
+            (rf"{GEMMA_LAYER}mlp\.(.+)", r"blocks.\1.mlp.\2"),
+            (rf"{GEMMA}(std_bias|std_scale)", r"\1"),
+        ),
+        # the language model, the audio tower, the projector into the language model, rotary tables
+        drop=rf"(?!{GEMMA}).*|{GEMMA}.*rotary_emb\..*",
+        tower=True,
     ),
     "sapiens2": Format(
         "Meta Sapiens2",
@@ -441,8 +493,11 @@ def spec_hints(name: str, converted: StateDict) -> Hints:
 
     Without a class token a foreign source pools by attention when it has an attention-pooling head
     (SigLIP's, ``pool="map"``), else by the mean of the normed patch tokens (vit-pytorch's
-    ``pool="mean"``, big_vision's ``gap``): ``pool="avg"`` with the norm before pooling.
+    ``pool="mean"``, big_vision's ``gap``): ``pool="avg"`` with the norm before pooling. A VLM tower's file
+    implies nothing: the registry entry that reads it describes the whole model.
     """
+    if name != "timm" and FORMATS[name].tower:
+        return {}
     hints: Hints = {
         "dist_token": "dist_token" in converted, "patch_embed.bias": "patch_embed.proj.bias" in converted,
         "attn.qkv_bias": any(f"blocks.0.attn.{b}" in converted for b in ("qkv.bias", "q_proj.bias", "q_bias")),

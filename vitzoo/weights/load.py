@@ -11,6 +11,7 @@ from einops import rearrange
 from timm.layers import resize_rel_pos_bias_table
 
 from vitzoo.blocks.position import resample_table
+from vitzoo.blocks.projector import PROJECTORS
 from vitzoo.vit import VisionTransformer, stored_name
 from vitzoo.weights.files import StateDict, WeightsError
 
@@ -43,8 +44,9 @@ def _grid_of(n_tokens: int, n_prefix: int, like: tuple[int, int]) -> tuple[int, 
 
 def adapt_state_dict(model: VisionTransformer, state_dict: StateDict) -> tuple[StateDict, LoadReport]:
     """Fit a checkpoint to ``model``: resample the position table and relative-position tables to its grid, the
-    patch kernel to its patch size and input channels, and drop a classifier of another size (the model keeps its
-    freshly initialised head)."""
+    patch kernel to its patch size and input channels, put a VLM tower's tensors under the classifier's
+    ``checkpoint_prefix``, drop a VLM projector the model lacks and a classifier of another size (the model keeps
+    its freshly initialised head): what timm's loaders of these models do."""
     spec, own = model.spec, model.state_dict()
     out, report = dict(state_dict), LoadReport()
     pos = out.get("pos_embed")
@@ -72,6 +74,15 @@ def adapt_state_dict(model: VisionTransformer, state_dict: StateDict) -> tuple[S
         out[key] = resize_rel_pos_bias_table(table, new_window_size=spec.grid_size, new_bias_shape=own[key].shape)
         report.adapted.append(f"{key}: resampled {tuple(table.shape)} -> {tuple(own[key].shape)} for grid "
                               f"{spec.grid_size[0]}x{spec.grid_size[1]}")
+    prefix = spec.get("pool.checkpoint_prefix")
+    if prefix and not any(k.startswith(prefix) for k in out):  # a tower's weights for timm's classifier around it
+        out = {prefix + k if k not in own and prefix + k in own else k: v for k, v in out.items()}
+        report.adapted.append(f"the tower's tensors moved under {prefix!r}, where the classifier holds them")
+    for name in PROJECTORS:  # a VLM projector the model was built without (a classifier name on a release file)
+        extra = [k for k in out if k.startswith(f"{name}.")]
+        if extra and not any(k.startswith(f"{name}.") for k in own):
+            report.adapted.append(f"{name}: dropped ({len(extra)} tensors), this model has no {name}")
+            out = {k: v for k, v in out.items() if k not in extra}
     for key in HEAD_KEYS:
         if key in out and (key not in own or out[key].shape != own[key].shape):
             report.adapted.append(
