@@ -18,7 +18,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 4
 
 # docs/errors.md: each refused input and its message, as the tests that record them (bad_input) saw them.
 errors-doc: $(STAMP)

@@ -18,7 +18,8 @@ from vitzoo.weights import write_state_dict
 
 # Every test runs offline against whatever hub cache a test sets up, never the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+# The cores are shared by pytest-xdist's workers (`make test` runs one per core): one intra-op thread per core each.
+torch.set_num_threads(max(1, min(4, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))))
 
 # The models of the core issue; each is compared with timm's model of the same name.
 CORE_MODELS = [

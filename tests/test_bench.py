@@ -128,7 +128,7 @@ def test_mfu_uses_the_given_or_datasheet_peak(monkeypatch, capsys, one_block):
 
     assert main([
         "bench", "vit_tiny_patch16_224", "--batch-size", "1", "--rounds", "1", "--round-seconds", "0",
-        "--compile", "off", "--device", "cpu", "--compare", "timm", "--steps", "infer", "--peak-tflops", "1",
+        "--compile", "off", "--device", "cpu", "--compare", "timm", "--steps", "infer", "--peak-tflops", "0.001",
     ]) == 0
     header, _, *rows = _table(capsys.readouterr().out)
     assert tuple(header) == (*COLUMNS, "MFU %")

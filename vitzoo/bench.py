@@ -1,8 +1,8 @@
 """Speed and memory of vitzoo next to timm (and torchvision, HF transformers) in one process.
 
-Speeds are compared only as ratios measured in the same process, interleaved (vitzoo, timm,
-vitzoo, timm, ...) over several rounds, so that clock boost, thermal state and other load hit
-every contender alike; each figure is a median over rounds. vitzoo and timm carry the same
+Speeds are compared only as ratios measured in the same process, interleaved (vitzoo, timm, timm, vitzoo, ...:
+the order flips each round) over several rounds, so that clock boost, thermal state, other load and the caches one
+leaves to the next hit every contender alike; each figure is a median over rounds. vitzoo and timm carry the same
 weights (timm's random init copied with ``strict=True``); torchvision and HF build the same
 architecture with their own init, which does not change speed.
 """
@@ -226,8 +226,8 @@ def measure(
     per_step = _timed(steps["timm"], 1, device)
     iters = max(1, math.ceil(config.round_seconds / per_step))
     seconds: dict[str, list[float]] = {impl: [] for impl in steps}
-    for _ in range(config.rounds):
-        for impl, step in steps.items():
+    for round_ in range(config.rounds):  # the order flips each round: whoever runs second inherits the first's caches
+        for impl, step in list(steps.items())[:: -1 if round_ % 2 else 1]:
             seconds[impl].append(_timed(step, iters, device))
     tensors = {impl: peak_tensor_bytes(step, device) for impl, step in steps.items()}  # exact: measured once
     samples: dict[str, list[int | None]] = {impl: [] for impl in steps}
