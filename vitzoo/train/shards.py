@@ -87,8 +87,8 @@ def _index(path: Path) -> list[tuple[str, int, int, int]]:
     rows = []
     for key, parts in samples.items():
         if "image" not in parts or "label" not in parts:
-            lacking = f"an image member ({', '.join('.' + e for e in IMAGE_EXTENSIONS)})" if "image" not in parts \
-                else f"a label member (.{LABEL_EXTENSION}: the class index as text)"
+            lacking = f"image member ({', '.join('.' + e for e in IMAGE_EXTENSIONS)})" if "image" not in parts \
+                else f"label member (.{LABEL_EXTENSION}: the class index as text)"
             raise ValueError(f"{path}: sample {key!r} has no {lacking}; every sample needs "
                              f"{key}.jpg (or .png, ...) and {key}.{LABEL_EXTENSION}")
         rows.append((key, *parts["image"], parts["label"]))
