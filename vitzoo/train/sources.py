@@ -32,11 +32,12 @@ class DataOptions:
     val_data: str | None = described(None, "a separate validation set for --data wds:..., e.g. "
                                      "wds:shards/val-{000000..000001}.tar (None: val_fraction of each class held "
                                      "out of the training shards)")
-    hf_split: str = described("train", "with --data hf:...: the split to train on")
+    hf_split: str = described("train", "with --data hf:...: the split to train on (read by index from the "
+                              "memory-mapped dataset; streaming is not offered, as exact resume reads each epoch's "
+                              "samples by index)")
     hf_val_split: str | None = described(None, "with --data hf:...: the split to validate on (None: validation, "
                                          "val, valid or test, whichever the dataset has, else val_fraction of each "
-                                         "class held out of the training split). Map-style only: exact resume "
-                                         "reads samples by index, which a streaming dataset cannot")
+                                         "class held out of the training split)")
     image_column: str | None = described(None, "with --data hf:...: the image column (None: the one Image feature)")
     label_column: str | None = described(None, "with --data hf:...: the label column (None: the one ClassLabel "
                                          "feature, else a column named label or labels)")
