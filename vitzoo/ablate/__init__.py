@@ -40,12 +40,13 @@ from vitzoo.memory import peak_tensor_bytes
 from vitzoo.registry import create_model, load_registry_file, model_spec
 from vitzoo.spec import parse_value
 from vitzoo.train import TrainConfig, build_datasets, fit
-from vitzoo.train.data import add_data_arguments, check_images, num_classes
+from vitzoo.train.data import add_data_arguments, check_images, data_options, num_classes
 from vitzoo.train.distributed import World
 from vitzoo.train.finetune import FinetuneConfig
 from vitzoo.train.loop import to_device, train_loader
 from vitzoo.train.recipe import build_optimizer
 from vitzoo.train.runfolder import claim_run_folder, run_files
+from vitzoo.train.sources import DataOptions
 from vitzoo.weights.files import write_text_atomic
 
 # pretrained_cfg keys that decide how images are prepared: variants that agree on them share datasets
@@ -64,6 +65,7 @@ class AblationConfig:
     grid: dict[str, list[Any]] = described(help="spec field -> values to try; variants are the cartesian product")
     overrides: dict[str, Any] = described(help="spec fields fixed for every variant", factory=dict)
     data: str = field_like(FinetuneConfig, "data")
+    data_options: DataOptions = field_like(FinetuneConfig, "data_options")
     steps: int = field_like(TrainConfig, "steps", default=200)
     seeds: list[int] = described(help="each variant trains once per seed", factory=lambda: [0])
     batch_size: int = field_like(TrainConfig, "batch_size")
@@ -193,7 +195,7 @@ def _other_run(folder: Path, setup: dict[str, Any]) -> str | None:
     setups = [json.loads(path.read_text())["setup"] for path in (folder / "runs").glob("*.json")]
     # a setting that runs of an older vitzoo do not record is compared as its default, so their grid resumes
     defaults = json.loads(json.dumps({f.name: value for f in fields(AblationConfig)
-                                      if (value := field_default(f)) is not MISSING}))
+                                      if (value := field_default(f)) is not MISSING}, default=asdict))
     changed = sorted({k for other in setups for k in setup.keys() | other.keys()
                       if other.get(k, defaults.get(k)) != setup.get(k)})
     if changed:
@@ -213,7 +215,8 @@ def train_variant(config: AblationConfig, name: str, overrides: dict[str, Any], 
     cfg = model.pretrained_cfg
     key = json.dumps([cfg.get(k) for k in PREPROCESSING], default=str)
     if key not in datasets:
-        datasets[key] = build_datasets(config.data, cfg, config.data_root, config.download, native=config.naflex)
+        datasets[key] = build_datasets(config.data, cfg, config.data_root, config.download, native=config.naflex,
+                                       options=config.data_options)
     train, val = datasets[key]
     model.reset_classifier(num_classes(train))
     train_config = config.train_config(seed)
@@ -286,7 +289,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _config_from_args(args: argparse.Namespace) -> AblationConfig:
     return AblationConfig(**{
         **parsed_fields(AblationConfig, args), "grid": dict(map(parse_grid, args.grid)),
-        "overrides": spec_overrides(args), "seeds": list(range(args.seeds)),
+        "overrides": spec_overrides(args), "seeds": list(range(args.seeds)), "data_options": data_options(args),
     })
 
 

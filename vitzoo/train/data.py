@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,9 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 from torchvision import datasets
 from torchvision.transforms import v2 as T
 
-from vitzoo.arguments import add_options
+from vitzoo.arguments import add_options, parsed_fields
 from vitzoo.errors import did_you_mean
+from vitzoo.train.sources import PREFIXES, DataOptions, source_datasets
 
 logger = logging.getLogger("vitzoo.data")
 
@@ -165,7 +167,7 @@ def check_images(source: str) -> int:
     A damaged file otherwise stops training when the sampler first reaches it, possibly hours in;
     here every bad file is named at once. Uses the reader training uses, so what passes here loads there.
     """
-    if source == "digits" or source.startswith("torchvision:"):
+    if source == "digits" or source.startswith(("torchvision:", *PREFIXES)):
         raise ValueError(f"--check-images checks the files of an ImageFolder; --data {source} has none to check")
     paths = []
     for root in _split_roots(Path(source)):
@@ -238,21 +240,36 @@ def torchvision_dataset(name: str, root: str | Path, cfg: dict[str, Any], downlo
 
 
 def add_data_arguments(parser: argparse.ArgumentParser, config: type) -> None:
-    """``--data``, ``--data-root``, ``--download`` (fields of the command's ``config``) and ``--check-images``:
-    the dataset options every training command shares."""
+    """``--data``, ``--data-root``, ``--download`` (fields of the command's ``config``), those of
+    :class:`DataOptions` (read them with :func:`data_options`) and ``--check-images``: the dataset options every
+    training command shares."""
     add_options(parser, config, ["data", "data_root", "download"])
+    add_options(parser, DataOptions, [f.name for f in fields(DataOptions)])
     parser.add_argument("--check-images", action="store_true",
                         help="decode every image of an ImageFolder before training and list the unreadable ones")
 
 
+def data_options(args: argparse.Namespace) -> DataOptions:
+    """The :class:`DataOptions` of a command line built with :func:`add_data_arguments`."""
+    return DataOptions(**parsed_fields(DataOptions, args))
+
+
 def build_datasets(source: str, cfg: dict[str, Any], root: str | Path = "data", download: bool = False,
-                   val_fraction: float = 0.2, seed: int = 0, native: bool = False) -> tuple[Dataset, Dataset]:
-    """``"digits"``, ``"torchvision:NAME"``, or a path to an ImageFolder tree; at least two classes.
+                   val_fraction: float = 0.2, seed: int = 0, native: bool = False,
+                   options: DataOptions | None = None, expected_classes: int | None = None) -> tuple[Dataset, Dataset]:
+    """``"digits"``, ``"torchvision:NAME"``, ``"hf:PATH_OR_NAME"``, ``"wds:PATTERN"`` (see
+    :mod:`vitzoo.train.sources`; ``options`` say how those are read) or a path to an ImageFolder tree; at least two
+    classes.
 
     ``native``: images at their own size for patch sequences (see :func:`image_transforms`); the digits, 8x8
-    pixels at source, come at the model's input size either way.
+    pixels at source, come at the model's input size either way. ``expected_classes``: the caller's count,
+    for sources whose labels do not tell it (tar shards).
     """
-    if source == "digits":
+    if source.startswith(PREFIXES):
+        transforms = (image_transforms(cfg, True, native), image_transforms(cfg, False, native))
+        train, val = source_datasets(source, transforms, options or DataOptions(), val_fraction, seed,
+                                     expected_classes)
+    elif source == "digits":
         train, val = digits(cfg, val_fraction, seed)
     elif source.startswith("torchvision:"):
         train, val = torchvision_dataset(source.split(":", 1)[1], root, cfg, download, native)

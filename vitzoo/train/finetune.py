@@ -37,11 +37,13 @@ from vitzoo.arguments import (
 from vitzoo.errors import run_command
 from vitzoo.fields import AT_LEAST_ONE, POSITIVE, Range, check_fields, described
 from vitzoo.registry import create_model
-from vitzoo.train.data import add_data_arguments, build_datasets, check_images, num_classes
+from vitzoo.train.data import add_data_arguments, build_datasets, check_images, data_options, num_classes
 from vitzoo.train.distributed import World, close_world, full_state_dict, gather_strings, init_world, weights_digest
 from vitzoo.train.loop import TrainConfig, TrainResult, fit, steps_per_epoch
 from vitzoo.train.recipe import freeze_backbone
 from vitzoo.train.runfolder import claim_run_folder, run_files
+from vitzoo.train.sources import DataOptions
+from vitzoo.train.trackers import Log, Tracker, check_trackers, open_trackers
 from vitzoo.vit import VisionTransformer
 from vitzoo.weights.files import write_text_atomic
 
@@ -54,7 +56,9 @@ class FinetuneConfig:
     (:func:`vitzoo.fields.described`), which the constructor checks and ``vitzoo finetune`` offers."""
 
     model: str = described(help="a registry name, e.g. vit_tiny_patch16_224 (see `vitzoo list`)")
-    data: str = described("digits", "digits | an ImageFolder path | torchvision:NAME")
+    data: str = described("digits", "digits | an ImageFolder path | torchvision:NAME | hf:PATH_OR_NAME (Hugging Face "
+                          "datasets) | wds:PATTERN (webdataset tar shards)")
+    data_options: DataOptions = described(help="how hf: and wds: data are read", factory=DataOptions)
     data_root: str = described("data", "where torchvision datasets are stored")
     download: bool = described(False, "let torchvision download the dataset (internet)")
     val_fraction: float = described(0.2, "held out per class when the data has no val split",
@@ -72,6 +76,9 @@ class FinetuneConfig:
     checkpoint_every: int | None = described(None, "steps between checkpoints (None: at each evaluation)",
                                              AT_LEAST_ONE)
     out: str = described("runs/finetune", "run folder: metrics, plot, checkpoints (one run each)")
+    log: tuple[Tracker, ...] = described((), "also send the metrics rows and the options to tensorboard "
+                                         "(<out>/tensorboard) and/or wandb (WANDB_MODE=offline: on disk only), e.g. "
+                                         "tensorboard,wandb; metrics.jsonl/csv and curves.png are always written")
     resume: bool = described(False, "continue the run in out from its latest checkpoint")
     overwrite: bool = described(False, "start anew although out holds a run: it is moved to <out>.old-<time>, "
                                 "not deleted")
@@ -103,8 +110,9 @@ def strict_json(values: dict[str, Any], indent: int | None = None) -> str:
 class RunLog:
     """Rank 0's record of a run: its settings and resumes, metrics rows as JSON lines and CSV, curves as a PNG."""
 
-    def __init__(self, folder: Path, resume: bool) -> None:
-        self.folder = folder
+    def __init__(self, folder: Path, resume: bool, trackers: tuple[Tracker, ...] = ()) -> None:
+        self.folder, self.trackers = folder, trackers
+        self.logs: list[Log] = []  # the trackers, open from the start or resume of the run on
         self.jsonl = folder / "metrics.jsonl"
         if not resume:
             self.jsonl.unlink(missing_ok=True)
@@ -112,6 +120,7 @@ class RunLog:
     def started(self, config: FinetuneConfig) -> None:
         """``run.json``: the options the run starts with, never rewritten by a resume (see :meth:`resumed`)."""
         write_text_atomic(self.folder / "run.json", json.dumps({**asdict(config), "history": []}, indent=2) + "\n")
+        self.logs = open_trackers(self.trackers, self.folder, asdict(config))
 
     def resumed(self, step: int, changed: dict[str, list], rows: list[dict[str, float]]) -> None:
         """Write back the rows of the checkpoint (a killed run may have logged later ones, which the resumed
@@ -122,10 +131,14 @@ class RunLog:
         run = json.loads(path.read_text()) if path.is_file() else {}
         run.setdefault("history", []).append({"resumed_at": step, "changed": changed})
         write_text_atomic(path, json.dumps(run, indent=2) + "\n")
+        options = {k: v for k, v in run.items() if k != "history"}
+        self.logs = open_trackers(self.trackers, self.folder, options, step, rows)
 
     def row(self, values: dict[str, float]) -> None:
         with self.jsonl.open("a") as f:
             f.write(strict_json(values) + "\n")
+        for log in self.logs:
+            log.row(values)
         logger.info("step %d  %s", values["step"],
                     "  ".join(f"{k} {v:.4g}" for k, v in values.items() if k not in ("step",)))
 
@@ -139,6 +152,8 @@ class RunLog:
                 writer.writerows(rows)
         self._plot(result)
         write_text_atomic(self.folder / "summary.json", strict_json(summary, indent=2) + "\n")
+        for log in self.logs:
+            log.close()
 
     def _plot(self, result: TrainResult) -> None:
         import matplotlib
@@ -186,10 +201,12 @@ def _other_run(folder: Path, resume: bool) -> str | None:
 def _train(config: FinetuneConfig, world: World, progress: bool) -> dict[str, Any]:
     """The run itself; ``config`` stays as the caller gave it, the settings it leaves open are filled in a copy."""
     out = Path(config.out)
+    check_trackers(config.log)
     with torch.device("meta"):  # only the preprocessing config is needed before the data is known
         cfg = create_model(config.model, img_size=config.img_size, **config.overrides).pretrained_cfg
     train_data, val_data = build_datasets(config.data, cfg, config.data_root, config.download,
-                                          config.val_fraction, config.train.seed, native=config.train.naflex)
+                                          config.val_fraction, config.train.seed, native=config.train.naflex,
+                                          options=config.data_options, expected_classes=config.num_classes)
     classes = num_classes(train_data)
     torch.manual_seed(config.train.seed)
     model = build_model(config, classes)
@@ -199,7 +216,7 @@ def _train(config: FinetuneConfig, world: World, progress: bool) -> dict[str, An
     train = replace(config.train, steps=steps, eval_every=eval_every,
                     checkpoint_every=config.checkpoint_every or eval_every)
     config = replace(config, train=train)
-    log = RunLog(out, config.resume) if world.main else None
+    log = RunLog(out, config.resume, config.log) if world.main else None
     if log and not config.resume:
         out.mkdir(parents=True, exist_ok=True)
         log.started(config)
@@ -230,7 +247,7 @@ def _config_from_args(args: argparse.Namespace) -> FinetuneConfig:
     # eval_every and checkpoint_every are the run's (None: per epoch); _train sets train's from them
     train = TrainConfig(**parsed_fields(TrainConfig, args, exclude={f.name for f in fields(FinetuneConfig)}))
     return FinetuneConfig(**{**parsed_fields(FinetuneConfig, args), "pretrained": pretrained_value(args),
-                             "train": train, "overrides": spec_overrides(args)})
+                             "train": train, "overrides": spec_overrides(args), "data_options": data_options(args)})
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -257,7 +274,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_options(p, TrainConfig, ["keep_checkpoints", "strategy", "num_workers", "seed"],
                 flags={"num_workers": "--workers"})
     add_device_option(p)
-    add_options(p, FinetuneConfig, ["out"])
+    add_options(p, FinetuneConfig, ["out", "log"])
     add_options(p.add_mutually_exclusive_group(), FinetuneConfig, ["resume", "overwrite"])
 
 
@@ -271,7 +288,8 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 
 def add_finetune_command(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("finetune", help="fine-tune a model on digits, an ImageFolder or a torchvision dataset")
+    p = sub.add_parser("finetune", help="fine-tune a model on digits, an ImageFolder, a torchvision, Hugging Face "
+                                        "or webdataset dataset")
     add_arguments(p)
     p.set_defaults(func=run_from_args)
 

@@ -20,7 +20,7 @@ from vitzoo.spec import nest
 # devices or strategies, up to the last bits of floating point).
 ADJUSTABLE = frozenset({
     "device", "strategy", "num_workers", "grad_checkpointing", "data_root", "download",
-    "eval_every", "checkpoint_every", "keep_checkpoints",
+    "eval_every", "checkpoint_every", "keep_checkpoints", "log",
 })
 # The run's length (``--steps``, or ``--epochs`` turned into steps): it may move, but beyond the
 # checkpoint; the cosine schedule is recomputed for the new length from there on.
