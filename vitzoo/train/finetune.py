@@ -38,6 +38,7 @@ from vitzoo.errors import run_command
 from vitzoo.fields import AT_LEAST_ONE, POSITIVE, Range, check_fields, described
 from vitzoo.registry import create_model
 from vitzoo.train.data import add_data_arguments, build_datasets, check_images, data_options, num_classes
+from vitzoo.train.distill import DistillConfig, add_distill_arguments, build_distillation, distill_config_from_args
 from vitzoo.train.distributed import World, close_world, full_state_dict, gather_strings, init_world, weights_digest
 from vitzoo.train.loop import TrainConfig, TrainResult, fit, steps_per_epoch
 from vitzoo.train.recipe import freeze_backbone
@@ -83,9 +84,13 @@ class FinetuneConfig:
     overwrite: bool = described(False, "start anew although out holds a run: it is moved to <out>.old-<time>, "
                                 "not deleted")
     train: TrainConfig = described(help="how to train", factory=TrainConfig)
+    distillation: DistillConfig = described(help="a teacher to learn from besides the labels", factory=DistillConfig)
 
     def __post_init__(self) -> None:
         check_fields(self)
+        if self.distillation.teacher and self.train.naflex:
+            raise ValueError("distillation feeds the teacher image batches, and naflex trains on patch sequences; "
+                             "distil without --naflex")
 
 
 def build_model(config: FinetuneConfig, data_classes: int) -> VisionTransformer:
@@ -169,6 +174,8 @@ class RunLog:
             acc_ax.plot(steps, [r["val_acc"] for r in result.evals], "o-", label="val")
             for key in (k for k in result.evals[-1] if k.startswith("val_acc@")):
                 acc_ax.plot(steps, [r[key] for r in result.evals], ".:", label=f"val at {key.partition('@')[2]} px")
+            if "val_agreement" in result.evals[-1]:
+                acc_ax.plot(steps, [r["val_agreement"] for r in result.evals], "^-.", label="agreement with teacher")
             if "ema_val_acc" in result.evals[-1]:
                 acc_ax.plot(steps, [r["ema_val_acc"] for r in result.evals], "s--", label="val (EMA)")
         loss_ax.set(xlabel="step", ylabel="cross-entropy", title="loss")
@@ -208,6 +215,7 @@ def _train(config: FinetuneConfig, world: World, progress: bool) -> dict[str, An
                                           config.val_fraction, config.train.seed, native=config.train.naflex,
                                           options=config.data_options, expected_classes=config.num_classes)
     classes = num_classes(train_data)
+    distillation = build_distillation(config.distillation, cfg, classes, world.device, config.data)
     torch.manual_seed(config.train.seed)
     model = build_model(config, classes)
     epoch_steps = max(1, steps_per_epoch(len(train_data), config.train, world.world_size))
@@ -221,17 +229,18 @@ def _train(config: FinetuneConfig, world: World, progress: bool) -> dict[str, An
         out.mkdir(parents=True, exist_ok=True)
         log.started(config)
     # what the run is besides train and the model, for checkpoints to record (epochs became train.steps)
-    settings = {k: v for k, v in asdict(config).items() if k not in ("train", "out", "resume", "overwrite", "epochs")}
+    skipped = ("train", "distillation", "out", "resume", "overwrite", "epochs")
+    settings = {k: v for k, v in asdict(config).items() if k not in skipped} | asdict(config.distillation)
     result = fit(model, train_data, val_data, train, progress=progress, run_dir=out, resume=config.resume,
                  world=world, on_eval=log.row if log else None, run_settings=settings,
-                 on_resume=log.resumed if log else None)
+                 on_resume=log.resumed if log else None, objective=distillation)
     digests = gather_strings(weights_digest(full_state_dict(model)), world)
     final = result.final
     summary = {
         "model": config.model, "data": config.data, "classes": classes, "train_images": len(train_data),
         "steps": len(result.losses), "processes": world.world_size, "val_acc": final.get("val_acc"),
         "val_loss": final.get("val_loss"), "ema_val_acc": final.get("ema_val_acc"),
-        **{k: v for k, v in final.items() if k.startswith(("val_acc@", "ema_val_acc@"))},
+        **{k: v for k, v in final.items() if k.startswith(("val_acc@", "ema_val_acc@", "val_agreement"))},
         "train_loss": final["train_loss"], "images_per_s": round(result.images_per_s, 1),
         "train_minutes": round(result.seconds / 60, 2), "weights_digest": digests[0],
         "ranks_identical": len(set(digests)) == 1,
@@ -247,7 +256,8 @@ def _config_from_args(args: argparse.Namespace) -> FinetuneConfig:
     # eval_every and checkpoint_every are the run's (None: per epoch); _train sets train's from them
     train = TrainConfig(**parsed_fields(TrainConfig, args, exclude={f.name for f in fields(FinetuneConfig)}))
     return FinetuneConfig(**{**parsed_fields(FinetuneConfig, args), "pretrained": pretrained_value(args),
-                             "train": train, "overrides": spec_overrides(args), "data_options": data_options(args)})
+                             "train": train, "overrides": spec_overrides(args), "data_options": data_options(args),
+                             "distillation": distill_config_from_args(args)})
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -261,6 +271,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_set_option(p, "override a spec field or block option, e.g. --set mlp=swiglu --set attn.qk_norm=true "
                       "--set drop.head=0.1 (repeatable)")
     add_options(p, FinetuneConfig, ["freeze", "grad_checkpointing"])
+    add_distill_arguments(p)
     length = p.add_mutually_exclusive_group()
     add_options(length, FinetuneConfig, ["epochs"])
     add_options(length, TrainConfig, ["steps"])

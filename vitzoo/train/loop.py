@@ -42,6 +42,7 @@ from vitzoo.train.distributed import (
 from vitzoo.train.ema import ModelEma
 from vitzoo.train.mix import mix_batch
 from vitzoo.train.naflex import eval_sequences, steps_in_epoch, token_budget, train_sequences
+from vitzoo.train.objective import Objective
 from vitzoo.train.recipe import build_optimizer, warmup_cosine
 from vitzoo.train.sampler import ResumableSampler, SeededSamples
 from vitzoo.train.settings import changes_on_resume, recorded_settings
@@ -112,6 +113,7 @@ class TrainResult:
     """Curves and final figures of one run (a resumed run includes the steps before the resume)."""
 
     losses: list[float] = field(default_factory=list)  # training loss per step
+    terms: dict[str, list[float]] = field(default_factory=dict)  # an objective's logged terms per step, by name
     evals: list[dict[str, float]] = field(default_factory=list)  # {"step", "epoch", "val_loss", "val_acc", ...}
     images_per_s: float = 0.0  # training throughput of this process group (evaluation excluded)
     seconds: float = 0.0  # wall time of the training steps
@@ -195,9 +197,10 @@ def resized_images(dataset: Dataset, size: int, interpolation: str, batch_size: 
 @torch.no_grad()
 def evaluate(
     model: nn.Module, dataset: Dataset, batch_size: int = 256, device: str = "cpu", world: World | None = None,
-    shard: bool = True, batches: Batches | None = None,
+    shard: bool = True, batches: Batches | None = None, objective: Objective | None = None,
 ) -> dict[str, float]:
-    """Mean cross-entropy and top-1 accuracy over ``dataset``.
+    """Mean cross-entropy and top-1 accuracy over ``dataset``, and the mean of each of ``objective``'s
+    validation figures (:attr:`Objective.val_names`).
 
     With several processes each evaluates every ``world_size``-th sample and the sums are reduced;
     ``shard=False`` has every rank run every batch (FSDP needs all ranks in each forward). ``batches`` makes
@@ -209,29 +212,37 @@ def evaluate(
     model.eval()
     if shard and world.distributed:
         dataset = Subset(dataset, range(world.rank, len(dataset), world.world_size))
-    sums = torch.zeros(3, dtype=torch.float64)
+    objective = objective or Objective()
+    sums = torch.zeros(3 + len(objective.val_names), dtype=torch.float64)
     loader = batches(dataset) if batches else DataLoader(dataset, batch_size=batch_size, generator=torch.Generator())
     for inputs, labels in loader:
-        logits = model(to_device(inputs, device)).float()
+        inputs = to_device(inputs, device)
+        logits = model(inputs).float()
         labels = labels.to(device)
         sums += torch.tensor([F.cross_entropy(logits, labels, reduction="sum").item(),
-                              (logits.argmax(-1) == labels).sum().item(), len(labels)], dtype=torch.float64)
+                              (logits.argmax(-1) == labels).sum().item(), len(labels),
+                              *objective.val_sums(inputs, logits).tolist()], dtype=torch.float64)
     model.train(was_training)
     if shard:
         sums = all_reduce_sum(sums, world)
-    loss, correct, total = sums.tolist()
-    return {"val_loss": loss / total, "val_acc": correct / total}
+    loss, correct, total, *figures = sums.tolist()
+    return {"val_loss": loss / total, "val_acc": correct / total,
+            **{name: value / total for name, value in zip(objective.val_names, figures, strict=True)}}
 
 
 class _Run:
     """The state of one training run and the step that advances it."""
 
     def __init__(self, model: VisionTransformer, train_data: Dataset, config: TrainConfig, world: World,
-                 folder: Path | None, run_settings: dict[str, Any] | None) -> None:
+                 folder: Path | None, run_settings: dict[str, Any] | None, objective: Objective | None) -> None:
         self.model, self.config, self.world, self.folder = model, config, world, folder
+        self.objective = objective or Objective()
+        if self.objective.settings:
+            run_settings = {**(run_settings or {}), **self.objective.settings}
         # what defines the run, saved in each checkpoint and compared on resume (vitzoo.train.settings)
         self.identity = {"config": asdict(config), "spec": model.spec.to_dict(), "world_size": world.world_size,
                          "run_settings": run_settings}
+        self.objective.prepare(model)
         self.best: dict[str, float] | None = None  # {"step", "val_acc"} of the best checkpoint so far
         self.ema = ModelEma(model, config.ema_decay) if config.ema_decay else None
         self.net = wrap(model, world, config.strategy)
@@ -273,10 +284,11 @@ class _Run:
             self.net.set_requires_gradient_sync(sync)
         return nullcontext()
 
-    def train_step(self, batches: Iterator[tuple[Any, torch.Tensor]]) -> tuple[float, int]:
-        """One optimizer step over ``accum_steps`` micro-batches; (mean loss, images seen by this process)."""
+    def train_step(self, batches: Iterator[tuple[Any, torch.Tensor]]) -> tuple[float, int, dict[str, float]]:
+        """One optimizer step over ``accum_steps`` micro-batches; (mean loss, images seen by this process, mean
+        of each of the objective's terms)."""
         config, device = self.config, self.world.device
-        total, seen = 0.0, 0
+        total, seen, terms = 0.0, 0, {}
         for micro in range(config.accum_steps):
             images, labels = next(batches)
             images, labels = to_device(images, device), labels.to(device, non_blocking=True)
@@ -286,10 +298,12 @@ class _Run:
             with self._sync_gradients(micro == config.accum_steps - 1), torch.autocast(
                 device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=config.amp
             ):
-                logits = self.forward(images)
-                loss = F.cross_entropy(logits.float(), targets, label_smoothing=config.label_smoothing)
+                output = self.forward(images)
+                loss, parts = self.objective.loss(output, images, targets, config.label_smoothing)
                 (loss / config.accum_steps).backward()
             total += loss.item() / config.accum_steps
+            for name, value in parts.items():
+                terms[name] = terms.get(name, 0.0) + value.item() / config.accum_steps
             seen += len(labels)
         params = [p for p in self.model.parameters() if p.grad is not None]
         norm = full_value(nn.utils.get_total_norm([p.grad for p in params]))  # clip_grad_norm_'s, without clipping
@@ -304,7 +318,7 @@ class _Run:
         self.schedule.step()
         if self.ema:
             self.ema.update(self.model)
-        return total, seen
+        return total, seen, terms
 
     def diverged(self, step: int, what: str) -> Diverged:
         """The error that stops a diverged run: which step, what went wrong, what is left, what to try."""
@@ -331,7 +345,8 @@ class _Run:
             return
         trainer = {
             "step": self.step, "optimizer": optimizer, "schedule": self.schedule.state_dict(),
-            "rng": torch.get_rng_state(), "losses": self.result.losses, "evals": self.result.evals,
+            "rng": torch.get_rng_state(), "losses": self.result.losses, "terms": self.result.terms,
+            "evals": self.result.evals,
             "best": self.best, **self.identity,
         }
         if torch.cuda.is_available():
@@ -352,6 +367,7 @@ class _Run:
         if "cuda_rng" in trainer and torch.cuda.is_available():
             torch.cuda.set_rng_state(trainer["cuda_rng"])
         self.result.losses, self.result.evals = list(trainer["losses"]), list(trainer["evals"])
+        self.result.terms = {name: list(values) for name, values in trainer.get("terms", {}).items()}
         self.best = trainer.get("best")
         return changed
 
@@ -359,9 +375,12 @@ class _Run:
         """The validation row of this step; ``train_loss`` averages the steps since the previous row (also
         across a resume, as the checkpoint holds every loss and row)."""
         shard = self.config.strategy != "fsdp"
-        recent = self.result.losses[self.result.evals[-1]["step"] if self.result.evals else 0:]
+        since = self.result.evals[-1]["step"] if self.result.evals else 0
+        recent = self.result.losses[since:]
         row = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 3),
                "train_loss": sum(recent) / max(1, len(recent)), "lr": self.optimizer.param_groups[0]["lr"]}
+        row.update({f"train_{name}": sum(values[since:]) / max(1, len(values[since:]))
+                    for name, values in self.result.terms.items()})
         row.update(self._metrics(self.model, val_data, shard))
         if not math.isfinite(row["val_loss"]):  # reduced over the ranks: they all agree
             raise self.diverged(self.step, f"the validation loss is {row['val_loss']}")
@@ -373,7 +392,8 @@ class _Run:
         """``val_loss`` and ``val_acc`` at the model's size, and ``val_loss@S``/``val_acc@S`` at each eval size."""
         metrics = {}
         for suffix, batches in self.views.items():
-            found = evaluate(model, val_data, device=self.world.device, world=self.world, shard=shard, batches=batches)
+            found = evaluate(model, val_data, device=self.world.device, world=self.world, shard=shard, batches=batches,
+                             objective=self.objective)
             metrics.update({f"{k}{suffix}": v for k, v in found.items()})
         return metrics
 
@@ -384,6 +404,7 @@ def fit(
     world: World | None = None, on_eval: Callable[[dict[str, float]], None] | None = None,
     run_settings: dict[str, Any] | None = None,
     on_resume: Callable[[int, dict[str, list], list[dict[str, float]]], None] | None = None,
+    objective: Objective | None = None,
 ) -> TrainResult:
     """Train ``model`` for ``config.steps`` optimizer steps; a non-finite loss, gradient norm or weights raise
     :class:`Diverged` before anything of that step is saved.
@@ -392,13 +413,14 @@ def fit(
     and at the end; ``resume=True`` continues from its latest checkpoint (a path: from that
     checkpoint) if the settings allow (:mod:`vitzoo.train.settings`; ``run_settings``: the caller's,
     such as the data and its split). On rank 0, ``on_resume`` receives the checkpoint's step, the
-    accepted changes and the validation rows so far, ``on_eval`` each new validation row.
+    accepted changes and the validation rows so far, ``on_eval`` each new validation row. ``objective``: what
+    a step minimises (default: cross-entropy to the labels; :mod:`vitzoo.train.objective`).
     """
     world = world or World(device=config.device)
     torch.manual_seed(config.seed)
     model.to(world.device).train()
     folder = Path(run_dir) / "checkpoints" if run_dir is not None else None
-    run = _Run(model, train_data, config, world, folder, run_settings)
+    run = _Run(model, train_data, config, world, folder, run_settings, objective)
     if resume is True:
         path = latest_checkpoint(folder) if folder else None
         if path is None:
@@ -413,10 +435,12 @@ def fit(
     with tqdm(total=config.steps, initial=run.step, disable=not (progress and world.main), unit="step") as bar:
         while run.step < config.steps:
             start = time.perf_counter()
-            loss, images = run.train_step(batches)
+            loss, images, terms = run.train_step(batches)
             train_seconds += time.perf_counter() - start
             seen += images * world.world_size
             result.losses.append(loss)
+            for name, value in terms.items():
+                result.terms.setdefault(name, []).append(value)
             step = run.step
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", img_s=f"{seen / train_seconds:.0f}")
