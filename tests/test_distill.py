@@ -24,7 +24,7 @@ from vitzoo.train.data import build_datasets
 from vitzoo.train.distill import DistillConfig, build_distillation, distillation_loss
 from vitzoo.train.finetune import FinetuneConfig, add_arguments, finetune
 from vitzoo.train.finetune import _config_from_args as config_from_args
-from vitzoo.train.teacher import data_cfg, teacher_view
+from vitzoo.train.teacher import data_cfg, load_teacher, teacher_view
 from vitzoo.weights import read_state_dict, save_pretrained, write_state_dict
 
 PICO = dict(model="vit_pico_patch4_32", img_size=16)
@@ -131,6 +131,23 @@ def test_the_teacher_sees_its_own_normalisation_and_size(tmp_path):
     torch.testing.assert_close(seen[0], expected, atol=1e-5, rtol=1e-5)
     with torch.no_grad():
         torch.testing.assert_close(logits, reference(expected), atol=1e-4, rtol=1e-4)
+
+
+def test_every_kind_of_teacher_loads_its_own_weights(teacher, tmp_path):
+    """A finetune run folder (its latest checkpoint), one of its checkpoints, a save_pretrained folder and a
+    registry name with a weights file: each teacher comes with the classifier it was saved with."""
+    run = teacher.parent / "run"
+    checkpoint = latest_checkpoint(run / "checkpoints")
+    saved = read_state_dict(checkpoint / "model.safetensors")
+    for source in (run, checkpoint):
+        model = load_teacher(str(source))
+        assert model.pretrained_cfg["input_size"] == (3, 16, 16) and model.num_classes == 10
+        assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(load_teacher(str(teacher)).head.bias, saved["head.bias"].roll(1, 0))
+    torch.manual_seed(0)
+    weights = vitzoo.create_model("vit_pico_patch4_32", num_classes=7).state_dict()
+    model = load_teacher("vit_pico_patch4_32", str(write_state_dict(weights, tmp_path / "pico.safetensors")))
+    assert model.num_classes == 7 and all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
 
 
 def test_gradient_accumulation_matches_the_large_batch(teacher):
