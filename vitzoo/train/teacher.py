@@ -15,9 +15,11 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
+import timm
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from timm.data import resolve_data_config
 from torch import nn
 
 from vitzoo.migrate import spec_from_saved
@@ -64,10 +66,6 @@ class Teacher:
         self.model = model.eval().requires_grad_(False)
         self.cfg, self.student_cfg, self.source, self.dtype = cfg, student_cfg, source, dtype
 
-    @property
-    def num_classes(self) -> int:
-        return self.model.num_classes
-
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """fp32 logits for a batch of the student's images."""
@@ -77,8 +75,6 @@ class Teacher:
 
 def data_cfg(model: nn.Module) -> dict[str, Any]:
     """The preprocessing a teacher (vitzoo's or timm's) was trained with, read as timm reads it."""
-    from timm.data import resolve_data_config
-
     return resolve_data_config(model=model)
 
 
@@ -145,8 +141,6 @@ def _head_rows(weights: dict[str, torch.Tensor], path: str) -> int:
 
 def _timm_teacher(name: str, pretrained: bool | str) -> nn.Module:
     """timm's ``name``: random, its hub weights (through the local Hugging Face cache) or a file's, head included."""
-    import timm
-
     if not timm.is_model(name):
         close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
         raise ValueError(f"timm has no model {name!r}" + (f"; similar: {', '.join(close)}" if close else ""))
