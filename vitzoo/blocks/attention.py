@@ -132,7 +132,8 @@ class EvaAttention(Attention):
     def project(self, x: torch.Tensor) -> torch.Tensor:
         if self.q_bias is None:
             return self.qkv(x)
-        return F.linear(x, self.qkv.weight, torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias]))
+        # through the module, not its .weight: a linear with adapters (vitzoo.lora) adds its own part
+        return self.qkv(x) + torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
 
 
 class EvaSplitAttention(Attention):

@@ -36,6 +36,7 @@ from vitzoo.arguments import (
 )
 from vitzoo.errors import run_command
 from vitzoo.fields import AT_LEAST_ONE, POSITIVE, Range, check_fields, described
+from vitzoo.lora import LoraOptions, apply_lora, merged_state_dict, parse_lora, save_lora, trainable_parameters
 from vitzoo.registry import create_model
 from vitzoo.train.data import add_data_arguments, build_datasets, check_images, data_options, num_classes
 from vitzoo.train.distill import DistillConfig, add_distill_arguments, build_distillation, distill_config_from_args
@@ -46,9 +47,11 @@ from vitzoo.train.runfolder import claim_run_folder, run_files
 from vitzoo.train.sources import DataOptions
 from vitzoo.train.trackers import Log, Tracker, check_trackers, open_trackers
 from vitzoo.vit import VisionTransformer
+from vitzoo.weights import save_pretrained
 from vitzoo.weights.files import write_text_atomic
 
 logger = logging.getLogger("vitzoo.finetune")
+ADAPTERS, MERGED = "adapters.safetensors", "merged"  # a LoRA run's outputs in its folder
 
 
 @dataclass
@@ -69,7 +72,9 @@ class FinetuneConfig:
     img_size: int | None = described(None, "train at this size, the position embedding resampled (None: the "
                                      "model's)", AT_LEAST_ONE)
     overrides: dict[str, Any] = described(help="spec fields, e.g. {'mlp': 'swiglu'}", factory=dict)
-    freeze: bool = described(False, "linear probe: train the head only")
+    freeze: bool = described(False, "linear probe: train the head only (not with lora, which says what trains)")
+    lora: LoraOptions | None = described(None, "train low-rank adapters (LoRA/DoRA) on frozen weights instead of "
+                                         "every weight; the run ends with adapters.safetensors and merged/")
     grad_checkpointing: bool = described(False, "recompute block activations in backward")
     epochs: float | None = described(None, "passes over the training data; when set, overrides train.steps",
                                      POSITIVE)
@@ -91,6 +96,9 @@ class FinetuneConfig:
         if self.distillation.teacher and self.train.naflex:
             raise ValueError("distillation feeds the teacher image batches, and naflex trains on patch sequences; "
                              "distil without --naflex")
+        if self.freeze and self.lora:
+            raise ValueError("--freeze trains the head alone and --lora trains adapters (and the head, unless "
+                             "train_head=false): drop one")
 
 
 def build_model(config: FinetuneConfig, data_classes: int) -> VisionTransformer:
@@ -102,7 +110,11 @@ def build_model(config: FinetuneConfig, data_classes: int) -> VisionTransformer:
                          img_size=config.img_size, naflex=config.train.naflex, **config.overrides)
     if config.freeze:
         freeze_backbone(model)
+    if config.lora:
+        apply_lora(model, config.lora)
     model.set_grad_checkpointing(config.grad_checkpointing)
+    trainable, total = trainable_parameters(model)
+    logger.info("training %d of %d parameters (%.2f%%)", trainable, total, 100 * trainable / max(1, total))
     return model
 
 
@@ -234,8 +246,9 @@ def _train(config: FinetuneConfig, world: World, progress: bool) -> dict[str, An
     result = fit(model, train_data, val_data, train, progress=progress, run_dir=out, resume=config.resume,
                  world=world, on_eval=log.row if log else None, run_settings=settings,
                  on_resume=log.resumed if log else None, objective=distillation)
-    digests = gather_strings(weights_digest(full_state_dict(model)), world)
-    final = result.final
+    weights = full_state_dict(model)
+    digests = gather_strings(weights_digest(weights), world)
+    final, (trainable, total) = result.final, trainable_parameters(model)
     summary = {
         "model": config.model, "data": config.data, "classes": classes, "train_images": len(train_data),
         "steps": len(result.losses), "processes": world.world_size, "val_acc": final.get("val_acc"),
@@ -243,8 +256,12 @@ def _train(config: FinetuneConfig, world: World, progress: bool) -> dict[str, An
         **{k: v for k, v in final.items() if k.startswith(("val_acc@", "ema_val_acc@", "val_agreement"))},
         "train_loss": final["train_loss"], "images_per_s": round(result.images_per_s, 1),
         "train_minutes": round(result.seconds / 60, 2), "weights_digest": digests[0],
-        "ranks_identical": len(set(digests)) == 1,
+        "ranks_identical": len(set(digests)) == 1, "trainable_params": trainable, "params": total,
     }
+    if log and config.lora:  # the adapters alone, and plain weights that load into the registry model
+        save_lora(model, out / ADAPTERS, config.lora, weights)
+        save_pretrained(model, out / MERGED, merged_state_dict(model, weights))
+        logger.info("adapters: %s; merged weights: %s", out / ADAPTERS, out / MERGED)
     if log:
         log.finish(result, summary)
         print(json.dumps(summary), flush=True)  # the result on stdout; progress and logs are on stderr
@@ -272,6 +289,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       "--set drop.head=0.1 (repeatable)")
     add_options(p, FinetuneConfig, ["freeze", "grad_checkpointing"])
     add_distill_arguments(p)
+    p.add_argument("--lora", type=_lora_argument, nargs="?", const=LoraOptions(), default=None,
+                   metavar="NAME=VALUE,...",
+                   help="train LoRA adapters on frozen weights: r=8,alpha=16,dropout=0.0,dora=false,targets=attn.qkv "
+                        "(targets: attn.qkv, attn.q, attn.k, attn.v, attn.proj, mlp, head; alone: these defaults). "
+                        "The head trains fully, as a new head for new classes must, unless train_head=false or head "
+                        "is a target; --freeze does not combine with it. The run folder ends with "
+                        "adapters.safetensors (the trained tensors and the options) and merged/ (plain weights: "
+                        "create_model(name, pretrained='<out>/merged'))")
     length = p.add_mutually_exclusive_group()
     add_options(length, FinetuneConfig, ["epochs"])
     add_options(length, TrainConfig, ["steps"])
@@ -287,6 +312,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_device_option(p)
     add_options(p, FinetuneConfig, ["out", "log"])
     add_options(p.add_mutually_exclusive_group(), FinetuneConfig, ["resume", "overwrite"])
+
+
+def _lora_argument(text: str) -> LoraOptions:
+    try:
+        return parse_lora(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err).removeprefix("--lora: ")) from None
 
 
 def run_from_args(args: argparse.Namespace) -> int:

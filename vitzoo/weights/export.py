@@ -19,7 +19,7 @@ from vitzoo.migrate import spec_from_saved
 from vitzoo.size import MAX_PARAMS
 from vitzoo.spec import ViTSpec
 from vitzoo.vit import VisionTransformer
-from vitzoo.weights.files import WeightsError, read_state_dict, write_state_dict, write_text_atomic
+from vitzoo.weights.files import StateDict, WeightsError, read_state_dict, write_state_dict, write_text_atomic
 from vitzoo.weights.load import load_weights, load_weights_partial
 
 logger = logging.getLogger("vitzoo")
@@ -28,11 +28,13 @@ CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 
 
-def save_pretrained(model: VisionTransformer, folder: str | os.PathLike) -> Path:
-    """Write ``folder/model.safetensors`` and ``folder/config.json``; returns the folder."""
+def save_pretrained(model: VisionTransformer, folder: str | os.PathLike, state_dict: StateDict | None = None) -> Path:
+    """Write ``folder/model.safetensors`` and ``folder/config.json``; returns the folder. ``state_dict``: the
+    weights to write instead of the model's own (full weights gathered under FSDP, adapters merged in)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    write_state_dict(model.state_dict(), folder / WEIGHTS, metadata={"format": "pt"})
+    write_state_dict(model.state_dict() if state_dict is None else state_dict, folder / WEIGHTS,
+                     metadata={"format": "pt"})
     cfg = {k: v for k, v in model.pretrained_cfg.items() if k != "file"}
     config: dict[str, Any] = {"architecture": cfg.get("architecture"), "spec": model.spec.to_dict(),
                               "pretrained_cfg": cfg}
