@@ -118,9 +118,11 @@ class LoraLinear(nn.Linear):
         a = torch.empty(len(chosen), options.r, self.in_features, **like)
         self.lora_A = nn.Parameter(a.uniform_(-bound, bound))
         self.lora_B = nn.Parameter(torch.zeros(len(chosen), self.out_features // parts, options.r, **like))
-        with torch.no_grad():
-            norms = rearrange(self._rows(self.weight).norm(dim=-1), "p o -> (p o)")
-        self.register_parameter("lora_magnitude", nn.Parameter(norms) if options.dora else None)
+        magnitude = None
+        if options.dora:
+            with torch.no_grad():
+                magnitude = nn.Parameter(rearrange(self._rows(self.weight).norm(dim=-1), "p o -> (p o)"))
+        self.register_parameter("lora_magnitude", magnitude)
         self.lora_dropout = nn.Dropout(options.dropout) if options.dropout else nn.Identity()
 
     def _rows(self, weight: torch.Tensor) -> torch.Tensor:
@@ -142,7 +144,8 @@ class LoraLinear(nn.Linear):
         if self.lora_magnitude is not None:
             rows = self._rows(self.weight)
             gain = self._gain(rows, self.lora_A.detach(), self.lora_B.detach(), self.lora_magnitude)
-            delta = (gain - 1) * einsum(h, rows, "... i, p o i -> ... p o") + gain * delta
+            base = einsum(h, rows, "... i, p o i -> ... p o")  # (gain - 1) base + gain delta, one tensor kept
+            delta = gain * (base + delta) - base
         if len(self.chosen) < self.parts:  # the parts left alone get nothing added
             zero = torch.zeros_like(delta[..., 0, :])
             delta = torch.stack([delta[..., self.chosen.index(k), :] if k in self.chosen else zero
