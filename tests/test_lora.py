@@ -231,7 +231,7 @@ def test_peft_on_vitzoo_names():
     """peft's LoraConfig on vitzoo's linear names: only the adapters (and the head kept trainable) get gradients,
     merge_and_unload gives a plain vitzoo model; and on the same A, B (and DoRA magnitude) peft's layers and
     vitzoo's compute the same outputs."""
-    peft = pytest.importorskip("peft")
+    import peft  # a dev dependency; imported here, as the other tests do not need it
     x, names = _images(), r"blocks\.\d+\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"
     wrapped = peft.get_peft_model(_model(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=names,
                                                             modules_to_save=["head"]))
