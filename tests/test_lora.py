@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 import shutil
 from dataclasses import replace
@@ -27,7 +28,7 @@ from vitzoo.lora import (
 )
 from vitzoo.train import TrainConfig
 from vitzoo.train.checkpoint import latest_checkpoint
-from vitzoo.train.finetune import FinetuneConfig, finetune
+from vitzoo.train.finetune import FinetuneConfig, _config_from_args, add_arguments, finetune
 from vitzoo.train.finetune import main as finetune_main
 from vitzoo.weights import WeightsError, read_state_dict
 
@@ -139,7 +140,11 @@ def test_adapters_file_round_trip(tmp_path):
 
 
 def test_bad_specs_say_what_is_wrong(bad_input, capsys):
-    assert parse_lora("") == LoraOptions()
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    for given, options in ((["--lora"], LoraOptions()), (["--lora", "r=4,targets=attn.v,head"],
+                                                          LoraOptions(r=4, targets=("attn.v", "head")))):
+        assert _config_from_args(parser.parse_args(["vit_pico_patch4_32", *given])).lora == options
     assert parse_lora("r=4, alpha=8,targets=attn.q,attn.v,mlp,dora=true,dropout=0.1") == LoraOptions(
         r=4, alpha=8, dropout=0.1, dora=True, targets=("attn.q", "attn.v", "mlp"))
     refused = {

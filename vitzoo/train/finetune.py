@@ -6,7 +6,8 @@ evaluation), ``curves.png``, ``summary.json`` and ``checkpoints/``. ``--resume``
 that folder exactly where its last checkpoint left it, with the same settings (see
 :mod:`vitzoo.train.settings` for the few it may change), and cuts the logs back to that step. A new
 run refuses a folder that holds another one (``--overwrite`` moves it aside), and one process at a
-time holds the folder (:mod:`vitzoo.train.runfolder`). Under ``torchrun`` every process trains its
+time holds the folder (:mod:`vitzoo.train.runfolder`). A ``--lora`` run (:mod:`vitzoo.lora`) also ends with
+``adapters.safetensors`` and ``merged/``. Under ``torchrun`` every process trains its
 share of each batch (DDP, or FSDP with ``--strategy fsdp``) and rank 0 holds and writes the folder.
 """
 
@@ -295,8 +296,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(targets: attn.qkv, attn.q, attn.k, attn.v, attn.proj, mlp, head; alone: these defaults). "
                         "The head trains fully, as a new head for new classes must, unless train_head=false or head "
                         "is a target; --freeze does not combine with it. The run folder ends with "
-                        "adapters.safetensors (the trained tensors and the options) and merged/ (plain weights: "
-                        "create_model(name, pretrained='<out>/merged'))")
+                        "adapters.safetensors (the trained tensors and the options) and merged/ (the adapters "
+                        "folded into plain weights, a save_pretrained folder: create_model('<out>/merged'))")
     length = p.add_mutually_exclusive_group()
     add_options(length, FinetuneConfig, ["epochs"])
     add_options(length, TrainConfig, ["steps"])
