@@ -256,8 +256,9 @@ def _train(config: FinetuneConfig, world: World, progress: bool) -> dict[str, An
         "val_loss": final.get("val_loss"), "ema_val_acc": final.get("ema_val_acc"),
         **{k: v for k, v in final.items() if k.startswith(("val_acc@", "ema_val_acc@", "val_agreement"))},
         "train_loss": final["train_loss"], "images_per_s": round(result.images_per_s, 1),
-        "train_minutes": round(result.seconds / 60, 2), "weights_digest": digests[0],
-        "ranks_identical": len(set(digests)) == 1, "trainable_params": trainable, "params": total,
+        "train_minutes": round(result.seconds / 60, 2), "data_wait_minutes": round(result.data_seconds / 60, 3),
+        "weights_digest": digests[0], "ranks_identical": len(set(digests)) == 1, "trainable_params": trainable,
+        "params": total,
     }
     if log and config.lora:  # the adapters alone, and plain weights that load into the registry model
         save_lora(model, out / ADAPTERS, config.lora, weights)

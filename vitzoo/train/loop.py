@@ -10,6 +10,7 @@ FSDP, rank 0 writes the checkpoints.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -44,9 +45,11 @@ from vitzoo.train.mix import mix_batch
 from vitzoo.train.naflex import eval_sequences, steps_in_epoch, token_budget, train_sequences
 from vitzoo.train.objective import Objective
 from vitzoo.train.recipe import build_optimizer, warmup_cosine
-from vitzoo.train.sampler import ResumableSampler, SeededSamples
+from vitzoo.train.sampler import ResumableSampler, RunSampler, SeededSamples
 from vitzoo.train.settings import changes_on_resume, recorded_settings
 from vitzoo.vit import VisionTransformer
+
+logger = logging.getLogger("vitzoo.train.loop")
 
 
 @dataclass
@@ -117,6 +120,7 @@ class TrainResult:
     evals: list[dict[str, float]] = field(default_factory=list)  # {"step", "epoch", "val_loss", "val_acc", ...}
     images_per_s: float = 0.0  # training throughput of this process group (evaluation excluded)
     seconds: float = 0.0  # wall time of the training steps
+    data_seconds: float = 0.0  # the part of ``seconds`` spent waiting for batches: data loading not hidden by compute
 
     @property
     def final(self) -> dict[str, Any]:
@@ -124,6 +128,21 @@ class TrainResult:
         tail = self.losses[-20:]
         return {**(self.evals[-1] if self.evals else {}), "train_loss": sum(tail) / max(1, len(tail)),
                 "images_per_s": self.images_per_s, "seconds": self.seconds}
+
+
+class WaitTimer(Iterator):
+    """``items`` one at a time, adding up in ``seconds`` how long each ``next`` waited: with loader workers, the
+    data loading that the computation did not hide (the start of a loader's workers included)."""
+
+    def __init__(self, items: Iterator[Any]) -> None:
+        self.items, self.seconds = items, 0.0
+
+    def __next__(self) -> Any:
+        start = time.perf_counter()
+        try:
+            return next(self.items)
+        finally:
+            self.seconds += time.perf_counter() - start
 
 
 class Diverged(ValueError):
@@ -140,16 +159,20 @@ def steps_per_epoch(size: int, config: TrainConfig, world_size: int = 1) -> int:
 
 def train_loader(model: VisionTransformer, train_data: Dataset, config: TrainConfig, world: World, epoch: int,
                  done: int) -> DataLoader:
-    """This process's micro-batches of ``epoch`` from its step ``done`` on: ``(images, labels)``, or with
-    ``config.naflex`` ``(patch-sequence dict, labels in the order of the model's outputs)``."""
+    """This process's micro-batches from its step ``done`` of ``epoch`` on: ``(images, labels)`` to the end of
+    the run (one loader: its workers are started once and read ahead across epochs), or with ``config.naflex``
+    ``(patch-sequence dict, labels in the order of the model's outputs)`` to the end of the epoch."""
     if config.naflex:
         return train_sequences(train_data, config, world, model.spec.patch_size,
                                model.pretrained_cfg["interpolation"], epoch, done)
-    sampler = ResumableSampler(len(train_data), config.seed, world.rank, world.world_size)
-    sampler.set_epoch(epoch, done * config.batch_size * config.accum_steps)
+    per_step, epoch_steps = config.batch_size * config.accum_steps, steps_per_epoch(len(train_data), config,
+                                                                                   world.world_size)
+    sampler = RunSampler(ResumableSampler(len(train_data), config.seed, world.rank, world.world_size),
+                         epoch_steps * per_step, epoch, done * per_step,
+                         (config.steps - epoch * epoch_steps - done) * per_step)
     # a private generator: creating the iterator must not draw from the global RNG (dropout's)
-    return DataLoader(SeededSamples(train_data, config.seed, epoch), batch_size=config.batch_size, sampler=sampler,
-                      drop_last=True, num_workers=config.num_workers,
+    return DataLoader(SeededSamples(train_data, config.seed), batch_size=config.batch_size, sampler=sampler,
+                      num_workers=config.num_workers, pin_memory=torch.device(world.device).type == "cuda",
                       generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch))
 
 
@@ -270,12 +293,11 @@ class _Run:
         return len(self.result.losses)
 
     def batches(self) -> Iterator[tuple[Any, torch.Tensor]]:
-        """Micro-batches from the current step on, epoch after epoch."""
+        """Micro-batches from the current step on: images from one loader to the end of the run, patch
+        sequences from one loader per epoch (see :func:`train_loader`)."""
         while True:
             epoch, done = divmod(self.step, self.steps_per_epoch)
-            loader_iter = iter(train_loader(self.model, self.train_data, self.config, self.world, epoch, done))
-            for _ in range((self.steps_per_epoch - done) * self.config.accum_steps):
-                yield next(loader_iter)
+            yield from train_loader(self.model, self.train_data, self.config, self.world, epoch, done)
 
     def _sync_gradients(self, sync: bool) -> AbstractContextManager:
         if isinstance(self.net, nn.parallel.DistributedDataParallel) and not sync:
@@ -430,13 +452,16 @@ def fit(
         changed = run.restore(Path(resume))
     if resume and on_resume and world.main:
         on_resume(run.step, changed, run.result.evals)
-    result, batches = run.result, run.batches()
+    result, batches = run.result, WaitTimer(run.batches())
     seen, train_seconds = 0, 0.0
     with tqdm(total=config.steps, initial=run.step, disable=not (progress and world.main), unit="step") as bar:
         while run.step < config.steps:
-            start = time.perf_counter()
+            start, waited = time.perf_counter(), batches.seconds
             loss, images, terms = run.train_step(batches)
-            train_seconds += time.perf_counter() - start
+            seconds = time.perf_counter() - start
+            train_seconds += seconds
+            logger.debug("step %d: %.4f s, %.4f s of it waiting for data", run.step + 1, seconds,
+                         batches.seconds - waited)
             seen += images * world.world_size
             result.losses.append(loss)
             for name, value in terms.items():
@@ -450,6 +475,6 @@ def fit(
                     on_eval(result.evals[-1])
             if folder and ((config.checkpoint_every and step % config.checkpoint_every == 0) or step == config.steps):
                 run.checkpoint()
-    result.seconds = train_seconds
+    result.seconds, result.data_seconds = train_seconds, batches.seconds
     result.images_per_s = seen / train_seconds if train_seconds else 0.0
     return result

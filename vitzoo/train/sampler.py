@@ -10,6 +10,7 @@ transforms of each sample draw from a generator seeded by ``(seed, epoch, index)
 from __future__ import annotations
 
 from collections.abc import Iterator
+from itertools import islice
 from typing import Any
 
 import torch
@@ -38,20 +39,45 @@ class ResumableSampler(Sampler[int]):
         return self.per_rank - self.skip
 
 
+class RunSampler(Sampler[tuple[int, int]]):
+    """``(epoch, index)`` keys of ``epochs`` (a :class:`ResumableSampler`) from ``skip`` samples into ``epoch`` on,
+    epoch after epoch, each cut to its first ``per_epoch`` samples (the whole steps), ``samples`` in all: one
+    loader, its workers started once, serves a whole run and reads ahead across epoch boundaries."""
+
+    def __init__(self, epochs: ResumableSampler, per_epoch: int, epoch: int, skip: int, samples: int) -> None:
+        self.epochs, self.per_epoch, self.epoch, self.skip, self.samples = epochs, per_epoch, epoch, skip, samples
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return islice(self._keys(), self.samples)
+
+    def _keys(self) -> Iterator[tuple[int, int]]:
+        epoch, skip = self.epoch, self.skip
+        while True:
+            self.epochs.set_epoch(epoch, skip)
+            yield from ((epoch, index) for index in islice(iter(self.epochs), self.per_epoch - skip))
+            epoch, skip = epoch + 1, 0
+
+    def __len__(self) -> int:
+        return self.samples
+
+
 class SeededSamples(Dataset):
     """``dataset`` whose item ``index`` in ``epoch`` is read with torch's random state seeded by
     ``(seed, epoch, index)`` and restored afterwards: random transforms give the same result whichever
     worker process reads the sample and whatever ran before, and the caller's random stream (dropout's,
     with no workers) is left as it was. Transforms must draw from torch's generator (torchvision's do).
+    With ``epoch=None`` items are keyed ``(epoch, index)`` (:class:`RunSampler`): the epoch travels with the
+    key, so loader workers need no shared state.
     """
 
-    def __init__(self, dataset: Dataset, seed: int, epoch: int) -> None:
+    def __init__(self, dataset: Dataset, seed: int, epoch: int | None = None) -> None:
         self.dataset, self.seed, self.epoch = dataset, seed, epoch
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> Any:
+    def __getitem__(self, key: int | tuple[int, int]) -> Any:
+        epoch, index = key if self.epoch is None else (self.epoch, key)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index) % 2**63)
+            torch.manual_seed(((self.seed * 1_000_003 + epoch) * 10_000_019 + index) % 2**63)
             return self.dataset[index]
