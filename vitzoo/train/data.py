@@ -63,8 +63,22 @@ def image_transforms(cfg: dict[str, Any], train: bool, native: bool = False) -> 
         short = int(min(height, width) / cfg.get("crop_pct", 1.0))
         geometry = [T.Resize(short, interpolation=interpolation, antialias=True), T.CenterCrop((height, width))]
     # geometry first: PIL images are resized by PIL, exactly as timm's transforms do
-    return T.Compose([*geometry, T.ToImage(), T.ToDtype(torch.float32, scale=True),
-                      T.Normalize(mean=list(cfg["mean"]), std=list(cfg["std"]))])
+    return T.Compose([*geometry, T.ToImage(), Normalized(cfg["mean"], cfg["std"])])
+
+
+class Normalized:
+    """An image scaled to [0, 1] and normalised, ``(x / max - mean) / std``, computed as one multiply-add,
+    ``x * (1 / (max * std)) - mean / std``: torchvision's ToDtype(scale=True) and Normalize make three passes
+    over the pixels and, with decoding and cropping, this is most of a loader worker's time per image.
+    ``max`` is the integer type's largest value (255 for uint8); a float image is taken as scaled already."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        std_t = rearrange(torch.tensor(std, dtype=torch.float32), "c -> c 1 1")
+        self.scale, self.shift = 1.0 / std_t, -rearrange(torch.tensor(mean, dtype=torch.float32), "c -> c 1 1") / std_t
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        scale = self.scale if image.is_floating_point() else self.scale / torch.iinfo(image.dtype).max
+        return torch.addcmul(self.shift, image.as_subclass(torch.Tensor).to(torch.float32), scale)
 
 
 class Resized(Dataset):
