@@ -13,6 +13,7 @@ from vitzoo.errors import run_command
 from vitzoo.export import add_export_command
 from vitzoo.registry import list_models, model_entry
 from vitzoo.train.finetune import add_finetune_command
+from vitzoo.train.pretrain import add_pretrain_command
 from vitzoo.validate import add_validate_command
 
 
@@ -51,8 +52,8 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
 
 # Each entry adds one subcommand; a command's module owns its arguments and its function.
 COMMANDS = (
-    _add_list, _add_info, add_bench_command, add_validate_command, add_finetune_command, add_ablate_command,
-    add_export_command,
+    _add_list, _add_info, add_bench_command, add_validate_command, add_finetune_command, add_pretrain_command,
+    add_ablate_command, add_export_command,
 )
 
 

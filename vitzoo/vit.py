@@ -24,12 +24,19 @@ from vitzoo.blocks.pooling import POOLS
 from vitzoo.blocks.position import POSITIONS
 from vitzoo.blocks.rope import ROPES, Rotation
 from vitzoo.blocks.table import BlockTable
-from vitzoo.blocks.tokens import PREFIX_TOKENS, drop_patch_tokens, make_prefix_tokens, prepend_tokens
+from vitzoo.blocks.tokens import (
+    PREFIX_TOKENS,
+    drop_patch_tokens,
+    keep_patch_tokens,
+    make_prefix_tokens,
+    prepend_tokens,
+)
 from vitzoo.inputs import block_indices, checked_images
 from vitzoo.packing import is_sequence
 from vitzoo.sequence import SequenceLayout, checked_sequence
 from vitzoo.size import MAX_PARAMS, check_size
 from vitzoo.spec import ViTSpec
+from vitzoo.subset import subset_problem
 from vitzoo.traced import trace_at_input_size
 
 # timm's preprocessing defaults for ViTs, and the keys of its pretrained_cfg that no registry entry sets
@@ -348,8 +355,11 @@ class VisionTransformer(nn.Module):
         return trace_at_input_size(self)
 
     # forward ------------------------------------------------------------------------------------
-    def _embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """Images -> token sequence (prefix tokens first) with positions added; also the grid.
+    def _embed(
+        self, images: torch.Tensor, keep: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Images -> token sequence (prefix tokens first) with positions added; also the grid. ``keep`` ``(b, k)``:
+        only these patch tokens of each image stay, chosen after their positions were added (prefix tokens kept).
 
         Which branch runs was decided when the model was built, never by a tensor's shape, so ``torch.fx`` can
         trace it.
@@ -371,7 +381,9 @@ class VisionTransformer(nn.Module):
         else:  # a table of the patch tokens only (timm's no_embed_class)
             x = prepend_tokens(x + grid_dependent(self.position, self.pos_embed, grid), tokens)
         x = self.pos_drop(x)
-        if self.training and self.spec.drop.patch > 0:
+        if keep is not None:
+            x = keep_patch_tokens(x, self.num_prefix_tokens if tokens else 0, keep)
+        elif self.training and self.spec.drop.patch > 0:
             x = drop_patch_tokens(x, self.num_prefix_tokens if tokens else 0, self.spec.drop.patch)
         return self.norm_pre(x), grid
 
@@ -459,10 +471,33 @@ class VisionTransformer(nn.Module):
         if is_sequence(images):
             return self._sequence_features(images)
         x, grid = self._embed(images)
-        rotation, bias = self._rotation(grid), self._attn_bias(grid)
+        return self._features(self._encode(x, self._rotation(grid), self._attn_bias(grid)), grid)
+
+    def _encode(self, x: torch.Tensor, rotation: Rotation | None, bias: torch.Tensor | None) -> torch.Tensor:
+        """Embedded tokens through every block, the prefix tokens joining where the spec says; before the norm."""
         for i in range(len(self.blocks)):
             x = self._run_block(i, self._joined(x, i), rotation, bias)
-        return self._features(self._joined(x, len(self.blocks)), grid)
+        return self._joined(x, len(self.blocks))
+
+    def forward_visible(self, images: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """Images ``(b, c, H, W)`` and the patches to keep ``(b, k)`` (row-major indices into each image's patch
+        grid) -> normed tokens ``(b, prefix + k, dim)``: the encoder of a masked autoencoder (MAE, He et al.
+        2022), run on the kept patches only, each with the position it has in the full grid.
+
+        Refused for a model whose blocks need every patch token (:func:`vitzoo.subset.subset_problem`).
+        """
+        problem = subset_problem(self.spec)
+        if problem:
+            raise ValueError(f"this model cannot run on a subset of its patch tokens: {problem}; pick a model "
+                             f"whose blocks treat tokens as a set (plain ViT blocks, absolute or rotary positions)")
+        x, grid = self._embed(images, keep)
+        rotation = self._rotation(grid)
+        if rotation is not None:
+            prefix = self.num_prefix_tokens
+            rows = torch.cat([repeat(torch.arange(prefix, device=keep.device), "t -> b t", b=len(keep)),
+                              keep + prefix], dim=1)
+            rotation = rotation.tokens(rows)
+        return self.norm(self._encode(x, rotation, None))
 
     def _features(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """The final norm, and for a model with ``features`` other than tokens the map ``(b, channels, h, w)``

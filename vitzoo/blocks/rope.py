@@ -61,6 +61,16 @@ class Rotation(NamedTuple):
         """The rotation block ``i`` uses: its own slice when the rotation differs per layer."""
         return Rotation(self.cos[i], self.sin[i], self.pair) if self.per_layer else self
 
+    def tokens(self, index: torch.Tensor) -> Rotation:
+        """The rotation of a subset of the tokens, ``index`` ``(b, k)`` per image (a masked autoencoder's visible
+        tokens): cos and sin gain a batch axis, ``([depth,] b, heads or 1, k, head_dim)``."""
+        if self.cos.ndim == 2:
+            pattern = "b k d -> b 1 k d"
+        else:
+            pattern = "l h b k d -> l b h k d" if self.per_layer else "h b k d -> b h k d"
+        return Rotation(*(rearrange(t[..., index, :], pattern) for t in (self.cos, self.sin)), self.pair,
+                        self.per_layer)
+
 
 def rotate(x: torch.Tensor, rotation: Rotation) -> torch.Tensor:
     """Apply a :class:`Rotation` to q or k ``(b, heads, n, head_dim)``."""

@@ -32,10 +32,17 @@ def drop_patch_tokens(x: torch.Tensor, num_prefix: int, rate: float) -> torch.Te
     FLIP (Li et al. 2023, "Scaling Language-Image Pre-training via Masking"): training on a subset
     of patches cuts compute roughly in proportion, as a regulariser that costs no accuracy.
     """
+    patches = x.shape[1] - num_prefix
+    keep = max(1, int(patches * (1.0 - rate)))
+    order = torch.rand((x.shape[0], patches), device=x.device).argsort(dim=1)[:, :keep].sort(dim=1).values
+    return keep_patch_tokens(x, num_prefix, order)
+
+
+def keep_patch_tokens(x: torch.Tensor, num_prefix: int, keep: torch.Tensor) -> torch.Tensor:
+    """The prefix tokens and, per image, the patch tokens ``keep`` ``(b, k)`` names (indices among the patches,
+    in the order given): ``(b, num_prefix + k, d)``."""
     prefix, patches = x[:, :num_prefix], x[:, num_prefix:]
-    keep = max(1, int(patches.shape[1] * (1.0 - rate)))
-    order = torch.rand(patches.shape[:2], device=x.device).argsort(dim=1)[:, :keep].sort(dim=1).values
-    kept = patches.gather(1, repeat(order, "b k -> b k d", d=patches.shape[-1]))
+    kept = patches.gather(1, repeat(keep, "b k -> b k d", d=patches.shape[-1]))
     return torch.cat([prefix, kept], dim=1)
 
 

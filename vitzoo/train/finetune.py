@@ -44,7 +44,7 @@ from vitzoo.train.distill import DistillConfig, add_distill_arguments, build_dis
 from vitzoo.train.distributed import World, close_world, full_state_dict, gather_strings, init_world, weights_digest
 from vitzoo.train.loop import TrainConfig, TrainResult, fit, steps_per_epoch
 from vitzoo.train.recipe import freeze_backbone
-from vitzoo.train.runfolder import claim_run_folder, run_files
+from vitzoo.train.runfolder import claim_run_folder, training_run_in
 from vitzoo.train.sources import DataOptions
 from vitzoo.train.trackers import Log, Tracker, check_trackers, open_trackers
 from vitzoo.vit import VisionTransformer
@@ -128,8 +128,10 @@ def strict_json(values: dict[str, Any], indent: int | None = None) -> str:
 class RunLog:
     """Rank 0's record of a run: its settings and resumes, metrics rows as JSON lines and CSV, curves as a PNG."""
 
-    def __init__(self, folder: Path, resume: bool, trackers: tuple[Tracker, ...] = ()) -> None:
-        self.folder, self.trackers = folder, trackers
+    def __init__(self, folder: Path, resume: bool, trackers: tuple[Tracker, ...] = (),
+                 loss_name: str = "cross-entropy") -> None:
+        """``loss_name``: what the loss curves measure, as the plot labels them."""
+        self.folder, self.trackers, self.loss_name = folder, trackers, loss_name
         self.logs: list[Log] = []  # the trackers, open from the start or resume of the run on
         self.jsonl = folder / "metrics.jsonl"
         if not resume:
@@ -184,6 +186,7 @@ class RunLog:
         steps = [r["step"] for r in result.evals]
         if steps:
             loss_ax.plot(steps, [r["val_loss"] for r in result.evals], "o-", label="val")
+        if steps and "val_acc" in result.evals[-1]:
             acc_ax.plot(steps, [r["val_acc"] for r in result.evals], "o-", label="val")
             for key in (k for k in result.evals[-1] if k.startswith("val_acc@")):
                 acc_ax.plot(steps, [r[key] for r in result.evals], ".:", label=f"val at {key.partition('@')[2]} px")
@@ -191,11 +194,12 @@ class RunLog:
                 acc_ax.plot(steps, [r["val_agreement"] for r in result.evals], "^-.", label="agreement with teacher")
             if "ema_val_acc" in result.evals[-1]:
                 acc_ax.plot(steps, [r["ema_val_acc"] for r in result.evals], "s--", label="val (EMA)")
-        loss_ax.set(xlabel="step", ylabel="cross-entropy", title="loss")
+        loss_ax.set(xlabel="step", ylabel=self.loss_name, title="loss")
         acc_ax.set(xlabel="step", ylabel="top-1", title="validation accuracy")
         for ax in (loss_ax, acc_ax):
             ax.grid(alpha=0.3)
-            ax.legend()
+            if ax.lines:  # a pretraining run has no accuracy to show
+                ax.legend()
         fig.tight_layout()
         fig.savefig(self.folder / "curves.png", dpi=100)
         plt.close(fig)
@@ -207,15 +211,9 @@ def finetune(config: FinetuneConfig, progress: bool = True) -> dict[str, Any]:
     Rank 0 holds the run folder from before the first write to the end (see :func:`claim_run_folder`).
     """
     world = init_world(config.train.device)
-    with claim_run_folder(config.out, lambda folder: _other_run(folder, config.resume),
+    with claim_run_folder(config.out, lambda folder: training_run_in(folder, config.resume),
                           config.overwrite) if world.main else nullcontext():
         return _train(config, world, progress)
-
-
-def _other_run(folder: Path, resume: bool) -> str | None:
-    """The run already in ``folder`` that a new run would mix with (none when resuming it)."""
-    found = [] if resume else run_files(folder)
-    return f"another run ({', '.join(found)}); continue it with --resume" if found else None
 
 
 def _train(config: FinetuneConfig, world: World, progress: bool) -> dict[str, Any]:

@@ -97,7 +97,8 @@ class TrainConfig:
                                       NON_NEGATIVE)
     strategy: Literal["ddp", "fsdp"] = described("ddp", "how several processes (torchrun) share the model")
     num_workers: int = described(0, "data-loading processes (any number gives the same results)", NON_NEGATIVE)
-    keep_checkpoints: int = described(2, "newest checkpoints kept, besides the best by validation accuracy",
+    keep_checkpoints: int = described(2, "newest checkpoints kept, besides the best by validation accuracy "
+                                      "(by validation loss where there is none)",
                                       AT_LEAST_ONE)
 
     def __post_init__(self) -> None:
@@ -222,8 +223,8 @@ def evaluate(
     model: nn.Module, dataset: Dataset, batch_size: int = 256, device: str = "cpu", world: World | None = None,
     shard: bool = True, batches: Batches | None = None, objective: Objective | None = None,
 ) -> dict[str, float]:
-    """Mean cross-entropy and top-1 accuracy over ``dataset``, and the mean of each of ``objective``'s
-    validation figures (:attr:`Objective.val_names`).
+    """Mean cross-entropy and top-1 accuracy over ``dataset`` (where the objective's model classifies), and the
+    mean of each of ``objective``'s validation figures (:attr:`Objective.val_names`).
 
     With several processes each evaluates every ``world_size``-th sample and the sums are reduced;
     ``shard=False`` has every rank run every batch (FSDP needs all ranks in each forward). ``batches`` makes
@@ -236,21 +237,28 @@ def evaluate(
     if shard and world.distributed:
         dataset = Subset(dataset, range(world.rank, len(dataset), world.world_size))
     objective = objective or Objective()
-    sums = torch.zeros(3 + len(objective.val_names), dtype=torch.float64)
+    names = (("val_loss", "val_acc") if objective.classifies else ()) + objective.val_names
+    sums = torch.zeros(1 + len(names), dtype=torch.float64)
     loader = batches(dataset) if batches else DataLoader(dataset, batch_size=batch_size, generator=torch.Generator())
     for inputs, labels in loader:
         inputs = to_device(inputs, device)
-        logits = model(inputs).float()
+        output = model(inputs).float()
         labels = labels.to(device)
-        sums += torch.tensor([F.cross_entropy(logits, labels, reduction="sum").item(),
-                              (logits.argmax(-1) == labels).sum().item(), len(labels),
-                              *objective.val_sums(inputs, logits).tolist()], dtype=torch.float64)
+        scores = [F.cross_entropy(output, labels, reduction="sum").item(),
+                  (output.argmax(-1) == labels).sum().item()] if objective.classifies else []
+        sums += torch.tensor([len(labels), *scores, *objective.val_sums(inputs, output).tolist()],
+                             dtype=torch.float64)
     model.train(was_training)
     if shard:
         sums = all_reduce_sum(sums, world)
-    loss, correct, total, *figures = sums.tolist()
-    return {"val_loss": loss / total, "val_acc": correct / total,
-            **{name: value / total for name, value in zip(objective.val_names, figures, strict=True)}}
+    total, *figures = sums.tolist()
+    return {name: value / total for name, value in zip(names, figures, strict=True)}
+
+
+def _better(row: dict[str, float], best: dict[str, float]) -> bool:
+    """Whether a validation row beats the best checkpoint's: a higher ``val_acc`` where the rows have one,
+    otherwise a lower ``val_loss`` (an objective that does not classify, such as a masked autoencoder's)."""
+    return row["val_acc"] > best["val_acc"] if "val_acc" in row else row["val_loss"] < best["val_loss"]
 
 
 class _Run:
@@ -266,7 +274,7 @@ class _Run:
         self.identity = {"config": asdict(config), "spec": model.spec.to_dict(), "world_size": world.world_size,
                          "run_settings": run_settings}
         self.objective.prepare(model)
-        self.best: dict[str, float] | None = None  # {"step", "val_acc"} of the best checkpoint so far
+        self.best: dict[str, float] | None = None  # {"step", "val_acc" or "val_loss"} of the best checkpoint
         self.ema = ModelEma(model, config.ema_decay) if config.ema_decay else None
         self.net = wrap(model, world, config.strategy)
         sharded = world.distributed and config.strategy == "fsdp"
@@ -361,8 +369,9 @@ class _Run:
         if broken:  # every rank holds the full weights here, so all of them stop
             raise self.diverged(self.step, f"the weights are no longer finite ({broken})")
         row = self.result.evals[-1] if self.result.evals else None
-        if row and row["step"] == self.step and (self.best is None or row["val_acc"] > self.best["val_acc"]):
-            self.best = {"step": self.step, "val_acc": row["val_acc"]}
+        if row and row["step"] == self.step and (self.best is None or _better(row, self.best)):
+            key = "val_acc" if "val_acc" in row else "val_loss"
+            self.best = {"step": self.step, key: row[key]}
         if not self.world.main:
             return
         trainer = {

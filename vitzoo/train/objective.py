@@ -5,7 +5,9 @@ targets. A richer one (distillation from a teacher, :mod:`vitzoo.train.distill`)
 the model for another output in training (:meth:`Objective.prepare`), add terms to the loss that the run
 logs as ``train_<name>`` (the mean over the steps since the previous evaluation), add validation figures
 ``val_<name>`` summed over the validation batches, and name settings of its own that a checkpoint records,
-so a resume with other ones is refused (:mod:`vitzoo.train.settings`).
+so a resume with other ones is refused (:mod:`vitzoo.train.settings`). An objective without labels (a masked
+autoencoder's, :mod:`vitzoo.train.mae`) says its model predicts no classes: evaluation then measures only its
+own figures, ``val_loss`` among them.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ class Objective:
 
     # the validation figures :meth:`val_sums` adds up, divided by the number of images at the end
     val_names: tuple[str, ...] = ()
+    # whether the model's output is class logits, which evaluation scores against the labels as ``val_loss``
+    # (cross-entropy) and ``val_acc`` (top-1); without, ``val_loss`` must be one of :attr:`val_names`
+    classifies: bool = True
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -41,6 +46,6 @@ class Objective:
         """(the loss to minimise, the terms to log by name) of one micro-batch."""
         return label_loss(output, targets, label_smoothing), {}
 
-    def val_sums(self, images: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """The sums of :attr:`val_names` over one validation batch (the model in eval mode)."""
-        return logits.new_zeros(0, dtype=torch.float64)
+    def val_sums(self, images: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """The sums of :attr:`val_names` over one validation batch from the model's output (in eval mode)."""
+        return output.new_zeros(0, dtype=torch.float64)

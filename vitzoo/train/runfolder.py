@@ -1,6 +1,6 @@
 """A run folder belongs to one run: one process at a time, never mixed with another run's files.
 
-:func:`claim_run_folder` is how fine-tuning and ablations enter their ``--out``: it creates the folder,
+:func:`claim_run_folder` is how fine-tuning, pretraining and ablations enter their ``--out``: it creates the folder,
 takes an exclusive ``flock`` on ``.lock`` inside it (the kernel drops it when the process ends, crash
 included, so a stale lock file never blocks), removes the temporaries a killed write left behind, and
 then refuses to start over another run's files unless asked to move them aside. Nothing is deleted
@@ -34,6 +34,13 @@ class RunFolderError(ValueError):
 def run_files(folder: Path) -> list[str]:
     """The names in ``folder`` that belong to a run (see ``RUN_FILES``); empty for a new or unrelated folder."""
     return [name for name in RUN_FILES if (folder / name).exists()]
+
+
+def training_run_in(folder: Path, resume: bool) -> str | None:
+    """The training run already in ``folder`` that a new one would mix with (none when resuming it): the
+    ``other_run`` of :func:`claim_run_folder` for fine-tuning and pretraining."""
+    found = [] if resume else run_files(folder)
+    return f"another run ({', '.join(found)}); continue it with --resume" if found else None
 
 
 @contextmanager
