@@ -4,9 +4,15 @@
 
 For each seed: ``--mae-steps`` of masked-autoencoder pretraining on the training images (labels unused),
 then ``--finetune-steps`` of fine-tuning from the pretrained encoder; against ``--mae-steps +
---finetune-steps`` of fine-tuning from a random initialisation (the same seed, the same recipe). Both
-report the validation accuracy after their last step (never the best along the way). Prints a markdown
-table, mean ± standard deviation over the seeds.
+--finetune-steps`` of training from a random initialisation (the same seed, batch, warm-up and schedule).
+The pretrained encoder is fine-tuned at ``--finetune-lr``, optionally with layer-wise decay
+(``--layer-decay``, the paper's recipe with a higher rate); the random initialisation trains at ``--lr``.
+Both report the validation accuracy after their last step (never the best along the way). Prints a
+markdown table, mean ± standard deviation over the seeds.
+
+On digits (1,438 training images, 8x8 pixels at source) the paper's fine-tuning recipe (rate 3e-3, layer
+decay 0.75) and raw-pixel targets (``--no-norm-pix-loss``) both fine-tuned worse than the defaults in
+single-seed trials (seed 9, whose validation split differs from those of seeds 0-2).
 """
 
 from __future__ import annotations
@@ -22,8 +28,11 @@ from vitzoo.train.pretrain import PretrainConfig, encoder_folder, pretrain
 
 
 def fine_tune(args: argparse.Namespace, seed: int, steps: int, out: Path, pretrained: bool | str) -> float:
-    """Validation accuracy after ``steps`` of fine-tuning (the same recipe for both arms)."""
-    train = TrainConfig(steps=steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup, seed=seed)
+    """Validation accuracy after ``steps`` of training: the pretrained encoder's recipe (``--finetune-lr``,
+    ``--layer-decay``) where ``pretrained`` names it, the plain one (``--lr``) from a random initialisation."""
+    lr, decay = (args.finetune_lr, args.layer_decay) if pretrained else (args.lr, None)
+    train = TrainConfig(steps=steps, batch_size=args.batch_size, lr=lr, layer_decay=decay, warmup_steps=args.warmup,
+                        seed=seed)
     config = FinetuneConfig(model=args.model, pretrained=pretrained, eval_every=steps, checkpoint_every=steps,
                             out=str(out), overwrite=True, train=train)
     return finetune(config, progress=False)["val_acc"]
@@ -33,13 +42,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="vit_pico_patch4_32")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--mae-steps", type=int, default=400)
-    parser.add_argument("--finetune-steps", type=int, default=300)
+    parser.add_argument("--mae-steps", type=int, default=200)
+    parser.add_argument("--finetune-steps", type=int, default=500)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=1e-3, help="the fine-tuning rate (both arms)")
-    parser.add_argument("--warmup", type=int, default=30, help="fine-tuning warm-up steps (both arms)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="the rate from a random initialisation")
+    parser.add_argument("--finetune-lr", type=float, default=1e-3, help="the rate of fine-tuning the MAE encoder")
+    parser.add_argument("--layer-decay", type=float, default=None, help="layer-wise lr decay of that fine-tuning")
+    parser.add_argument("--warmup", type=int, default=30, help="warm-up steps of both arms' training on labels")
     parser.add_argument("--mae-lr", type=float, default=1.5e-3)
     parser.add_argument("--mask-ratio", type=float, default=0.75)
+    parser.add_argument("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--decoder-dim", type=int, default=64)
     parser.add_argument("--decoder-depth", type=int, default=2)
     parser.add_argument("--decoder-heads", type=int, default=4)
@@ -48,7 +60,7 @@ def main() -> None:
 
     out, total = Path(args.out), args.mae_steps + args.finetune_steps
     mae = MaeOptions(mask_ratio=args.mask_ratio, decoder_dim=args.decoder_dim, decoder_depth=args.decoder_depth,
-                     decoder_heads=args.decoder_heads)
+                     decoder_heads=args.decoder_heads, norm_pix_loss=args.norm_pix_loss)
     results: dict[str, list[float]] = {"mae": [], "scratch": []}
     for seed in args.seeds:
         run = out / f"mae-{seed}"
@@ -69,9 +81,11 @@ def main() -> None:
           f"mean ± std over seeds {', '.join(map(str, args.seeds))}\n")
     print("| start | steps | val acc | per seed |")
     print("|---|---|---|---|")
-    rows = ((f"MAE pretrained (mask {args.mask_ratio:g}, decoder {args.decoder_depth}x{args.decoder_dim})",
+    target = "normalised" if args.norm_pix_loss else "raw"
+    rows = ((f"MAE pretrained (mask {args.mask_ratio:g}, decoder {args.decoder_depth}x{args.decoder_dim}, {target} "
+             f"pixels), fine-tuned at lr {args.finetune_lr:g}, layer decay {args.layer_decay or 'off'}",
              f"{args.mae_steps} MAE + {args.finetune_steps} fine-tune", results["mae"]),
-            ("random init", f"{total} fine-tune", results["scratch"]))
+            (f"random init, lr {args.lr:g}", f"{total} supervised", results["scratch"]))
     for name, steps, values in rows:
         print(f"| {name} | {steps} | {cell(values)} | {', '.join(f'{100 * v:.1f}' for v in values)} |")
 
