@@ -50,7 +50,7 @@ TIMM_STEP = re.compile(r"Train: (\d+) \[\s*(\d+)/\d+.*?Time: ([\d.]+)s,.*?Data: 
 VITZOO_STEP = re.compile(r"step (\d+): ([\d.]+) s, ([\d.]+) s of it waiting for data")
 RECIPE_NOTES = [
     "timm: its own defaults otherwise, e.g. the prefetcher (uint8 batches from the workers, normalised in the "
-    "trainer process) and persistent workers; vitzoo: workers normalise, a loader per epoch, each sample's "
+    "trainer process) and persistent workers; vitzoo: workers normalise, one loader for the whole run, each sample's "
     "augmentation seeded by (seed, epoch, index) for exact resume",
     "timm's AdamW is torch's for-loop implementation (its default on CPU), vitzoo's the fused one",
     "warm-up: timm from --warmup-lr 0 per update, vitzoo from lr/warmup_steps; label smoothing: timm's "
