@@ -171,3 +171,22 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     ]
     lines += [f"| {cell(a)} | {cell(g)} | {cell(m)} |" for a, g, m in sorted(set(BAD_INPUTS))]
     Path(path).write_text("\n".join(lines) + "\n")
+
+
+def killed_copy(run: Path, to: Path, step: int, outputs: tuple[str, ...] = (), half_written_row: bool = False) -> Path:
+    """A copy of the run folder ``run`` as a kill just after its step-``step`` checkpoint leaves it: later checkpoints
+    gone, no summary.json nor the end-of-run ``outputs`` (files or folders), and with ``half_written_row`` the last
+    row of metrics.jsonl cut in the middle, as a kill while it was written leaves it."""
+    import shutil
+
+    shutil.copytree(run, to)
+    for later in (to / "checkpoints").glob("step_*"):
+        if int(later.name.removeprefix("step_")) > step:
+            shutil.rmtree(later)
+    (to / "checkpoints" / "latest").write_text(f"step_{step:08d}")
+    for output in ("summary.json", *outputs):
+        shutil.rmtree(to / output) if (to / output).is_dir() else (to / output).unlink()
+    if half_written_row:
+        logged = (to / "metrics.jsonl").read_text()
+        (to / "metrics.jsonl").write_text(logged[: logged.rindex("{") + 20])
+    return to

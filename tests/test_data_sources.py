@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 import tarfile
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.conftest import killed_copy
 from vitzoo.train import TrainConfig
 from vitzoo.train.data import build_datasets, num_classes
 from vitzoo.train.finetune import FinetuneConfig, finetune
@@ -101,19 +101,6 @@ def train_config(out: Path, data: str, resume: bool = False, workers: int = 0, *
                           **extra)
 
 
-def killed_copy(run: Path, to: Path, step: int) -> Path:
-    """``run`` as a kill just after its step-``step`` checkpoint leaves it: later checkpoints gone, the rows after
-    it logged (the last one half-written), no summary."""
-    shutil.copytree(run, to)
-    for later in (to / "checkpoints").glob("step_*"):
-        if int(later.name.removeprefix("step_")) > step:
-            shutil.rmtree(later)
-    (to / "checkpoints" / "latest").write_text(f"step_{step:08d}")
-    (to / "summary.json").unlink()
-    logged = (to / "metrics.jsonl").read_text()
-    (to / "metrics.jsonl").write_text(logged[: logged.rindex("{") + 20])
-    return to
-
 
 @pytest.fixture(scope="module")
 def finished(sources, tmp_path_factory):
@@ -138,7 +125,7 @@ def test_a_killed_run_resumes_bit_identically(sources, finished, tmp_path, kind)
     """Killed after its step-2 checkpoint and resumed with two loader workers, the run ends with the weights and
     metrics.jsonl of the uninterrupted run without workers (random crops, flips and dropout included)."""
     straight = finished(kind)
-    run = killed_copy(straight, tmp_path / "killed", step=2)
+    run = killed_copy(straight, tmp_path / "killed", step=2, half_written_row=True)
     resumed = finetune(train_config(run, sources[kind], resume=True, workers=2), progress=False)
     assert resumed["weights_digest"] == digest(straight)
     assert (run / "metrics.jsonl").read_bytes() == (straight / "metrics.jsonl").read_bytes()
@@ -147,7 +134,7 @@ def test_a_killed_run_resumes_bit_identically(sources, finished, tmp_path, kind)
 
 
 def test_resume_refuses_other_data_options(sources, finished, tmp_path, bad_input):
-    run = killed_copy(finished("hf"), tmp_path / "killed", step=2)
+    run = killed_copy(finished("hf"), tmp_path / "killed", step=2, half_written_row=True)
     config = train_config(run, sources["hf"], resume=True, data_options=DataOptions(hf_val_split="train"))
     with pytest.raises(ValueError, match="data_options") as refused:
         finetune(config, progress=False)

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.test_data_sources import killed_copy, tiny_images, train_config, write_shards
+from tests.conftest import killed_copy
+from tests.test_data_sources import tiny_images, train_config, write_shards
 from vitzoo.train.finetune import finetune
 
 LOGS = ("tensorboard", "wandb")
@@ -110,7 +111,7 @@ def test_logs_hold_the_metrics_and_continue_after_a_kill(shards, tmp_path, offli
     assert config["data"] == shards and config["train"]["steps"] == 4 and config["log"] == list(LOGS)
     assert history == rows(straight)
 
-    run = killed_copy(straight, tmp_path / "killed", step=2)
+    run = killed_copy(straight, tmp_path / "killed", step=2, half_written_row=True)
     finetune(train_config(run, shards, resume=True, log=LOGS), progress=False)
     assert rows(run) == rows(straight)
     assert tensorboard_scalars(run) == as_logged(rows(straight))  # the killed run's step-4 row is purged

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import vitzoo
+from tests.conftest import killed_copy
 from vitzoo.lora import (
     LoraLinear,
     LoraOptions,
@@ -205,22 +205,11 @@ def test_finetune_writes_adapters_and_merged_weights(lora_run):
     assert torch.equal(vitzoo.create_model(str(lora_run / "merged")).eval()(x), plain(x))
 
 
-def _killed_after(run: Path, to: Path, step: int) -> Path:
-    """A copy of ``run`` as a kill after its step-``step`` checkpoint leaves it (as tests/test_run_safety.py)."""
-    shutil.copytree(run, to)
-    for later in (to / "checkpoints").glob("step_*"):
-        if int(later.name.removeprefix("step_")) > step:
-            shutil.rmtree(later)
-    (to / "checkpoints" / "latest").write_text(f"step_{step:08d}")
-    for output in ("summary.json", "adapters.safetensors", "merged"):
-        shutil.rmtree(to / output) if (to / output).is_dir() else (to / output).unlink()
-    return to
-
 
 def test_killed_run_resumes_bit_identical_and_refuses_another_lora(lora_run, tmp_path):
     """Resumed from its step-2 checkpoint (dropout on the adapters' inputs), the run ends with the same weights,
     adapters, merged weights and metrics; another --lora is refused, naming the change."""
-    run = _killed_after(lora_run, tmp_path / "run", 2)
+    run = killed_copy(lora_run, tmp_path / "run", 2, outputs=("adapters.safetensors", "merged"))
     resume = FinetuneConfig(**{**RUN, "lora": replace(RUN["lora"], r=8)}, out=str(run), resume=True)
     with pytest.raises(ValueError, match="other settings: lora .*'r': 4.* → .*'r': 8"):
         finetune(resume, progress=False)

@@ -6,7 +6,6 @@ The runs use a one-block 32 px pico encoder with a one-block 32-wide decoder on 
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch
 from einops import repeat
 
 import vitzoo
+from tests.conftest import killed_copy
 from vitzoo import cli
 from vitzoo.train.checkpoint import latest_checkpoint, load_checkpoint
 from vitzoo.train.finetune import FinetuneConfig, build_model
@@ -130,20 +130,9 @@ def test_the_encoder_loads_strictly_into_the_registry_model_and_finetune(pretrai
     assert json.loads((out / "run.json").read_text())["pretrained"] == str(folder)
 
 
-def _rolled_back(run: Path, to: Path, step: int) -> Path:
-    """A copy of ``run`` as a kill after its step-``step`` checkpoint would have left it."""
-    shutil.copytree(run, to)
-    for later in (to / "checkpoints").glob("step_*"):
-        if int(later.name.removeprefix("step_")) > step:
-            shutil.rmtree(later)
-    (to / "checkpoints" / "latest").write_text(f"step_{step:08d}")
-    (to / "summary.json").unlink()
-    shutil.rmtree(to / "encoder")
-    return to
-
 
 def test_a_killed_pretraining_resumes_bit_identically(pretrained, tmp_path, bad_input):
-    run = _rolled_back(pretrained, tmp_path / "run", 15)
+    run = killed_copy(pretrained, tmp_path / "run", 15, outputs=("encoder",))
     config = replace(_config(run, *RUN), resume=True)
     with pytest.raises(ValueError) as err:
         pretrain(replace(config, mae=replace(DECODER, mask_ratio=0.5)), progress=False)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import killed_copy
 from vitzoo.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from vitzoo.weights import read_state_dict
 
@@ -79,13 +80,9 @@ def _run_files(run: Path) -> dict[str, bytes]:
 
 def _copy(run: Path, to: Path, checkpoint_step: int | None = None) -> Path:
     """A copy of ``run``; with ``checkpoint_step``, as a kill after that checkpoint would have left it."""
-    shutil.copytree(run, to)
     if checkpoint_step is not None:
-        for later in (to / "checkpoints").glob("step_*"):
-            if int(later.name.removeprefix("step_")) > checkpoint_step:
-                shutil.rmtree(later)
-        (to / "checkpoints" / "latest").write_text(f"step_{checkpoint_step:08d}")
-        (to / "summary.json").unlink()
+        return killed_copy(run, to, checkpoint_step)
+    shutil.copytree(run, to)
     return to
 
 
