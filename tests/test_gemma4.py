@@ -77,9 +77,13 @@ def test_entries_in_another_model() -> None:
         vitzoo.create_model("vit_tiny_patch16_224", pool="cell_mean", **small)
     with pytest.raises(ValueError, match="not divisible by the cell"):
         vitzoo.create_model("vit_tiny_patch16_224", class_token=False, pool="cell_mean", depth=1, img_size=64)
-    with pytest.raises(ValueError, match="dynamic_img_size=False"):
-        vitzoo.create_model("vit_tiny_patch16_224", class_token=False, pool="cell_mean", depth=1, img_size=96,
-                            dynamic_img_size=True)
+    dynamic = vitzoo.create_model("vit_tiny_patch16_224", class_token=False, pool="cell_mean", depth=1, img_size=96,
+                                  dynamic_img_size=True, num_classes=0)
+    assert dynamic(torch.rand(1, 3, 144, 144)).shape == (1, 9, 192)  # another square size: its own grid
+    with pytest.raises(ValueError, match="not divisible by the cell"):
+        dynamic(torch.rand(1, 3, 128, 128))
+    with pytest.raises(ValueError, match="feed square images"):
+        dynamic(torch.rand(1, 3, 96, 144))
 
 
 def test_rotation_matches_timm() -> None:

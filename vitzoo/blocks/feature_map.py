@@ -25,6 +25,9 @@ from vitzoo.blocks.options import BlockOptions
 from vitzoo.blocks.table import BlockTable, like_module
 from vitzoo.fields import AT_LEAST_ONE, POSITIVE, described
 
+# torch.fx symbolic tracing keeps the einops calls as graph nodes: einops needs real tensors and shapes
+torch.fx.wrap("rearrange")
+
 
 @dataclass(frozen=True)
 class MapNormOptions(BlockOptions):

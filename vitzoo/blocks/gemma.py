@@ -30,7 +30,7 @@ from vitzoo.blocks.mlp import MLPS, MlpOptions
 from vitzoo.blocks.norm import NormFactory
 from vitzoo.blocks.options import BlockOptions, GridOptions
 from vitzoo.blocks.patch import PATCH_EMBEDS, ProjectionOptions, linear_patches
-from vitzoo.blocks.pooling import POOLS, MlpFactory
+from vitzoo.blocks.pooling import POOLS, MlpFactory, token_grid
 from vitzoo.blocks.position import POSITIONS
 from vitzoo.blocks.projector import parameter_free
 from vitzoo.blocks.rope import Rotation
@@ -38,6 +38,7 @@ from vitzoo.fields import AT_LEAST_ONE, POSITIVE, described
 
 torch.fx.wrap("rearrange")
 torch.fx.wrap("reduce")
+torch.fx.wrap("token_grid")
 CLAMPS = ("input_min", "input_max", "output_min", "output_max")
 NO_LAYER_SCALE, PLAIN_PROJECTION = LayerScaleOptions(), ProjectionOptions()
 
@@ -220,9 +221,6 @@ class CellMeanOptions(GridOptions):
         if spec.num_prefix_tokens:
             raise ValueError("pool='cell_mean' averages cells of the patch grid; use class_token=False and "
                              "reg_tokens=0")
-        if spec.dynamic_img_size:
-            raise ValueError("pool='cell_mean' is laid out for the patch grid of img_size; use "
-                             "dynamic_img_size=False")
 
 
 class CellMeanPool(nn.Module):
@@ -247,7 +245,8 @@ class CellMeanPool(nn.Module):
         if valid is not None:
             raise ValueError("pool='cell_mean' reads the cells of one image grid; feed image batches, not patch "
                              "sequences")
-        x = reduce(x, "b (h kh w kw) d -> b (h w) d", "mean", h=self.grid[0] // self.cell, kh=self.cell,
+        grid = token_grid(x, self.grid, self.cell, "pool='cell_mean'")
+        x = reduce(x, "b (h kh w kw) d -> b (h w) d", "mean", h=grid[0] // self.cell, kh=self.cell,
                    kw=self.cell) * self.scale
         return (x - self.std_bias) * self.std_scale if self.standardize else x
 

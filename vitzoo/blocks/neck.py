@@ -24,6 +24,9 @@ from vitzoo.blocks.options import BlockOptions
 from vitzoo.blocks.table import BlockTable, like_module
 from vitzoo.fields import AT_LEAST_ONE, POSITIVE, described
 
+# torch.fx symbolic tracing keeps the einops calls as graph nodes: einops needs real tensors and shapes
+torch.fx.wrap("rearrange")
+
 SCALES = (4.0, 2.0, 1.0, 0.5)  # the resamplings a simple pyramid knows: 2 transposed convs, 1, none, max-pool
 
 

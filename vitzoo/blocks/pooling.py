@@ -81,6 +81,26 @@ class ClassTokenPool(nn.Module):
         return x[:, 0]
 
 
+@torch.fx.wrap
+def token_grid(x: torch.Tensor, grid: tuple[int, int], cell: int, reader: str) -> tuple[int, int]:
+    """The patch grid that the tokens ``x`` ``(b, h*w, d)`` lie on, for the readouts that read cells of it: the
+    model's ``grid`` when they fill it, else the square grid of as many tokens (the model fed square images of
+    another size, ``dynamic_img_size``). Refused when that grid is not whole ``cell x cell`` cells. Under
+    ``torch.fx`` this is one graph node, as the token count is known only when the graph runs."""
+    count = int(x.shape[1])
+    if count == grid[0] * grid[1]:
+        rows, cols = grid[0], grid[1]
+    else:
+        rows = cols = int(round(count**0.5))
+        if rows * cols != count:
+            raise ValueError(f"{reader} finds the patch grid from the number of tokens: {grid} at img_size, square "
+                             f"at other sizes, but got {count} tokens; feed square images or images of img_size")
+    if rows % cell or cols % cell:
+        raise ValueError(f"{reader} reads {cell}x{cell} cells, but the patch grid {(rows, cols)} is not divisible by "
+                         f"the cell; use images whose side in patches is a multiple of {cell}")
+    return rows, cols
+
+
 def masked_mean(x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
     """Mean over the tokens of ``(b, n, dim)`` that ``valid`` ``(b, n)`` marks (all when None)."""
     if valid is None:

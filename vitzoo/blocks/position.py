@@ -42,6 +42,22 @@ class SinCosOptions(PositionOptions):
     temperature: float = described(10000.0, "frequency base of the sines and cosines", POSITIVE)
 
 
+LEARNED_RESAMPLING = ("bicubic", "bilinear_corners")
+
+
+@dataclass(frozen=True)
+class LearnedOptions(PositionOptions):
+    """Options of the learned table."""
+
+    resample: str = described(
+        "bicubic", "how the table is resized for another grid: bicubic (antialiased, timm's resample_abs_pos_embed) "
+                   "| bilinear_corners (bilinear with align_corners, as Qwen3-VL resizes its table)")
+
+    def check(self, spec) -> None:
+        if self.resample not in LEARNED_RESAMPLING:
+            raise ValueError(f"resample={self.resample!r}; valid: {', '.join(LEARNED_RESAMPLING)}")
+
+
 def same_grid(grid: Grid, other: Grid) -> bool:
     """Whether ``grid`` is ``other``, so a table built for ``other`` serves as is. Never for a symbolic grid (an
     export with a dynamic image size): comparing it would pin the exported model to that one size."""
@@ -82,22 +98,28 @@ def resample_table(table: torch.Tensor, old_grid: Grid, new_grid: Grid, num_pref
 
 
 class LearnedPosition(nn.Module):
-    """Learned absolute position table (ViT), resampled bicubically for other grids."""
+    """Learned absolute position table (ViT), resampled for other grids (bicubically unless ``resample`` says)."""
 
     def __init__(
-        self, grid_size: Grid, dim: int, num_prefix: int, *, options: PositionOptions = PositionOptions(),
+        self, grid_size: Grid, dim: int, num_prefix: int, *, options: LearnedOptions = LearnedOptions(),
     ) -> None:
         super().__init__()
         self.grid_size = tuple(grid_size)
         self.dim = dim
         self.num_prefix = num_prefix if options.prefix else 0
+        self.bilinear = options.resample == "bilinear_corners"
 
     def init_table(self) -> nn.Parameter:
         table = torch.empty(1, self.num_prefix + self.grid_size[0] * self.grid_size[1], self.dim)
         return nn.Parameter(nn.init.trunc_normal_(table, std=0.02))
 
     def forward(self, table: torch.Tensor | None, grid: Grid) -> torch.Tensor:
-        return resample_table(table, self.grid_size, grid, self.num_prefix)
+        if not self.bilinear or same_grid(grid, self.grid_size):
+            return resample_table(table, self.grid_size, grid, self.num_prefix)
+        prefix, rows = table[:, :self.num_prefix], table[:, self.num_prefix:]
+        image = rearrange(rows, "1 (h w) d -> 1 d h w", h=self.grid_size[0]).float()
+        image = F.interpolate(image, size=tuple(grid), mode="bilinear", align_corners=True)
+        return torch.cat([prefix, rearrange(image, "1 d h w -> 1 (h w) d").to(table.dtype)], dim=1)
 
 
 class SinCos2dPosition(nn.Module):
@@ -280,7 +302,7 @@ POSITIONS: BlockTable = BlockTable(
     "pos_embed", "factory(grid_size, dim, num_prefix, *, options) -> module with init_table() and "
     "forward(table, grid) -> (1, [num_prefix +] h * w, dim) or None", probe=_position_probe,
 )
-POSITIONS.register("learned", LearnedPosition, options=PositionOptions)
+POSITIONS.register("learned", LearnedPosition, options=LearnedOptions)
 POSITIONS.register("sincos2d", SinCos2dPosition, options=SinCosOptions)
 POSITIONS.register("none", NoPosition)
 POSITIONS.register("grid_table", GridTablePosition, options=GridTableOptions)

@@ -21,10 +21,11 @@ from torch import nn
 
 from vitzoo.blocks.norm import NormFactory
 from vitzoo.blocks.options import GridOptions
-from vitzoo.blocks.pooling import POOLS, MlpFactory, PoolOptions, _Readout, masked_mean
+from vitzoo.blocks.pooling import POOLS, MlpFactory, PoolOptions, _Readout, masked_mean, token_grid
 from vitzoo.fields import AT_LEAST_ONE, NON_NEGATIVE, described
 
 torch.fx.wrap("rearrange")
+torch.fx.wrap("token_grid")
 READOUTS = ("none", "avg_norm")
 
 
@@ -135,8 +136,9 @@ class PatchMerger(_Projector):
         self.fc2 = nn.Linear(hidden, options.out_features) if options.out_features else nn.Identity()
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
+        grid = token_grid(x, self.grid, self.cell, "pool='merger'")
         x = rearrange(self.norm(x), "b (h kh w kw) d -> b (h w) (kh kw d)",
-                      h=self.grid[0] // self.cell, kh=self.cell, kw=self.cell)
+                      h=grid[0] // self.cell, kh=self.cell, kw=self.cell)
         return self.fc2(self.act(self.fc1(x)))
 
 
@@ -157,9 +159,9 @@ class PatchAligner(_Projector):
         self.fc2 = nn.Linear(self.out_dim, self.out_dim)
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = self.grid
-        pad_h, pad_w = -h % self.cell, -w % self.cell
-        x = F.pad(rearrange(x, "b (h w) d -> b d h w", h=h), (0, pad_w, 0, pad_h))
+        grid = token_grid(x, self.grid, 1, "pool='aligner'")
+        pad_h, pad_w = -grid[0] % self.cell, -grid[1] % self.cell
+        x = F.pad(rearrange(x, "b (h w) d -> b d h w", h=grid[0]), (0, pad_w, 0, pad_h))
         x = rearrange(x, "b d (h kh) (w kw) -> b (h w) (d kh kw)", kh=self.cell, kw=self.cell)
         return self.fc2(self.act(self.fc1(x)))
 

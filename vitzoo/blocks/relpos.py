@@ -31,6 +31,9 @@ from vitzoo.blocks.position import same_grid
 from vitzoo.blocks.rope import Rotation
 from vitzoo.fields import AT_LEAST_ONE, NON_NEGATIVE, described
 
+# torch.fx symbolic tracing keeps the einops calls as graph nodes: einops needs real tensors and shapes
+torch.fx.wrap("rearrange")
+
 Grid = tuple[int, int]
 MLP_MODES = ("cr", "swin")  # how RelPosMlp spaces the offsets it reads
 PREFIX_ROWS = 3  # table rows of the prefix tokens: prefix to patch, patch to prefix, prefix to prefix
