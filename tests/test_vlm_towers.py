@@ -13,6 +13,7 @@ import vitzoo
 from vitzoo.registry import list_models
 from vitzoo.timm_compat import from_timm
 from vitzoo.validate import _shapes, _structure_problem
+from vitzoo.weights import write_state_dict
 
 NAMES = [n for n in list_models() if n.startswith(("qwen3_vit_", "deepseek_vit_"))]
 
@@ -58,6 +59,9 @@ def test_outputs_match_timm(name: str) -> None:
         if not name.endswith(("_merge", "_align")):  # timm counts the projector in those features
             feats = reference.forward_features(x)
             assert (model.forward_features(x).reshape(feats.shape) - feats).abs().max() <= 1e-4
+        side = size + 2 * model.spec.patch_size  # another size: the grid readouts and Qwen's table follow it
+        other = torch.randn(1, 3, side, side)
+        assert (model(other) - reference(other)).abs().max() <= 1e-4
 
 
 def test_entries_in_another_model() -> None:
@@ -75,6 +79,17 @@ def test_entries_in_another_model() -> None:
         vitzoo.create_model("vit_tiny_patch16_224", pool="merger", **small)
     with pytest.raises(ValueError, match="divisible by the cell"):
         vitzoo.create_model("vit_tiny_patch16_224", class_token=False, pool="merger", depth=1, img_size=112)
+
+
+def test_timm_classifier_file_loads(tmp_path) -> None:
+    """timm's own checkpoint of a classifier name (the tower under ``encoder.``) is read as timm's layout."""
+    torch.manual_seed(0)
+    reference = timm.create_model("qwen3_vit_88m", img_size=64, pos_embed_grid_size=4, **TINY).eval()
+    write_state_dict(reference.state_dict(), tmp_path / "model.safetensors")
+    model = vitzoo.create_model("qwen3_vit_88m", pretrained=tmp_path / "model.safetensors", img_size=64, **TINY)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert (model.eval()(x) - reference(x)).abs().max() <= 1e-4
 
 
 def test_checkpoint_prefix_round_trip() -> None:

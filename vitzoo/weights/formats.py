@@ -511,7 +511,7 @@ def spec_hints(name: str, converted: StateDict) -> Hints:
     return hints
 
 
-TIMM_MARKER = r"(blocks\.\d+\.|patch_embed\.).*"
+TIMM_MARKER = r"(encoder\.)?(blocks\.\d+\.|patch_embed\.).*"  # encoder.: timm's classifiers around VLM towers
 
 
 def _hits(rules: Rules, keys: list[str]) -> int:
