@@ -32,15 +32,22 @@ class TracedModel(nn.Module):
 
 
 def trace_at_input_size(model: nn.Module) -> TracedModel:
-    """``model`` traced in eval mode on one image of its ``img_size``, its weights shared, its mode restored.
+    """``model`` traced in eval mode on one image of its ``img_size`` (see below), its weights shared, its mode
+    restored.
 
     The trace records the computation for that size: the checks and branches that depend on the image size
-    run once while tracing. torch's TracerWarnings about them are expected, and so is the deprecation of
-    ``torch.jit.trace`` behind the ``torch.jit.script`` call that asked for it: both are silenced here.
+    run once while tracing. A model that takes any size (``fixed_input_size`` False) is traced six patches a
+    side larger instead: at its own size there is no position table or rotary grid to resize, and a trace that
+    records no resizing takes that size only; with the resizing recorded on traced sizes it takes any. torch's
+    TracerWarnings about them are expected, and so is the deprecation of ``torch.jit.trace`` behind the
+    ``torch.jit.script`` call that asked for it: both are silenced here.
     """
     spec = model.spec
     ref = next(model.parameters())
-    example = torch.randn(1, spec.in_chans, *spec.img_size, device=ref.device, dtype=ref.dtype)
+    size = spec.img_size
+    if not model.pretrained_cfg.get("fixed_input_size", True):  # a model of any size: traced at another one
+        size = tuple(side + 6 * spec.patch_size for side in size)
+    example = torch.randn(1, spec.in_chans, *size, device=ref.device, dtype=ref.dtype)
     training = model.training
     model.eval()
     try:

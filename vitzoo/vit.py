@@ -351,7 +351,8 @@ class VisionTransformer(nn.Module):
     def __prepare_scriptable__(self) -> nn.Module:
         """What ``torch.jit.script(model)`` compiles: this model traced at its ``img_size`` in eval mode
         (:func:`vitzoo.traced.trace_at_input_size`), as einops blocks are outside TorchScript. The script
-        module takes images of that size only; for other sizes use ``torch.onnx.export`` or ``torch.export``."""
+        module takes images of that size only (any size where ``pretrained_cfg["fixed_input_size"]`` is False: the
+        trace then records the resizing); for other sizes use ``torch.onnx.export`` or ``torch.export``."""
         return trace_at_input_size(self)
 
     # forward ------------------------------------------------------------------------------------

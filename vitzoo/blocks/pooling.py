@@ -86,7 +86,11 @@ def token_grid(x: torch.Tensor, grid: tuple[int, int], cell: int, reader: str) -
     """The patch grid that the tokens ``x`` ``(b, h*w, d)`` lie on, for the readouts that read cells of it: the
     model's ``grid`` when they fill it, else the square grid of as many tokens (the model fed square images of
     another size, ``dynamic_img_size``). Refused when that grid is not whole ``cell x cell`` cells. Under
-    ``torch.fx`` this is one graph node, as the token count is known only when the graph runs."""
+    ``torch.fx`` this is one graph node, as the token count is known only when the graph runs; under
+    ``torch.jit.trace`` the side of a square grid is a traced value, so the trace reads any square size."""
+    if torch.jit.is_tracing() and grid[0] == grid[1]:  # the count is a traced value: so is the side (any square)
+        side = torch.as_tensor(x.shape[1]).float().sqrt().round().long()
+        return side, side
     count = int(x.shape[1])
     if count == grid[0] * grid[1]:
         rows, cols = grid[0], grid[1]
