@@ -75,6 +75,8 @@ class Recipe:
     label_smoothing: float = 0.1
     workers: int = 2
     seed: int = 0
+    device: str = "cpu"
+    amp: bool = False  # bf16 autocast for both trainers
 
     @property
     def steps(self) -> int:
@@ -118,14 +120,14 @@ def make_image_folder(root: Path, classes: int, train_per_class: int, val_per_cl
 def timm_command(recipe: Recipe, data: Path, out: Path, classes: int) -> list[str]:
     command = [
         sys.executable, str(TIMM_TRAIN), "--data-dir", str(data), "--val-split", "", "--model", recipe.model,
-        "--num-classes", str(classes), "--device", "cpu", "-b", str(recipe.batch_size), "--epochs",
+        "--num-classes", str(classes), "--device", recipe.device, "-b", str(recipe.batch_size), "--epochs",
         str(recipe.epochs), "--opt", "adamw", "--lr", str(recipe.lr), "--weight-decay", str(recipe.weight_decay),
         "--clip-grad", str(recipe.grad_clip), "--sched", "cosine", "--sched-on-updates", "--warmup-epochs", "1",
         "--warmup-lr", "0", "--min-lr", "0", "--smoothing", str(recipe.label_smoothing),
         "--train-interpolation", "bicubic", "--color-jitter", "0", "--hflip", "0.5", "--reprob", "0",
         "-j", str(recipe.workers), "--seed", str(recipe.seed), "--log-interval", "1", "--checkpoint-hist", "1",
         "--output", str(out.parent), "--experiment", out.name,
-    ]
+    ] + (["--amp", "--amp-dtype", "bfloat16"] if recipe.amp else [])
     # train.py reads --img-size for the data only; the model takes its size as a keyword
     return command + (["--img-size", str(recipe.img_size), "--model-kwargs", f"img_size={recipe.img_size}"]
                       if recipe.img_size else [])
@@ -133,13 +135,13 @@ def timm_command(recipe: Recipe, data: Path, out: Path, classes: int) -> list[st
 
 def vitzoo_command(recipe: Recipe, data: Path, out: Path) -> list[str]:
     command = [
-        sys.executable, "-c", VITZOO, "finetune", recipe.model, "--data", str(data), "--device", "cpu",
+        sys.executable, "-c", VITZOO, "finetune", recipe.model, "--data", str(data), "--device", recipe.device,
         "--batch-size", str(recipe.batch_size), "--steps", str(recipe.steps), "--optimizer", "adamw",
         "--lr", str(recipe.lr), "--weight-decay", str(recipe.weight_decay), "--grad-clip", str(recipe.grad_clip),
         "--warmup-steps", str(recipe.steps_per_epoch), "--label-smoothing", str(recipe.label_smoothing),
         "--workers", str(recipe.workers), "--seed", str(recipe.seed), "--eval-every", str(recipe.steps),
         "--checkpoint-every", str(recipe.steps), "--out", str(out),
-    ]
+    ] + (["--amp"] if recipe.amp else [])
     return command + (["--img-size", str(recipe.img_size)] if recipe.img_size else [])
 
 
@@ -176,14 +178,25 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+def _gpu_mib(pid: int) -> int:
+    """GPU memory ``nvidia-smi`` reports for ``pid`` (the CUDA allocator's reserve plus the context), 0 if none."""
+    try:
+        rows = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                              capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return sum(int(used) for row_pid, used in (row.split(",") for row in rows.splitlines() if "," in row)
+               if int(row_pid) == pid)
+
+
 class MemoryWatch(threading.Thread):
     """Samples a process and its children until it ends: its own peak RSS (VmHWM, kept by the kernel, so
-    exact) and the highest summed PSS of its children seen."""
+    exact), the highest summed PSS of its children seen and, on a GPU, its highest GPU memory seen."""
 
-    def __init__(self, pid: int, every: float) -> None:
+    def __init__(self, pid: int, every: float, gpu: bool) -> None:
         super().__init__(daemon=True)
-        self.pid, self.every = pid, every
-        self.rss_kib = self.workers_kib = 0
+        self.pid, self.every, self.gpu = pid, every, gpu
+        self.rss_kib = self.workers_kib = self.gpu_mib = 0
         self.done = threading.Event()
 
     def run(self) -> None:
@@ -193,6 +206,8 @@ class MemoryWatch(threading.Thread):
                 self.rss_kib = max(self.rss_kib, _kib(status, "VmHWM"))
             pss = sum(_kib(_read(f"/proc/{child}/smaps_rollup"), "Pss") for child in _children(self.pid))
             self.workers_kib = max(self.workers_kib, pss)
+            if self.gpu:
+                self.gpu_mib = max(self.gpu_mib, _gpu_mib(self.pid))
             self.done.wait(self.every)
 
 
@@ -205,6 +220,7 @@ class Run:
     data_share: float
     rss_mib: float
     workers_pss_mib: float
+    gpu_mib: float
     wall_s: float
 
 
@@ -215,7 +231,7 @@ def run_trainer(trainer: str, command: list[str], log_path: Path, recipe: Recipe
     start = time.perf_counter()
     with log_path.open("w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-        watch = MemoryWatch(process.pid, poll)
+        watch = MemoryWatch(process.pid, poll, recipe.device.startswith("cuda"))
         watch.start()
         code = process.wait()
         watch.done.set()
@@ -228,7 +244,7 @@ def run_trainer(trainer: str, command: list[str], log_path: Path, recipe: Recipe
     timed = steps[skip:]
     seconds, waited = sum(t for t, _ in timed), sum(d for _, d in timed)
     return Run(trainer, round_, len(timed) * recipe.batch_size / seconds, waited / len(timed), waited / seconds,
-               watch.rss_kib / 1024, watch.workers_kib / 1024, wall)
+               watch.rss_kib / 1024, watch.workers_kib / 1024, watch.gpu_mib, wall)
 
 
 def report(runs: list[Run], recipe: Recipe, skip: int, commands: dict[str, str]) -> str:
@@ -240,6 +256,9 @@ def report(runs: list[Run], recipe: Recipe, skip: int, commands: dict[str, str])
     ratios = [v.images_per_s / t.images_per_s for v, t in zip(by["vitzoo"], by["timm"], strict=True)]
     cpu = next((line.split(":", 1)[1].strip() for line in _read("/proc/cpuinfo").splitlines()
                 if line.startswith("model name")), platform.processor())
+    gpu = recipe.device.startswith("cuda")
+    if gpu:
+        cpu += f", {torch.cuda.get_device_name()}"
     lines = [
         f"Machine: {cpu}, {os.cpu_count()} cores; Python {platform.python_version()}; torch {torch.__version__} "
         f"({torch.get_num_threads()} threads), timm {timm.__version__}; timm's train.py at {TIMM_COMMIT[:12]}; "
@@ -249,16 +268,16 @@ def report(runs: list[Run], recipe: Recipe, skip: int, commands: dict[str, str])
         f"{len(by['timm'])} runs each, order alternating.",
         "",
         "| trainer | images/s | vs timm [range] | data wait s/step | data wait share | peak RSS MiB "
-        "| workers' peak PSS MiB | process wall s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| workers' peak PSS MiB |" + (" peak GPU MiB |" if gpu else "") + " process wall s |",
+        "|---|---|---|---|---|---|---|---|" + ("---|" if gpu else ""),
     ]
     for name, rows in by.items():
         ratio = (f"{statistics.median(ratios):.3f} [{min(ratios):.2f}-{max(ratios):.2f}]" if name == "vitzoo"
                  else "1.000")
         cells = [statistics.median(getattr(r, key) for r in rows) for key in
-                 ("images_per_s", "data_s_per_step", "data_share", "rss_mib", "workers_pss_mib", "wall_s")]
+                 ("images_per_s", "data_s_per_step", "data_share", "rss_mib", "workers_pss_mib", "gpu_mib", "wall_s")]
         lines.append(f"| {name} | {cells[0]:.1f} | {ratio} | {cells[1]:.3f} | {cells[2]:.1%} | {cells[3]:.0f} "
-                     f"| {cells[4]:.0f} | {cells[5]:.0f} |")
+                     f"| {cells[4]:.0f} |" + (f" {cells[5]:.0f} |" if gpu else "") + f" {cells[6]:.0f} |")
     lines += ["", "Recipe differences:", *[f"- {note}" for note in RECIPE_NOTES], "", "Commands (last round):",
               "", "```bash", *commands.values(), "```"]
     return "\n".join(lines) + "\n"
@@ -268,7 +287,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     defaults = Recipe()
     for name, value in asdict(defaults).items():
-        p.add_argument(f"--{name.replace('_', '-')}", type=type(value) if value is not None else int, default=value)
+        if isinstance(value, bool):
+            p.add_argument(f"--{name.replace('_', '-')}", action="store_true")
+        else:
+            p.add_argument(f"--{name.replace('_', '-')}", type=type(value) if value is not None else int,
+                           default=value)
     p.add_argument("--classes", type=int, default=4)
     p.add_argument("--image-size", type=int, default=256, help="side of the generated JPEGs")
     p.add_argument("--rounds", type=int, default=2, help="runs of each trainer, the order alternating")
