@@ -124,6 +124,9 @@ def test_wrong_requests_are_refused_with_what_to_do(tmp_path, capsys, bad_input)
     assert not (tmp_path / "p.onnx").exists()
     with pytest.raises(ValueError, match="TorchScript export is a trace at one image size"):
         export(tiny("vit_tiny_patch16_224", dynamic_img_size=True), tmp_path / "m.pt", "torchscript", dynamic_size=True)
+    merged = tiny("qwen3_vit_88m_merge")  # takes any square size eager, but its readout needs the grid's sides
+    with pytest.raises(ValueError, match="finds the patch grid from the number of tokens"):
+        export(merged, tmp_path / "m.pt2", "exported", dynamic_size=True)
     with pytest.raises(SystemExit):
         main(["export", "vit_pico_patch4_32", "--format", "tflite"])
     assert "invalid choice: 'tflite'" in capsys.readouterr().err

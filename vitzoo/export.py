@@ -104,6 +104,10 @@ def _check_dynamic_size(model: VisionTransformer, img_size: tuple[int, int], for
                          f"{spec.img_size[0]}x{spec.img_size[1]} images. Build it with "
                          f"vitzoo.create_model(name, dynamic_img_size=True), or on the command line add "
                          f"--set dynamic_img_size=true")
+    if getattr(model.attn_pool, "reads_grid", False):
+        raise ValueError(f"dynamic_size: pool={spec.pool.name!r} finds the patch grid from the number of "
+                         f"tokens, which an export with a symbolic image size does not give; export at one size "
+                         f"(img_size=...), or run the model eager or scripted, which take any square size")
     p = spec.patch_size
     if img_size[0] % p or img_size[1] % p:
         raise ValueError(f"dynamic_size exports at a multiple of patch_size={p}, got {img_size[0]}x{img_size[1]}; "

@@ -229,6 +229,7 @@ class CellMeanPool(nn.Module):
     Its buffers are stored at the model's top level (``std_bias``, ``std_scale``)."""
 
     state_name = ""
+    reads_grid = True  # the patch grid comes from the token count (pooling.token_grid)
 
     def __init__(
         self, dim: int, num_heads: int, mlp_ratio: float, norm: NormFactory, mlp: MlpFactory, num_prefix: int, *,

@@ -98,6 +98,7 @@ class _Projector(nn.Module):
     """Shared by the projectors: the cell grid, the output width and the optional classifier readout."""
 
     state_name = "attn_pool"
+    reads_grid = True  # the patch grid comes from the token count (pooling.token_grid)
 
     def __init__(self, dim: int, norm: NormFactory, options: ProjectorOptions) -> None:
         super().__init__()
