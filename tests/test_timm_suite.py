@@ -54,9 +54,11 @@ PRETRAINED_TEST = "test_model_load_pretrained"
 
 # One small name per family: plain ViT; timm's test ViTs (test_vit2: registers, GAP, layer scale;
 # test_vit3: MAP pooling); DeiT distilled; CLIP; EVA-02 (RoPE, SwiGLU); ResNet hybrid stem; DINOv3 (dynamic
-# image size, RoPE); DINOv2 (registers); Perception Encoder (attention pooling). AIMv2 (smallest: 300M
+# image size, RoPE); DINOv2 (registers); Perception Encoder (attention pooling); relative-position ViT (MLP
+# bias); ConViT (gated positional attention); MLP-Mixer and gMLP (token mixing). AIMv2 (smallest: 300M
 # parameters) and other families whose smallest is ViT-S or larger (FlexiViT, ViTamin, ROPE-ViT, DeiT-III,
-# SigLIP, ...) are left to the full run, so that this set stays near two minutes on two CPU cores.
+# SigLIP, BEiT, CaiT, XCiT, SAM, the VLM towers, ...) are left to the full run, so that this set stays near two
+# minutes on two CPU cores.
 CI_NAMES = (
     "vit_tiny_patch16_224",
     "test_vit",
@@ -69,6 +71,10 @@ CI_NAMES = (
     "vit_tiny_patch16_dinov3_qkvb",
     "vit_small_patch14_reg4_dinov2",
     "vit_pe_core_tiny_patch16_384",
+    "test_vit_relpos",
+    "convit_tiny",
+    "mixer_s32_224",
+    "gmlp_ti16_224",
 )
 
 # Bytes of memory a case may need per parameter (weights, gradients or a loaded checkpoint, activations):
