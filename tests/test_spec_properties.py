@@ -57,6 +57,8 @@ def shaped(annotation: Any) -> st.SearchStrategy:
         if args[-1] is Ellipsis:
             return st.tuples(*[shaped(args[0])] * 4)  # one per layer of the 4-block base
         return st.tuples(*map(shaped, args))
+    if typing.get_origin(annotation) is typing.Literal:  # one of its values, or any string
+        return st.sampled_from(typing.get_args(annotation)) | st.text(max_size=4)
     kinds = {bool: st.booleans(), int: st.integers(-3, 64) | st.sampled_from([2**31, 10**12]),
              float: st.floats(-2, 1e4) | st.sampled_from([0.0, 1e-6, 1e300, float("inf"), float("nan")]),
              str: st.sampled_from(SLOT_NAMES) | st.text(max_size=4), type(None): st.none()}
