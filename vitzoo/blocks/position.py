@@ -75,19 +75,26 @@ def bicubic_weights(old: int, new: int, device: torch.device | None = None) -> t
     return weights / weights.sum(dim=-1, keepdim=True)
 
 
-def resample_table(table: torch.Tensor, old_grid: Grid, new_grid: Grid, num_prefix: int) -> torch.Tensor:
+def resample_table(table: torch.Tensor, old_grid: Grid, new_grid: Grid, num_prefix: int,
+                   bilinear_corners: bool = False) -> torch.Tensor:
     """Resize the grid part of a ``(1, num_prefix + h * w, dim)`` table; prefix rows stay as they are.
 
     Antialiased bicubic in float32, as timm's ``resample_abs_pos_embed`` does, so resampled tables agree
-    with timm's. A symbolic grid is always resampled (:func:`same_grid`); to the same grid that is the identity.
+    with timm's; ``bilinear_corners``: bilinear with align_corners instead, as Qwen3-VL resizes its table. A
+    symbolic grid is always resampled (:func:`same_grid`); to the same grid that is the identity.
     """
     if same_grid(new_grid, old_grid):
         return table
     prefix, grid = table[:, :num_prefix], table[:, num_prefix:]
-    image = rearrange(grid, "1 (h w) d -> h w d", h=old_grid[0], w=old_grid[1]).float()
-    rows, cols = (bicubic_weights(old, new, image.device) for old, new in zip(old_grid, new_grid, strict=True))
-    image = einsum(rows, image, cols, "H h, h w d, W w -> H W d")
-    grid = rearrange(image, "h w d -> 1 (h w) d").to(table.dtype)
+    if bilinear_corners:
+        image = rearrange(grid, "1 (h w) d -> 1 d h w", h=old_grid[0], w=old_grid[1]).float()
+        image = F.interpolate(image, size=tuple(new_grid), mode="bilinear", align_corners=True)
+        grid = rearrange(image, "1 d h w -> 1 (h w) d").to(table.dtype)
+    else:
+        image = rearrange(grid, "1 (h w) d -> h w d", h=old_grid[0], w=old_grid[1]).float()
+        rows, cols = (bicubic_weights(old, new, image.device) for old, new in zip(old_grid, new_grid, strict=True))
+        image = einsum(rows, image, cols, "H h, h w d, W w -> H W d")
+        grid = rearrange(image, "h w d -> 1 (h w) d").to(table.dtype)
     return torch.cat([prefix, grid], dim=1)
 
 
@@ -108,12 +115,7 @@ class LearnedPosition(nn.Module):
         return nn.Parameter(nn.init.trunc_normal_(table, std=0.02))
 
     def forward(self, table: torch.Tensor | None, grid: Grid) -> torch.Tensor:
-        if not self.bilinear or same_grid(grid, self.grid_size):
-            return resample_table(table, self.grid_size, grid, self.num_prefix)
-        prefix, rows = table[:, :self.num_prefix], table[:, self.num_prefix:]
-        image = rearrange(rows, "1 (h w) d -> 1 d h w", h=self.grid_size[0]).float()
-        image = F.interpolate(image, size=tuple(grid), mode="bilinear", align_corners=True)
-        return torch.cat([prefix, rearrange(image, "1 d h w -> 1 (h w) d").to(table.dtype)], dim=1)
+        return resample_table(table, self.grid_size, grid, self.num_prefix, self.bilinear)
 
 
 class SinCos2dPosition(nn.Module):
