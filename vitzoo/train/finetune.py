@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import sys
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -321,13 +322,20 @@ def _lora_argument(text: str) -> LoraOptions:
         raise argparse.ArgumentTypeError(str(err).removeprefix("--lora: ")) from None
 
 
-def run_from_args(args: argparse.Namespace) -> int:
+def run_training(args: argparse.Namespace, config_from_args: Callable[[argparse.Namespace], Any],
+                 train: Callable[..., dict[str, Any]]) -> int:
+    """What a training command (finetune, pretrain) does with its parsed arguments: log to stdout, build the
+    config, check every image first where asked, train; exit status 1 when the processes ended with different
+    weights."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    config = _config_from_args(args)
+    config = config_from_args(args)
     if args.check_images:
         check_images(args.data)
-    summary = finetune(config)
-    return 0 if summary["ranks_identical"] else 1
+    return 0 if train(config)["ranks_identical"] else 1
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    return run_training(args, _config_from_args, finetune)
 
 
 def add_finetune_command(sub: argparse._SubParsersAction) -> None:

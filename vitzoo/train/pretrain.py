@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -25,9 +24,9 @@ from vitzoo.arguments import add_device_option, add_options, add_set_option, par
 from vitzoo.fields import AT_LEAST_ONE, Range, check_fields, described
 from vitzoo.registry import create_model
 from vitzoo.subset import subset_problem
-from vitzoo.train.data import add_data_arguments, build_datasets, check_images, data_options
+from vitzoo.train.data import add_data_arguments, build_datasets, data_options
 from vitzoo.train.distributed import World, close_world, full_state_dict, gather_strings, init_world, weights_digest
-from vitzoo.train.finetune import RunLog
+from vitzoo.train.finetune import RunLog, run_training
 from vitzoo.train.loop import TrainConfig, fit
 from vitzoo.train.mae import MaeObjective, MaeOptions, MaskedAutoencoder
 from vitzoo.train.runfolder import claim_run_folder, training_run_in
@@ -161,12 +160,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    config = _config_from_args(args)
-    if args.check_images:
-        check_images(args.data)
-    summary = pretrain(config)
-    return 0 if summary["ranks_identical"] else 1
+    return run_training(args, _config_from_args, pretrain)
 
 
 def add_pretrain_command(sub: argparse._SubParsersAction) -> None:
