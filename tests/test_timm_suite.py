@@ -97,13 +97,18 @@ def _load_upstream() -> ModuleType:
     return module
 
 
+upstream = _load_upstream()
+
+
 def create_model(model_name: str, pretrained: bool = False, **kwargs) -> nn.Module:
     """timm's ``create_model`` as the upstream tests call it, answered by vitzoo: every keyword goes
-    through unchanged, so one vitzoo does not take yet fails the test that passes it."""
-    return vitzoo.create_model(model_name, pretrained=pretrained, **kwargs)
+    through unchanged, so one vitzoo does not take yet fails the test that passes it. The model is built
+    on upstream's ``TORCH_DEVICE``, where each test moves it anyway, so a GPU run does not initialise
+    billion-parameter models on the CPU."""
+    with torch.device(upstream.torch_device):
+        return vitzoo.create_model(model_name, pretrained=pretrained, **kwargs)
 
 
-upstream = _load_upstream()
 upstream.create_model = create_model
 
 
@@ -131,7 +136,10 @@ def upstream_cases(test: str) -> list[tuple[str, int]]:
 
 
 def _fits_in_memory(model_name: str) -> None:
-    """Fail with the sizes involved when the model cannot fit in this machine's free memory."""
+    """Fail with the sizes involved when a CPU case cannot fit in this machine's free memory (a GPU
+    raises its own out-of-memory error instead of driving the machine out of memory)."""
+    if torch.device(upstream.torch_device).type != "cpu":
+        return
     params = estimate_params(vitzoo.model_spec(model_name.partition(".")[0]))
     need = params * BYTES_PER_PARAM
     free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
@@ -159,7 +167,8 @@ def offline_hub_cache(model_name: str) -> Iterator[None]:
     with tempfile.TemporaryDirectory() as hf_home, pytest.MonkeyPatch.context() as patch:
         if repo_id:  # without one, vitzoo has nothing to find either, and the test says so
             torch.manual_seed(0)
-            state_dict = timm.create_model(model_name, pretrained=False).state_dict()
+            with torch.device(upstream.torch_device):
+                state_dict = timm.create_model(model_name, pretrained=False).state_dict()
             write_state_dict(state_dict, hub_snapshot(Path(hf_home), repo_id) / "model.safetensors")
             del state_dict
         patch.setenv("HF_HOME", hf_home)
