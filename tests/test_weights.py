@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 
+import huggingface_hub.constants
 import pytest
 import timm
 import torch
@@ -60,6 +61,27 @@ def test_missing_cache_entry_says_what_to_do(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
     assert result.returncode != 0
     assert "not in the local Hugging Face cache" in result.stderr and "pretrained=PATH" in result.stderr
+
+
+def test_url_weights_come_from_torch_hub_cache_like_timm(tmp_path, monkeypatch):
+    """Weights timm publishes only at a plain URL (the I-JEPA encoders) are looked for where timm keeps them,
+    torch.hub's checkpoint folder; read in their release layout (``{"encoder": ...}`` with DDP's ``module.``
+    prefix), the model equals timm's loaded from the same file. Offline and absent, the error says what to do."""
+    url = "https://example.invalid/ijepa/IN1K-vit.t.16-300e.pth.tar"
+    overlay = {"url": url, "hf_hub_id": None}
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(WeightsError, match="not in torch.hub's cache .*pretrained=PATH"):
+        vitzoo.create_model(NAME, pretrained=True, pretrained_cfg_overlay=overlay)
+    source = timm.create_model(NAME).state_dict()
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save({"encoder": {f"module.{k}": v for k, v in source.items()}, "epoch": 300},
+               tmp_path / "hub" / "checkpoints" / "IN1K-vit.t.16-300e.pth.tar")
+    reference = timm.create_model(NAME, pretrained=True, pretrained_cfg_overlay=overlay).eval()
+    model = vitzoo.create_model(NAME, pretrained=True, pretrained_cfg_overlay=overlay).eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert (model(x) - reference(x)).abs().max() <= 1e-5
 
 
 def test_adaptations_are_reported(timm_weights):

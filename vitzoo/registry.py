@@ -52,7 +52,7 @@ class ModelEntry:
 
     @property
     def has_weights(self) -> bool:
-        return "hf_hub_id" in self.pretrained_cfg or "file" in self.pretrained_cfg
+        return any(key in self.pretrained_cfg for key in ("hf_hub_id", "url", "file"))
 
 
 _entries: dict[str, ModelEntry] = {}

@@ -24,7 +24,8 @@ def read_state_dict(path: str | os.PathLike) -> StateDict:
     """Tensors of a ``.safetensors``, ``.npz`` or pickled checkpoint, never running code from the file.
 
     Pickles are read with ``weights_only=True``; a checkpoint that wraps its weights in
-    ``{"state_dict": ...}`` or ``{"model": ...}`` is unwrapped.
+    ``{"state_dict": ...}``, ``{"model": ...}`` or ``{"encoder": ...}`` (I-JEPA's, as timm reads it) is
+    unwrapped, and the ``module.`` prefix a DistributedDataParallel model gives every key is dropped.
     """
     path = Path(path)
     if path.is_dir():
@@ -58,11 +59,13 @@ def read_state_dict(path: str | os.PathLike) -> StateDict:
             f"{path} could not be loaded safely ({error_line(err)}); "
             "it is truncated, corrupted, or contains code: vitzoo only reads plain tensors"
         ) from None
-    for key in ("state_dict", "model", "module"):
+    for key in ("state_dict", "model", "module", "encoder"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise WeightsError(f"{path} does not hold a state_dict (a mapping of names to tensors)")
+    if obj and all(key.startswith("module.") for key in obj):
+        obj = {key.removeprefix("module."): tensor for key, tensor in obj.items()}
     return obj
 
 
