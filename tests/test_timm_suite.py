@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
+from urllib.parse import urlparse
 
 import huggingface_hub.constants
 import pytest
@@ -102,11 +103,8 @@ upstream = _load_upstream()
 
 def create_model(model_name: str, pretrained: bool = False, **kwargs) -> nn.Module:
     """timm's ``create_model`` as the upstream tests call it, answered by vitzoo: every keyword goes
-    through unchanged, so one vitzoo does not take yet fails the test that passes it. The model is built
-    on upstream's ``TORCH_DEVICE``, where each test moves it anyway, so a GPU run does not initialise
-    billion-parameter models on the CPU."""
-    with torch.device(upstream.torch_device):
-        return vitzoo.create_model(model_name, pretrained=pretrained, **kwargs)
+    through unchanged, so one vitzoo does not take yet fails the test that passes it."""
+    return vitzoo.create_model(model_name, pretrained=pretrained, **kwargs)
 
 
 upstream.create_model = create_model
@@ -135,6 +133,21 @@ def upstream_cases(test: str) -> list[tuple[str, int]]:
     return [(name, batch) for name in names for batch in params["batch_size"]]
 
 
+@contextmanager
+def on_upstream_device() -> Iterator[None]:
+    """Upstream's ``TORCH_DEVICE`` as the default device of the test body. Upstream moves only some of its
+    models and inputs there (its FX, intermediates and TorchScript tests build both on the CPU), so on a GPU
+    every tensor and model a test makes is made there instead; a GPU's cached memory is handed back after each
+    case, so parallel workers share the card."""
+    device = torch.device(upstream.torch_device)
+    try:
+        with device:
+            yield
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
 def _fits_in_memory(model_name: str) -> None:
     """Fail with the sizes involved when a CPU case cannot fit in this machine's free memory (a GPU
     raises its own out-of-memory error instead of driving the machine out of memory)."""
@@ -156,21 +169,28 @@ def _fits_in_memory(model_name: str) -> None:
 def test_upstream(test: str, model_name: str, batch_size: int) -> None:
     """timm's ``test`` as written, on a vitzoo model of timm's name."""
     _fits_in_memory(model_name)
-    getattr(upstream, test)(model_name=model_name, batch_size=batch_size)
+    with on_upstream_device():
+        getattr(upstream, test)(model_name=model_name, batch_size=batch_size)
 
 
 @contextmanager
 def offline_hub_cache(model_name: str) -> Iterator[None]:
     """An offline Hugging Face cache holding, at the hub path of ``model_name``'s weights, a safetensors
-    file of timm's randomly initialised model of that name; deleted on exit (large models take GBs)."""
-    repo_id = timm.models.get_pretrained_cfg(model_name).hf_hub_id
+    file of timm's randomly initialised model of that name (or, for weights timm publishes at a plain URL,
+    a pickle of it in torch.hub's checkpoint folder); deleted on exit (large models take GBs)."""
+    cfg = timm.models.get_pretrained_cfg(model_name)
     with tempfile.TemporaryDirectory() as hf_home, pytest.MonkeyPatch.context() as patch:
-        if repo_id:  # without one, vitzoo has nothing to find either, and the test says so
+        if cfg.hf_hub_id or cfg.url:  # without either, vitzoo has nothing to find either, and the test says so
             torch.manual_seed(0)
-            with torch.device(upstream.torch_device):
-                state_dict = timm.create_model(model_name, pretrained=False).state_dict()
-            write_state_dict(state_dict, hub_snapshot(Path(hf_home), repo_id) / "model.safetensors")
+            state_dict = timm.create_model(model_name, pretrained=False).state_dict()
+            if cfg.hf_hub_id:
+                write_state_dict(state_dict, hub_snapshot(Path(hf_home), cfg.hf_hub_id) / "model.safetensors")
+            else:
+                checkpoints = Path(hf_home) / "hub" / "checkpoints"
+                checkpoints.mkdir(parents=True)
+                torch.save(state_dict, checkpoints / Path(urlparse(cfg.url).path).name)
             del state_dict
+        patch.setenv("TORCH_HOME", hf_home)
         patch.setenv("HF_HOME", hf_home)
         patch.setenv("HF_HUB_OFFLINE", "1")
         patch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(Path(hf_home) / "hub"))
@@ -185,5 +205,5 @@ def offline_hub_cache(model_name: str) -> Iterator[None]:
 def test_upstream_pretrained(model_name: str, batch_size: int) -> None:
     """timm's pretrained-loading test, the weights found where timm would find them (the hub cache)."""
     _fits_in_memory(model_name)
-    with offline_hub_cache(model_name):
+    with on_upstream_device(), offline_hub_cache(model_name):
         getattr(upstream, PRETRAINED_TEST)(model_name=model_name, batch_size=batch_size)
