@@ -142,7 +142,9 @@ def suite_section(results: dict[str, dict]) -> str:
         f"timm's `tests/test_models.py` at commit `{UPSTREAM_COMMIT}` (vendored unchanged as "
         "`tests/upstream/timm_test_models.py`), each test function run as written on the vitzoo names it is "
         "parametrized with, `timm.create_model` replaced by `vitzoo.create_model`; `test_model_load_pretrained` "
-        "reads an offline hub cache holding timm's randomly initialised weights of each name.", "",
+        "reads an offline hub cache holding timm's randomly initialised weights of each name. Cases run on a GPU "
+        "(upstream's `TORCH_DEVICE=cuda`) make every tensor and model there (the GPU is the default device of the "
+        "test body).", "",
         f"{len(results)} of the {len(shared)} cases, on {len(names)} of the "
         f"{len({m.partition('.')[0] for _, m in shared})} names vitzoo shares with timm, "
         f"{seconds / 60:.0f} min of test time ({_devices(results)})"
