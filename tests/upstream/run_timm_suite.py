@@ -136,7 +136,8 @@ def suite_section(results: dict[str, dict]) -> str:
     seconds = sum(r.get("seconds", 0) for r in results.values())
     shared = _shared_cases()
     names = {r["model"].partition(".")[0] for r in results.values()}
-    missing = len(shared - {(r["test"], r["model"]) for r in results.values()})
+    not_run = shared - {(r["test"], r["model"]) for r in results.values()}
+    missing = len(not_run)
     lines = [
         SUITE_HEADING, "",
         f"timm's `tests/test_models.py` at commit `{UPSTREAM_COMMIT}` (vendored unchanged as "
@@ -158,9 +159,10 @@ def suite_section(results: dict[str, dict]) -> str:
         outcomes = [r["outcome"] for r in by_test.get(test, [])]
         lines.append(f"| `{test}` | {outcomes.count('passed')} | {outcomes.count('failed')} | "
                      f"{outcomes.count('skipped')} |")
-    unrun = sorted({m.partition(".")[0] for _, m in shared} - names)
+    unrun = Counter(model.partition(".")[0] for _, model in not_run)
     if unrun:
-        lines += ["", f"Names not run yet ({len(unrun)}): " + ", ".join(f"`{n}`" for n in unrun) + "."]
+        lines += ["", f"Cases not run yet, by name ({len(unrun)} names): "
+                  + ", ".join(f"`{n}` ({count})" for n, count in sorted(unrun.items())) + "."]
     for test in (*UPSTREAM_TESTS, PRETRAINED_TEST):
         failed = sorted((r for r in by_test.get(test, []) if r["outcome"] == "failed"), key=lambda r: r["model"])
         if failed:
