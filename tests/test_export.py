@@ -80,6 +80,16 @@ def test_exported_program_round_trips_with_dynamic_shapes(tmp_path):
     assert_close_to_eager(model, loaded, (3, 3, 48, 64))
 
 
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "qwen3_vit_88m"])
+def test_torchscript_of_a_dynamic_size_model_takes_any_size(tmp_path, name):
+    """The script of a ``dynamic_img_size`` model is a trace at a size other than its own, which records the
+    position resizing, so it takes other sizes (the export checks a non-square one)."""
+    model = tiny(name, dynamic_img_size=True)
+    path = export(model, tmp_path / "m.pt", "torchscript", dynamic_batch=True, dynamic_size=True)
+    p = model.spec.patch_size
+    assert_close_to_eager(model, torch.jit.load(str(path)), (3, 3, 5 * p, 3 * p))
+
+
 def test_torchscript_round_trips(tmp_path):
     model = tiny("vit_tiny_patch16_224")
     path = export(model, tmp_path / "model.pt", "torchscript")
@@ -122,8 +132,6 @@ def test_wrong_requests_are_refused_with_what_to_do(tmp_path, capsys, bad_input)
     message = bad_input("vitzoo export", "--dynamic-size on a fixed-size model", capsys.readouterr().err)
     assert "--set dynamic_img_size=true" in message
     assert not (tmp_path / "p.onnx").exists()
-    with pytest.raises(ValueError, match="TorchScript export is a trace at one image size"):
-        export(tiny("vit_tiny_patch16_224", dynamic_img_size=True), tmp_path / "m.pt", "torchscript", dynamic_size=True)
     merged = tiny("qwen3_vit_88m_merge")  # takes any square size eager, but its readout needs the grid's sides
     with pytest.raises(ValueError, match="finds the patch grid from the number of tokens"):
         export(merged, tmp_path / "m.pt2", "exported", dynamic_size=True)

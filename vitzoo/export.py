@@ -96,9 +96,6 @@ def _dynamic_shapes(model: VisionTransformer, dynamic_batch: bool, dynamic_size:
 
 def _check_dynamic_size(model: VisionTransformer, img_size: tuple[int, int], format: str) -> None:
     spec = model.spec
-    if format == "torchscript":
-        raise ValueError("dynamic_size: a TorchScript export is a trace at one image size; export with "
-                         "format='onnx' or 'exported' for any size")
     if not spec.dynamic_img_size:
         raise ValueError(f"dynamic_size needs a model built with dynamic_img_size=True; this one takes only "
                          f"{spec.img_size[0]}x{spec.img_size[1]} images. Build it with "
@@ -107,7 +104,7 @@ def _check_dynamic_size(model: VisionTransformer, img_size: tuple[int, int], for
     if getattr(model.attn_pool, "reads_grid", False):
         raise ValueError(f"dynamic_size: pool={spec.pool.name!r} finds the patch grid from the number of "
                          f"tokens, which an export with a symbolic image size does not give; export at one size "
-                         f"(img_size=...), or run the model eager or scripted, which take any square size")
+                         f"(img_size=...), or run the model eager, which takes any square size")
     p = spec.patch_size
     if img_size[0] % p or img_size[1] % p:
         raise ValueError(f"dynamic_size exports at a multiple of patch_size={p}, got {img_size[0]}x{img_size[1]}; "

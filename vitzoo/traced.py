@@ -3,9 +3,9 @@
 The blocks are einops patterns and Python over a spec, which the TorchScript subset does not cover, so
 :meth:`VisionTransformer.__prepare_scriptable__ <vitzoo.vit.VisionTransformer.__prepare_scriptable__>`
 hands ``torch.jit.script`` a ``torch.jit.trace`` of the model instead. The result runs, saves with
-``torch.jit.save`` and loads with ``torch.jit.load`` like any script module, for images of the model's
-``img_size`` (any batch size). For other image sizes export with ``torch.onnx.export`` or ``torch.export``,
-which keep sizes dynamic.
+``torch.jit.save`` and loads with ``torch.jit.load`` like any script module, at any batch size; a model built
+for one image size takes that size, one built with ``dynamic_img_size`` takes any (square ones where its readout
+reads cells of the patch grid).
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ def trace_at_input_size(model: nn.Module) -> TracedModel:
     restored.
 
     The trace records the computation for that size: the checks and branches that depend on the image size
-    run once while tracing. A model that takes any size (``fixed_input_size`` False) is traced six patches a
-    side larger instead: at its own size there is no position table or rotary grid to resize, and a trace that
+    run once while tracing. A model that takes any size (``dynamic_img_size``) is traced six patches a side
+    larger instead: at its own size there is no position table or rotary grid to resize, and a trace that
     records no resizing takes that size only; with the resizing recorded on traced sizes it takes any. torch's
     TracerWarnings about them are expected, and so is the deprecation of ``torch.jit.trace`` behind the
     ``torch.jit.script`` call that asked for it: both are silenced here.
@@ -45,7 +45,7 @@ def trace_at_input_size(model: nn.Module) -> TracedModel:
     spec = model.spec
     ref = next(model.parameters())
     size = spec.img_size
-    if not model.pretrained_cfg.get("fixed_input_size", True):  # a model of any size: traced at another one
+    if spec.dynamic_img_size:  # a model of any size: traced at another one
         size = tuple(side + 6 * spec.patch_size for side in size)
     example = torch.randn(1, spec.in_chans, *size, device=ref.device, dtype=ref.dtype)
     training = model.training
