@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from urllib.error import URLError
 from urllib.parse import urlparse
 
 import huggingface_hub.constants
@@ -64,7 +63,7 @@ def url_weights(url: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         torch.hub.download_url_to_file(url, str(path))  # a temporary file, renamed when complete
-    except (URLError, OSError) as err:
+    except OSError as err:  # urllib.error.URLError included
         raise WeightsError(f"could not download {url} ({err}); pass a local file as pretrained=PATH") from None
     return path
 
