@@ -189,6 +189,9 @@ def _gpu_mib(pid: int) -> int:
                if int(row_pid) == pid)
 
 
+GPU_POLL_S = 1.0  # each GPU sample starts nvidia-smi, a process on the machine being measured: at most once a second
+
+
 class MemoryWatch(threading.Thread):
     """Samples a process and its children until it ends: its own peak RSS (VmHWM, kept by the kernel, so
     exact), the highest summed PSS of its children seen and, on a GPU, its highest GPU memory seen."""
@@ -197,6 +200,7 @@ class MemoryWatch(threading.Thread):
         super().__init__(daemon=True)
         self.pid, self.every, self.gpu = pid, every, gpu
         self.rss_kib = self.workers_kib = self.gpu_mib = 0
+        self.next_gpu = 0.0  # time.monotonic() of the next GPU sample
         self.done = threading.Event()
 
     def run(self) -> None:
@@ -206,8 +210,9 @@ class MemoryWatch(threading.Thread):
                 self.rss_kib = max(self.rss_kib, _kib(status, "VmHWM"))
             pss = sum(_kib(_read(f"/proc/{child}/smaps_rollup"), "Pss") for child in _children(self.pid))
             self.workers_kib = max(self.workers_kib, pss)
-            if self.gpu:
+            if self.gpu and time.monotonic() >= self.next_gpu:
                 self.gpu_mib = max(self.gpu_mib, _gpu_mib(self.pid))
+                self.next_gpu = time.monotonic() + GPU_POLL_S
             self.done.wait(self.every)
 
 
