@@ -3,13 +3,14 @@
     python tests/upstream/run_timm_suite.py [--results docs/timm_suite.jsonl] [--out docs/parity.md]
                                             [--report] [-- PYTEST_ARGS...]
 
-The full run (3,765 cases) takes many hours on CPU, so it is incremental: each finished case is appended to the results
-file, and a new run runs only the cases not there yet, smallest model first (delete the file to start over). A case
-during which the process died (killed, out of memory) is recorded as failed with that reason and not tried again; the
-cases an interrupt (Ctrl-C, ``timeout -s INT``) cuts short are left to the next run. ``--report`` only rewrites the
-section from the results file. ``VITZOO_TIMM_SUITE`` (default ``all``) chooses the names as in
-tests/test_timm_suite.py, e.g. ``VITZOO_TIMM_SUITE='vit_small*'`` for a sample. Upstream's ``TORCH_DEVICE=cuda`` runs
-the cases on a GPU (each record names its device); pytest-xdist's ``-- -n 8`` runs them in parallel.
+The full run (every case on every shared name) takes many hours on CPU, so it is incremental: each finished case is
+appended to the results file, and a new run runs only the cases not there yet, smallest model first (delete the file
+to start over). A case during which the process died (killed, out of memory) is recorded as failed with that reason
+and not tried again; the cases an interrupt (Ctrl-C, ``timeout -s INT``) cuts short are left to the next run.
+``--report`` only rewrites the section from the results file. ``VITZOO_TIMM_SUITE`` (default ``all``) chooses the
+names as in tests/test_timm_suite.py, e.g. ``VITZOO_TIMM_SUITE='vit_small*'`` for a sample. Upstream's
+``TORCH_DEVICE=cuda`` runs the cases on a GPU (each record names its device); pytest-xdist's ``-- -n 8`` runs them in
+parallel.
 """
 
 from __future__ import annotations
