@@ -94,13 +94,6 @@ def stored_name(key: str, spec: ViTSpec) -> str:
     return prefix + key if prefix and not key.startswith(("head.", "head_dist.")) else key
 
 
-def renames_keys(spec: ViTSpec) -> bool:
-    """Whether the model with ``spec`` stores some parts under other names than it holds them (:func:`stored_name`)."""
-    return (bool(spec.get("patch_embed.embeds")) or spec.get("patch_embed.stored_as") not in (None, "patch_embed")
-            or _pool_stored_as(spec) != "attn_pool" or bool(spec.get("pool.checkpoint_prefix"))
-            or _position_stored_as(spec) != "position")
-
-
 @torch.fx.wrap
 def grid_dependent(block: nn.Module, *args: Any) -> Any:
     """``block(*args)`` for a block whose output depends on the patch grid (position table, rotary angles).
@@ -162,7 +155,7 @@ class VisionTransformer(nn.Module):
         cfg = {**DEFAULT_CFG, **(pretrained_cfg or {}), **self._derived_cfg(pretrained_cfg or {})}
         self.pretrained_cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}  # timm's types
         self._init_linear(self)
-        if renames_keys(spec):
+        if any(self._stored_name(key) != key for key in self.state_dict()):  # stored under timm's other names
             self.register_state_dict_post_hook(_save_stored_names)
             self.register_load_state_dict_pre_hook(_load_stored_names)
 
@@ -597,7 +590,7 @@ class VisionTransformer(nn.Module):
 
 
 def _save_stored_names(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
-    """``state_dict`` hook of a model whose spec renames keys (:func:`renames_keys`): its parts named as timm's
+    """``state_dict`` hook of a model whose spec renames keys (:func:`stored_name`): its parts named as timm's
     checkpoints name them (NaFlexVit's ``embeds.proj.weight``, MlpMixer's ``stem.proj.weight``), in place and in
     order."""
     items = list(state_dict.items())
