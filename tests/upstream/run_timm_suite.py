@@ -71,9 +71,14 @@ def node_id(test: str, model: str) -> str:
     return f"{SUITE}::{function}[{test}-{model}]"
 
 
+def chosen_cases() -> list[tuple[str, str]]:
+    """(upstream test, model name) of every case ``VITZOO_TIMM_SUITE`` chooses."""
+    return [(test, name) for test in (*UPSTREAM_TESTS, PRETRAINED_TEST) for name, _ in upstream_cases(test)]
+
+
 def pending(done: dict[str, dict]) -> list[str]:
     """The chosen cases not in ``done``, smallest model first: an interrupted run has covered the most names."""
-    cases = [(test, name) for test in (*UPSTREAM_TESTS, PRETRAINED_TEST) for name, _ in upstream_cases(test)]
+    cases = chosen_cases()
     size = {name: estimate_params(vitzoo.model_spec(name.partition(".")[0])) for _, name in cases}
     cases.sort(key=lambda case: (size[case[1]], case[1], case[0]))
     return [case for case in (node_id(*c) for c in cases) if case not in done]
@@ -177,7 +182,7 @@ def _shared_cases() -> set[tuple[str, str]]:
     chosen = os.environ.get("VITZOO_TIMM_SUITE")
     os.environ["VITZOO_TIMM_SUITE"] = "all"
     try:
-        return {(test, name) for test in (*UPSTREAM_TESTS, PRETRAINED_TEST) for name, _ in upstream_cases(test)}
+        return set(chosen_cases())
     finally:
         if chosen is None:
             del os.environ["VITZOO_TIMM_SUITE"]
