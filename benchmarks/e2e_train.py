@@ -27,6 +27,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shlex
 import shutil
 import statistics
@@ -50,8 +51,8 @@ TIMM_STEP = re.compile(r"Train: (\d+) \[\s*(\d+)/\d+.*?Time: ([\d.]+)s,.*?Data: 
 VITZOO_STEP = re.compile(r"step (\d+): ([\d.]+) s, ([\d.]+) s of it waiting for data")
 RECIPE_NOTES = [
     "timm: its own defaults otherwise, e.g. the prefetcher (uint8 batches from the workers, normalised in the "
-    "trainer process) and persistent workers; vitzoo: workers normalise, one loader for the whole run, each sample's "
-    "augmentation seeded by (seed, epoch, index) for exact resume",
+    "trainer process) and persistent workers; vitzoo: uint8 batches too, normalised by its loop on the device, one "
+    "loader for the whole run, each sample's augmentation seeded by (seed, epoch, index) for exact resume",
     "timm's AdamW is torch's for-loop implementation (its default on CPU), vitzoo's the fused one",
     "warm-up: timm from --warmup-lr 0 per update, vitzoo from lr/warmup_steps; label smoothing: timm's "
     "LabelSmoothingCrossEntropy, vitzoo's F.cross_entropy(label_smoothing=)",
@@ -167,6 +168,12 @@ def _kib(text: str, field: str) -> int:
     return int(match.group(1)) if match else 0
 
 
+def _cpu_seconds(stat: str) -> float:
+    """User plus system CPU seconds of a process from its ``/proc/PID/stat`` line."""
+    fields = stat[stat.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _children(pid: int) -> list[int]:
     """Every process whose parent is ``pid`` (loader workers)."""
     found = []
@@ -194,12 +201,14 @@ GPU_POLL_S = 1.0  # each GPU sample starts nvidia-smi, a process on the machine 
 
 class MemoryWatch(threading.Thread):
     """Samples a process and its children until it ends: its own peak RSS (VmHWM, kept by the kernel, so
-    exact), the highest summed PSS of its children seen and, on a GPU, its highest GPU memory seen."""
+    exact), the highest summed PSS of its children seen, the CPU seconds each child had used when last seen and,
+    on a GPU, its highest GPU memory seen."""
 
     def __init__(self, pid: int, every: float, gpu: bool) -> None:
         super().__init__(daemon=True)
         self.pid, self.every, self.gpu = pid, every, gpu
         self.rss_kib = self.workers_kib = self.gpu_mib = 0
+        self.workers_cpu: dict[int, float] = {}  # child pid -> its CPU seconds when last sampled
         self.next_gpu = 0.0  # time.monotonic() of the next GPU sample
         self.done = threading.Event()
 
@@ -208,7 +217,12 @@ class MemoryWatch(threading.Thread):
             status = _read(f"/proc/{self.pid}/status")
             if status:
                 self.rss_kib = max(self.rss_kib, _kib(status, "VmHWM"))
-            pss = sum(_kib(_read(f"/proc/{child}/smaps_rollup"), "Pss") for child in _children(self.pid))
+            children = _children(self.pid)
+            pss = sum(_kib(_read(f"/proc/{child}/smaps_rollup"), "Pss") for child in children)
+            for child in children:
+                stat = _read(f"/proc/{child}/stat")
+                if stat:
+                    self.workers_cpu[child] = _cpu_seconds(stat)
             self.workers_kib = max(self.workers_kib, pss)
             if self.gpu and time.monotonic() >= self.next_gpu:
                 self.gpu_mib = max(self.gpu_mib, _gpu_mib(self.pid))
@@ -227,13 +241,15 @@ class Run:
     workers_pss_mib: float
     gpu_mib: float
     wall_s: float
+    cpu_s: float  # user + system CPU of the trainer and its workers, start-up and evaluation included
+    workers_cpu_s: float
 
 
 def run_trainer(trainer: str, command: list[str], log_path: Path, recipe: Recipe, skip: int, poll: float,
                 round_: int) -> Run:
     """Run one trainer to the end and measure it; its whole output is kept in ``log_path``."""
     print(f"$ {shlex.join(command)}", flush=True)
-    start = time.perf_counter()
+    start, cpu_before = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     with log_path.open("w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
         watch = MemoryWatch(process.pid, poll, recipe.device.startswith("cuda"))
@@ -241,7 +257,8 @@ def run_trainer(trainer: str, command: list[str], log_path: Path, recipe: Recipe
         code = process.wait()
         watch.done.set()
         watch.join()
-    wall = time.perf_counter() - start
+    wall, cpu_after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (cpu_after.ru_utime + cpu_after.ru_stime) - (cpu_before.ru_utime + cpu_before.ru_stime)
     steps = parse_steps(trainer, log_path.read_text())
     if code or len(steps) != recipe.steps:
         raise RuntimeError(f"{trainer} exited with {code} after {len(steps)} of {recipe.steps} logged steps; "
@@ -249,7 +266,8 @@ def run_trainer(trainer: str, command: list[str], log_path: Path, recipe: Recipe
     timed = steps[skip:]
     seconds, waited = sum(t for t, _ in timed), sum(d for _, d in timed)
     return Run(trainer, round_, len(timed) * recipe.batch_size / seconds, waited / len(timed), waited / seconds,
-               watch.rss_kib / 1024, watch.workers_kib / 1024, watch.gpu_mib, wall)
+               watch.rss_kib / 1024, watch.workers_kib / 1024, watch.gpu_mib, wall, cpu,
+               sum(watch.workers_cpu.values()))
 
 
 def report(runs: list[Run], recipe: Recipe, skip: int, commands: dict[str, str]) -> str:
@@ -273,16 +291,18 @@ def report(runs: list[Run], recipe: Recipe, skip: int, commands: dict[str, str])
         f"{len(by['timm'])} runs each, order alternating.",
         "",
         "| trainer | images/s | vs timm [range] | data wait s/step | data wait share | peak RSS MiB "
-        "| workers' peak PSS MiB |" + (" peak GPU MiB |" if gpu else "") + " process wall s |",
-        "|---|---|---|---|---|---|---|---|" + ("---|" if gpu else ""),
+        "| workers' peak PSS MiB |" + (" peak GPU MiB |" if gpu else "") + " process wall s | CPU s | workers' CPU s |",
+        "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu else ""),
     ]
     for name, rows in by.items():
         ratio = (f"{statistics.median(ratios):.3f} [{min(ratios):.2f}-{max(ratios):.2f}]" if name == "vitzoo"
                  else "1.000")
         cells = [statistics.median(getattr(r, key) for r in rows) for key in
-                 ("images_per_s", "data_s_per_step", "data_share", "rss_mib", "workers_pss_mib", "gpu_mib", "wall_s")]
+                 ("images_per_s", "data_s_per_step", "data_share", "rss_mib", "workers_pss_mib", "gpu_mib", "wall_s",
+                  "cpu_s", "workers_cpu_s")]
         lines.append(f"| {name} | {cells[0]:.1f} | {ratio} | {cells[1]:.3f} | {cells[2]:.1%} | {cells[3]:.0f} "
-                     f"| {cells[4]:.0f} |" + (f" {cells[5]:.0f} |" if gpu else "") + f" {cells[6]:.0f} |")
+                     f"| {cells[4]:.0f} |" + (f" {cells[5]:.0f} |" if gpu else "")
+                     + f" {cells[6]:.0f} | {cells[7]:.0f} | {cells[8]:.0f} |")
     lines += ["", "Recipe differences:", *[f"- {note}" for note in RECIPE_NOTES], "", "Commands (last round):",
               "", "```bash", *commands.values(), "```"]
     return "\n".join(lines) + "\n"
@@ -302,7 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=2, help="runs of each trainer, the order alternating")
     p.add_argument("--skip", type=int, default=3, help="first steps of each run left out of the timing")
     p.add_argument("--work", type=Path, default=Path("runs/e2e_train"), help="data, run folders and logs")
-    p.add_argument("--poll", type=float, default=0.25, help="seconds between memory samples")
+    p.add_argument("--poll", type=float, default=1.0,
+                   help="seconds between memory samples (each reads the workers' smaps: about 15 ms of CPU taken "
+                        "from the trainers on 2 cores)")
     p.add_argument("--out", type=Path, help="also write the report here")
     args = p.parse_args(argv)
     recipe = Recipe(**{name: getattr(args, name) for name in asdict(defaults)})

@@ -207,7 +207,7 @@ def test_augmentation_is_the_same_with_workers_and_after_a_resume(tmp_path):
     loader workers ends bit-identical to training without workers (dropout on), and so does a run with
     workers resumed mid-epoch from its step-2 checkpoint."""
     cfg = _model().pretrained_cfg
-    train, _ = build_datasets("torchvision:FakeData", cfg)
+    train, _ = build_datasets("torchvision:FakeData", cfg, train_pixels=True)  # as vitzoo finetune reads them
     config = TrainConfig(steps=4, batch_size=16, warmup_steps=1, checkpoint_every=2)
 
     def run(workers: int, run_dir=None, resume=False) -> dict[str, torch.Tensor]:
@@ -220,6 +220,22 @@ def test_augmentation_is_the_same_with_workers_and_after_a_resume(tmp_path):
     run(2, tmp_path)
     (tmp_path / "checkpoints" / "latest").write_text("step_00000002")
     assert weights_digest(run(2, tmp_path, resume=True)) == weights_digest(reference)
+
+
+def test_uint8_training_batches_train_as_normalised_images_do():
+    """``train_pixels``: the workers hand over uint8 crops (a quarter of the bytes) and fit normalises each batch
+    where it trains, with the same multiply-add the per-image transform makes: the weights end bit-identical."""
+    cfg = _model().pretrained_cfg
+    weights = []
+    for pixels in (False, True):
+        train, val = build_datasets("torchvision:FakeData", cfg, train_pixels=pixels)
+        assert (train[0][0].dtype, val[0][0].dtype) == (torch.uint8 if pixels else torch.float32, torch.float32)
+        model = _model(proj_drop_rate=0.1)
+        fit(model, train, None, TrainConfig(steps=3, batch_size=16, warmup_steps=1), progress=False)
+        weights.append(weights_digest(model.state_dict()))
+    assert weights[0] == weights[1]
+    with pytest.raises(ValueError, match="pass one of them"):
+        build_datasets("torchvision:FakeData", cfg, native=True, train_pixels=True)
 
 
 def test_mixup_and_cutmix_blend_images_and_labels():

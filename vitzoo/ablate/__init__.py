@@ -216,7 +216,7 @@ def train_variant(config: AblationConfig, name: str, overrides: dict[str, Any], 
     key = json.dumps([cfg.get(k) for k in PREPROCESSING], default=str)
     if key not in datasets:
         datasets[key] = build_datasets(config.data, cfg, config.data_root, config.download, native=config.naflex,
-                                       options=config.data_options)
+                                       options=config.data_options, train_pixels=not config.naflex)
     train, val = datasets[key]
     model.reset_classifier(num_classes(train))
     train_config = config.train_config(seed)

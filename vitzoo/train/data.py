@@ -44,13 +44,16 @@ class RandomRegion(T.RandomResizedCrop):
         return self._call_kernel(T.functional.crop, inpt, **params)
 
 
-def image_transforms(cfg: dict[str, Any], train: bool, native: bool = False) -> T.Compose:
+def image_transforms(cfg: dict[str, Any], train: bool, native: bool = False, pixels: bool = False) -> T.Compose:
     """torchvision transforms for a model's ``pretrained_cfg``.
 
     Eval: resize the short side to ``size / crop_pct``, center-crop ``size`` (timm's recipe).
     Train: random resized crop and horizontal flip, the standard light augmentation.
     ``native``: images keep their own size and aspect ratio (train: a random region and a flip; eval: the
     whole image), for patch sequences, which resize them to a patch budget (:mod:`vitzoo.train.naflex`).
+    ``pixels``: stop before normalising, at uint8 ``(c, h, w)`` tensors, which :func:`vitzoo.train.fit`
+    normalises where it trains: a quarter of float32's bytes through the loader workers' shared memory and
+    pinned memory, and one fused pass over the batch on the device instead of one per image in a worker.
     """
     _, height, width = cfg["input_size"]
     interpolation = INTERPOLATION[cfg.get("interpolation", "bicubic")]
@@ -63,18 +66,21 @@ def image_transforms(cfg: dict[str, Any], train: bool, native: bool = False) -> 
         short = int(min(height, width) / cfg.get("crop_pct", 1.0))
         geometry = [T.Resize(short, interpolation=interpolation, antialias=True), T.CenterCrop((height, width))]
     # geometry first: PIL images are resized by PIL, exactly as timm's transforms do
-    return T.Compose([*geometry, T.ToImage(), Normalized(cfg["mean"], cfg["std"])])
+    last = T.ToPureTensor() if pixels else Normalized(cfg["mean"], cfg["std"])
+    return T.Compose([*geometry, T.ToImage(), last])
 
 
 class Normalized:
     """An image scaled to [0, 1] and normalised, ``(x / max - mean) / std``, computed as one multiply-add,
     ``x * (1 / (max * std)) - mean / std``: torchvision's ToDtype(scale=True) and Normalize make three passes
     over the pixels and, with decoding and cropping, this is most of a loader worker's time per image.
-    ``max`` is the integer type's largest value (255 for uint8); a float image is taken as scaled already."""
+    ``max`` is the integer type's largest value (255 for uint8); a float image is taken as scaled already.
+    Images ``(c, h, w)`` or batches ``(b, c, h, w)`` on ``device``."""
 
-    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
-        std_t = rearrange(torch.tensor(std, dtype=torch.float32), "c -> c 1 1")
-        self.scale, self.shift = 1.0 / std_t, -rearrange(torch.tensor(mean, dtype=torch.float32), "c -> c 1 1") / std_t
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], device: str | torch.device = "cpu") -> None:
+        std_t = rearrange(torch.tensor(std, dtype=torch.float32, device=device), "c -> c 1 1")
+        mean_t = rearrange(torch.tensor(mean, dtype=torch.float32, device=device), "c -> c 1 1")
+        self.scale, self.shift = 1.0 / std_t, -mean_t / std_t
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         scale = self.scale if image.is_floating_point() else self.scale / torch.iinfo(image.dtype).max
@@ -165,9 +171,9 @@ def _class_folders(root: Path) -> None:
         raise ValueError(f"class folders without images in {root}: {', '.join(empty)}; add images or remove them")
 
 
-def _folder(root: Path, cfg: dict[str, Any], train: bool, native: bool) -> datasets.ImageFolder:
+def _folder(root: Path, transform: T.Compose) -> datasets.ImageFolder:
     _class_folders(root)
-    return datasets.ImageFolder(root, transform=image_transforms(cfg, train, native), loader=read_image)
+    return datasets.ImageFolder(root, transform=transform, loader=read_image)
 
 
 def _split_roots(root: Path) -> list[Path]:
@@ -201,18 +207,18 @@ def check_images(source: str) -> int:
     return len(paths)
 
 
-def image_folder(root: str | Path, cfg: dict[str, Any], val_fraction: float = 0.2,
-                 seed: int = 0, native: bool = False) -> tuple[Dataset, Dataset]:
+def image_folder(root: str | Path, transforms: tuple[T.Compose, T.Compose], val_fraction: float = 0.2,
+                 seed: int = 0) -> tuple[Dataset, Dataset]:
     """``root/train/<class>/*`` and ``root/val/<class>/*``; or ``root/<class>/*`` split per class
-    (``val_fraction`` of each class held out, fixed by ``seed``). ``native``: see :func:`image_transforms`."""
+    (``val_fraction`` of each class held out, fixed by ``seed``); ``transforms``: (train, val)."""
     root = Path(root)
     roots = _split_roots(root)
     if len(roots) == 2:
-        train, val = _folder(roots[0], cfg, True, native), _folder(roots[1], cfg, False, native)
+        train, val = _folder(roots[0], transforms[0]), _folder(roots[1], transforms[1])
         if train.classes != val.classes:
             raise ValueError(f"train and val classes differ in {root}: {train.classes} vs {val.classes}")
         return train, val
-    train, val = _folder(root, cfg, True, native), _folder(root, cfg, False, native)
+    train, val = _folder(root, transforms[0]), _folder(root, transforms[1])
     train_idx, val_idx = stratified_split(torch.tensor(train.targets), val_fraction, seed)
     return Subset(train, train_idx), Subset(val, val_idx)
 
@@ -231,14 +237,14 @@ def num_classes(dataset: Dataset) -> int:
 
 
 def torchvision_dataset(name: str, root: str | Path, cfg: dict[str, Any], download: bool,
-                        native: bool = False) -> tuple[Dataset, Dataset]:
-    """A torchvision classification dataset by class name (``CIFAR10``, ``FakeData``, ...); ``native``: see
-    :func:`image_transforms`."""
+                        transforms: tuple[T.Compose, T.Compose]) -> tuple[Dataset, Dataset]:
+    """A torchvision classification dataset by class name (``CIFAR10``, ``FakeData``, ...); ``transforms``:
+    (train, val)."""
     if not hasattr(datasets, name):
         hint = did_you_mean(name, datasets.__all__, listed="torchvision.datasets.__all__")
         raise ValueError(f"torchvision.datasets has no {name!r}; {hint}")
     cls = getattr(datasets, name)
-    train_transform, val_transform = image_transforms(cfg, True, native), image_transforms(cfg, False, native)
+    train_transform, val_transform = transforms
     if name == "FakeData":
         size = cfg["input_size"]
         return (cls(1000, size, 10, transform=train_transform, random_offset=0),
@@ -270,25 +276,31 @@ def data_options(args: argparse.Namespace) -> DataOptions:
 
 def build_datasets(source: str, cfg: dict[str, Any], root: str | Path = "data", download: bool = False,
                    val_fraction: float = 0.2, seed: int = 0, native: bool = False,
-                   options: DataOptions | None = None, expected_classes: int | None = None) -> tuple[Dataset, Dataset]:
+                   options: DataOptions | None = None, expected_classes: int | None = None,
+                   train_pixels: bool = False) -> tuple[Dataset, Dataset]:
     """``"digits"``, ``"torchvision:NAME"``, ``"hf:PATH_OR_NAME"``, ``"wds:PATTERN"`` (see
     :mod:`vitzoo.train.sources`; ``options`` say how those are read) or a path to an ImageFolder tree; at least two
     classes.
 
     ``native``: images at their own size for patch sequences (see :func:`image_transforms`); the digits, 8x8
     pixels at source, come at the model's input size either way. ``expected_classes``: the caller's count,
-    for sources whose labels do not tell it (tar shards).
+    for sources whose labels do not tell it (tar shards). ``train_pixels``: the training images of decoded sources
+    as uint8 pixels, for :func:`vitzoo.train.fit` to normalise where it trains (``pixels`` of
+    :func:`image_transforms`; the digits come normalised, and so does every validation image).
     """
+    if native and train_pixels:
+        raise ValueError("train_pixels ships images of one size as uint8 batches, and native keeps each image's "
+                         "own size for patch sequences; pass one of them")
+    transforms = (image_transforms(cfg, True, native, pixels=train_pixels), image_transforms(cfg, False, native))
     if source.startswith(PREFIXES):
-        transforms = (image_transforms(cfg, True, native), image_transforms(cfg, False, native))
         train, val = source_datasets(source, transforms, options or DataOptions(), val_fraction, seed,
                                      expected_classes)
     elif source == "digits":
         train, val = digits(cfg, val_fraction, seed)
     elif source.startswith("torchvision:"):
-        train, val = torchvision_dataset(source.split(":", 1)[1], root, cfg, download, native)
+        train, val = torchvision_dataset(source.split(":", 1)[1], root, cfg, download, transforms)
     else:
-        train, val = image_folder(source, cfg, val_fraction, seed, native)
+        train, val = image_folder(source, transforms, val_fraction, seed)
     if num_classes(train) < 2:
         raise ValueError(f"{source} has only one class, so there is nothing to learn; a classifier needs at "
                          f"least two (an ImageFolder: one folder of images per class)")

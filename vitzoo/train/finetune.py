@@ -225,6 +225,7 @@ def _train(config: FinetuneConfig, world: World, progress: bool) -> dict[str, An
         cfg = create_model(config.model, img_size=config.img_size, **config.overrides).pretrained_cfg
     train_data, val_data = build_datasets(config.data, cfg, config.data_root, config.download,
                                           config.val_fraction, config.train.seed, native=config.train.naflex,
+                                          train_pixels=not config.train.naflex,
                                           options=config.data_options, expected_classes=config.num_classes)
     classes = num_classes(train_data)
     distillation = build_distillation(config.distillation, cfg, classes, world.device, config.data)

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from vitzoo.fields import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, RATE, check_fields, described
 from vitzoo.packing import is_sequence
 from vitzoo.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from vitzoo.train.data import Resized
+from vitzoo.train.data import Normalized, Resized, data_config
 from vitzoo.train.distributed import (
     World,
     all_reduce_sum,
@@ -177,11 +177,19 @@ def train_loader(model: VisionTransformer, train_data: Dataset, config: TrainCon
                       generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch))
 
 
-def to_device(inputs: torch.Tensor | dict[str, torch.Tensor], device: str) -> torch.Tensor | dict[str, torch.Tensor]:
-    """A batch of images or a patch-sequence dict on ``device``."""
+def to_device(inputs: torch.Tensor | dict[str, torch.Tensor], device: str,
+              pixels: Normalized | None = None) -> torch.Tensor | dict[str, torch.Tensor]:
+    """A batch of images or a patch-sequence dict on ``device``; a uint8 image batch (``train_pixels`` of
+    :func:`vitzoo.train.build_datasets`) normalised there by ``pixels``."""
     if is_sequence(inputs):
         return {key: value.to(device, non_blocking=True) for key, value in inputs.items()}
-    return inputs.to(device, non_blocking=True)
+    inputs = inputs.to(device, non_blocking=True)
+    if inputs.dtype == torch.uint8:
+        if pixels is None:
+            raise ValueError("a batch of uint8 pixels needs the model's normalisation here; build these datasets "
+                             "with train_pixels=False")
+        return pixels(inputs)
+    return inputs
 
 
 Batches = Callable[[Dataset], Iterable[tuple[Any, torch.Tensor]]]
@@ -294,6 +302,8 @@ class _Run:
                              f"smaller than one step of {step}")
         self.views = eval_views(model, config)
         self.train_data = train_data
+        cfg = data_config(model)  # uint8 training batches are normalised on the device, as the transforms would
+        self.pixels = Normalized(cfg["mean"], cfg["std"], world.device)
         self.result = TrainResult()
 
     @property
@@ -321,7 +331,7 @@ class _Run:
         total, seen, terms = 0.0, 0, {}
         for micro in range(config.accum_steps):
             images, labels = next(batches)
-            images, labels = to_device(images, device), labels.to(device, non_blocking=True)
+            images, labels = to_device(images, device, self.pixels), labels.to(device, non_blocking=True)
             targets = labels
             if config.mixup or config.cutmix:
                 images, targets = mix_batch(images, labels, self.model.num_classes, config.mixup, config.cutmix)

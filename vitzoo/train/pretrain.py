@@ -100,7 +100,7 @@ def _pretrain(config: PretrainConfig, world: World, cfg: dict[str, Any], progres
     out, train = Path(config.out), config.train
     check_trackers(config.log)
     train_data, val_data = build_datasets(config.data, cfg, config.data_root, config.download, config.val_fraction,
-                                          train.seed, options=config.data_options)
+                                          train.seed, options=config.data_options, train_pixels=True)
     torch.manual_seed(train.seed)
     encoder = create_model(config.model, num_classes=0, img_size=config.img_size, **config.overrides)
     encoder.set_grad_checkpointing(config.grad_checkpointing)

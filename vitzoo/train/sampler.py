@@ -62,10 +62,10 @@ class RunSampler(Sampler[tuple[int, int]]):
 
 
 class SeededSamples(Dataset):
-    """``dataset`` whose item ``index`` in ``epoch`` is read with torch's random state seeded by
+    """``dataset`` whose item ``index`` in ``epoch`` is read with torch's CPU generator seeded by
     ``(seed, epoch, index)`` and restored afterwards: random transforms give the same result whichever
-    worker process reads the sample and whatever ran before, and the caller's random stream (dropout's,
-    with no workers) is left as it was. Transforms must draw from torch's generator (torchvision's do).
+    worker process reads the sample and whatever ran before, and the caller's random streams (dropout's,
+    with no workers) are left as they were. Transforms must draw from torch's CPU generator (torchvision's do).
     With ``epoch=None`` items are keyed ``(epoch, index)`` (:class:`RunSampler`): the epoch travels with the
     key, so loader workers need no shared state.
     """
@@ -79,5 +79,7 @@ class SeededSamples(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> Any:
         epoch, index = key if self.epoch is None else (self.epoch, key)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(((self.seed * 1_000_003 + epoch) * 10_000_019 + index) % 2**63)
+            # the CPU generator alone: torch.manual_seed would also reseed the accelerators' generators (dropout's
+            # on a GPU, without loader workers) and costs 100x more, a sizeable part of a worker's time per image
+            torch.default_generator.manual_seed(((self.seed * 1_000_003 + epoch) * 10_000_019 + index) % 2**63)
             return self.dataset[index]
