@@ -455,7 +455,8 @@ def fit(
     checkpoint) if the settings allow (:mod:`vitzoo.train.settings`; ``run_settings``: the caller's,
     such as the data and its split). On rank 0, ``on_resume`` receives the checkpoint's step, the
     accepted changes and the validation rows so far, ``on_eval`` each new validation row. ``objective``: what
-    a step minimises (default: cross-entropy to the labels; :mod:`vitzoo.train.objective`).
+    a step minimises (default: cross-entropy to the labels; :mod:`vitzoo.train.objective`). Training batches of uint8
+    pixels (``build_datasets(train_pixels=True)``) are normalised on the device with the model's mean and std.
     """
     world = world or World(device=config.device)
     torch.manual_seed(config.seed)
