@@ -184,12 +184,7 @@ def to_device(inputs: torch.Tensor | dict[str, torch.Tensor], device: str,
     if is_sequence(inputs):
         return {key: value.to(device, non_blocking=True) for key, value in inputs.items()}
     inputs = inputs.to(device, non_blocking=True)
-    if inputs.dtype == torch.uint8:
-        if pixels is None:
-            raise ValueError("a batch of uint8 pixels needs the model's normalisation here; build these datasets "
-                             "with train_pixels=False")
-        return pixels(inputs)
-    return inputs
+    return pixels(inputs) if pixels is not None and inputs.dtype == torch.uint8 else inputs
 
 
 Batches = Callable[[Dataset], Iterable[tuple[Any, torch.Tensor]]]
