@@ -31,9 +31,10 @@ def main() -> None:
     parser.add_argument("--out", default="runs/example")
     args = parser.parse_args()
 
-    # 1. The data, preprocessed the way the model expects (size, mean/std, crop, interpolation).
+    # 1. The data, preprocessed the way the model expects (size, mean/std, crop, interpolation); training images
+    # as uint8 crops, which fit normalises on its device (a quarter of the bytes through the loader).
     cfg = vitzoo.create_model(args.model, img_size=args.img_size, patch_size=4).pretrained_cfg
-    train_data, val_data = build_datasets(args.data, cfg, download=args.download)
+    train_data, val_data = build_datasets(args.data, cfg, download=args.download, train_pixels=True)
 
     # 2. The model by name: new head for the data's classes, new size, any block swapped by name.
     model = vitzoo.create_model(
