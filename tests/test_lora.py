@@ -30,6 +30,7 @@ from vitzoo.train import TrainConfig
 from vitzoo.train.checkpoint import latest_checkpoint
 from vitzoo.train.finetune import FinetuneConfig, _config_from_args, add_arguments, finetune
 from vitzoo.train.finetune import main as finetune_main
+from vitzoo.train.teacher import load_teacher
 from vitzoo.weights import WeightsError, read_state_dict
 
 PICO = dict(depth=2, num_classes=5)  # vit_pico_patch4_32: width 64, 4 heads, MLP 256, 32 px
@@ -204,6 +205,27 @@ def test_finetune_writes_adapters_and_merged_weights(lora_run):
     torch.testing.assert_close(plain(x), adapted(x), atol=1e-5, rtol=0)
     assert torch.equal(vitzoo.create_model(str(lora_run / "merged")).eval()(x), plain(x))
 
+
+
+def test_a_checkpoint_of_the_run_loads_as_the_adapted_model(lora_run, tmp_path):
+    """pretrained=<checkpoint folder> of a --lora run, also one before the end (no merged/ yet), loads the adapted
+    model, its adapters folded in, and so does --teacher; the same file away from its trainer.pt is refused."""
+    x = torch.randn(4, 3, 16, 16)
+    checkpoints = lora_run / "checkpoints"
+
+    def loaded(step: int) -> vitzoo.VisionTransformer:
+        return _plain(pretrained=str(checkpoints / f"step_{step:08d}"))
+
+    torch.testing.assert_close(loaded(4)(x), vitzoo.create_model(str(lora_run / "merged")).eval()(x), atol=1e-6, rtol=0)
+    adapted = apply_lora(_plain(), RUN["lora"]).eval()
+    adapted.load_state_dict(read_state_dict(checkpoints / "step_00000002" / "model.safetensors"))
+    torch.testing.assert_close(loaded(2)(x), adapted(x), atol=1e-5, rtol=0)
+    teacher = load_teacher(str(checkpoints / "step_00000002")).eval()
+    torch.testing.assert_close(teacher(x), adapted(x), atol=1e-5, rtol=0)
+    alone = tmp_path / "model.safetensors"
+    alone.write_bytes((checkpoints / "step_00000002" / "model.safetensors").read_bytes())
+    with pytest.raises(WeightsError, match="holds LoRA adapters .* no trainer.pt beside it .* merged/ folder"):
+        _plain(pretrained=str(alone))
 
 
 def test_killed_run_resumes_bit_identical_and_refuses_another_lora(lora_run, tmp_path):

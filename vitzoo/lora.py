@@ -17,6 +17,7 @@ import os
 import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,9 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from vitzoo.fields import AT_LEAST_ONE, POSITIVE, RATE, check_fields, described, field_types, parse_text
+from vitzoo.migrate import spec_from_saved
+from vitzoo.train.checkpoint import load_checkpoint
+from vitzoo.vit import VisionTransformer
 from vitzoo.weights.files import StateDict, WeightsError, read_state_dict, write_state_dict
 
 TARGETS = {
@@ -269,11 +273,49 @@ def read_lora_options(path: str | os.PathLike) -> LoraOptions:
         raise WeightsError(f"{path} is not a readable safetensors file ({err})") from None
     if text is None:
         raise WeightsError(f"{path} holds no LoRA options in its header; it was not written by save_lora")
-    values = json.loads(text)
+    return _saved_options(json.loads(text), path)
+
+
+def _saved_options(values: dict[str, Any], where: str | os.PathLike) -> LoraOptions:
+    """The options as a file stored them (``LoraOptions.to_dict``)."""
     unknown = set(values) - {f.name for f in fields(LoraOptions)}
     if unknown:
-        raise WeightsError(f"{path}: LoRA options {sorted(unknown)} are unknown to this vitzoo; upgrade it")
+        raise WeightsError(f"{where}: LoRA options {sorted(unknown)} are unknown to this vitzoo; upgrade it")
     return LoraOptions(**{**values, "targets": tuple(values["targets"])})
+
+
+def has_adapters(state_dict: StateDict) -> bool:
+    """Whether ``state_dict`` holds LoRA adapters beside its weights (a checkpoint of a ``--lora`` run)."""
+    return any(key.endswith(".lora_A") for key in state_dict)
+
+
+def folded_adapters(state_dict: StateDict, trainer: dict[str, Any], where: str | os.PathLike) -> StateDict:
+    """The weights of a training checkpoint (``where``) with any LoRA adapters folded in: timm's keys and shapes,
+    as the run's ``merged/`` folder holds them at its end. ``trainer``: the checkpoint's trainer state, whose run
+    settings name the options and whose spec the architecture; the adapters are placed on a model on the meta
+    device, which holds no weights, only the layout of each adapted linear."""
+    if not has_adapters(state_dict):
+        return state_dict
+    options = (trainer.get("run_settings") or {}).get("lora")
+    if not options:
+        raise WeightsError(f"{where} holds LoRA adapters, but its trainer state names no LoRA options; load the "
+                           f"run's merged/ folder")
+    with torch.device("meta"):
+        model = apply_lora(VisionTransformer(spec_from_saved(trainer["spec"])), _saved_options(options, where))
+    return merged_state_dict(model, state_dict)
+
+
+def fold_run_checkpoint(state_dict: StateDict, path: str | os.PathLike) -> StateDict:
+    """``state_dict``, read from ``path``, with the adapters folded in where it is a checkpoint of a ``--lora`` run
+    (the folder or its ``model.safetensors``; :func:`folded_adapters`, with the folder's ``trainer.pt``); other
+    weights as they are. What ``pretrained=<checkpoint folder>`` loads."""
+    if not has_adapters(state_dict):
+        return state_dict
+    folder = Path(path) if Path(path).is_dir() else Path(path).parent
+    if not (folder / "trainer.pt").is_file():
+        raise WeightsError(f"{path} holds LoRA adapters (lora_A, lora_B) but no trainer.pt beside it that says how "
+                           f"they were trained; load the run's merged/ folder, or the checkpoint folder it came from")
+    return folded_adapters(state_dict, load_checkpoint(folder)[1], folder)
 
 
 def load_lora(model: nn.Module, path: str | os.PathLike) -> nn.Module:

@@ -22,6 +22,7 @@ from einops import rearrange
 from timm.data import resolve_data_config
 from torch import nn
 
+from vitzoo.lora import folded_adapters
 from vitzoo.migrate import spec_from_saved
 from vitzoo.registry import create_model
 from vitzoo.train.checkpoint import latest_checkpoint, load_checkpoint
@@ -119,6 +120,7 @@ def _from_run_checkpoint(checkpoint: Path) -> VisionTransformer:
                                 f"preprocesses images; point --teacher at the run folder or its checkpoint in place")
     run = json.loads(run_file.read_text())
     weights, trainer, _ = load_checkpoint(checkpoint)
+    weights = folded_adapters(weights, trainer, checkpoint)  # a --lora run's checkpoint: the adapted model
     with torch.device("meta"):  # only the run's preprocessing config is needed
         cfg = create_model(run["model"], img_size=run.get("img_size"), **run.get("overrides", {})).pretrained_cfg
     model = VisionTransformer(spec_from_saved(trainer["spec"]), pretrained_cfg={**cfg, "file": str(checkpoint)})

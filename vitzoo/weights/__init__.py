@@ -31,7 +31,9 @@ class Checkpoint:
 def read_checkpoint(pretrained_cfg: dict, pretrained: bool | str) -> Checkpoint:
     """The weights ``pretrained`` names (see ``create_model``), read and converted to timm's layout."""
     path = resolve_weights(pretrained_cfg, pretrained)
-    return Checkpoint(path, *to_timm_layout(read_state_dict(path)))
+    from vitzoo.lora import fold_run_checkpoint  # vitzoo.lora builds on this package
+
+    return Checkpoint(path, *to_timm_layout(fold_run_checkpoint(read_state_dict(path), path)))
 
 
 def load_pretrained(
