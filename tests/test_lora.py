@@ -209,7 +209,8 @@ def test_finetune_writes_adapters_and_merged_weights(lora_run):
 
 def test_a_checkpoint_of_the_run_loads_as_the_adapted_model(lora_run, tmp_path):
     """pretrained=<checkpoint folder> of a --lora run, also one before the end (no merged/ yet), loads the adapted
-    model, its adapters folded in, and so does --teacher; the same file away from its trainer.pt is refused."""
+    model, its adapters folded in, and so does --teacher; the same file away from its trainer.pt is refused, and
+    the run folder itself names what to load."""
     x = torch.randn(4, 3, 16, 16)
     checkpoints = lora_run / "checkpoints"
 
@@ -226,6 +227,9 @@ def test_a_checkpoint_of_the_run_loads_as_the_adapted_model(lora_run, tmp_path):
     alone.write_bytes((checkpoints / "step_00000002" / "model.safetensors").read_bytes())
     with pytest.raises(WeightsError, match="holds LoRA adapters .* no trainer.pt beside it .* merged/ folder"):
         _plain(pretrained=str(alone))
+    with pytest.raises(WeightsError, match=r"training run's folder: load .*step_\d+ \(the best by validation\).* or "
+                                           r".*merged \(the adapters folded in at the end\)"):
+        _plain(pretrained=str(lora_run))
 
 
 def test_killed_run_resumes_bit_identical_and_refuses_another_lora(lora_run, tmp_path):

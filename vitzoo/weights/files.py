@@ -20,6 +20,21 @@ class WeightsError(ValueError):
     """A weights file that cannot be used: unreadable, unsafe, or for another architecture."""
 
 
+def _run_folder_hint(folder: Path) -> str:
+    """What to load instead, where ``folder`` is a training run's folder (its weights are in its checkpoints)."""
+    named = {"best": "the best by validation", "latest": "the latest"}
+    found: dict[Path, str] = {}
+    for name, what in named.items():
+        pointer = folder / "checkpoints" / name
+        if pointer.is_file():
+            found.setdefault(folder / "checkpoints" / pointer.read_text().strip(), what)
+    if (folder / "merged").is_dir():
+        found[folder / "merged"] = "the adapters folded in at the end"
+    if not found:
+        return ""
+    return "; it is a training run's folder: load " + " or ".join(f"{path} ({what})" for path, what in found.items())
+
+
 def read_state_dict(path: str | os.PathLike) -> StateDict:
     """Tensors of a ``.safetensors``, ``.npz`` or pickled checkpoint, never running code from the file.
 
@@ -31,7 +46,7 @@ def read_state_dict(path: str | os.PathLike) -> StateDict:
     if path.is_dir():
         found = [path / name for name in WEIGHT_FILES if (path / name).is_file()]
         if not found:
-            raise WeightsError(f"{path} holds none of {', '.join(WEIGHT_FILES)}")
+            raise WeightsError(f"{path} holds none of {', '.join(WEIGHT_FILES)}{_run_folder_hint(path)}")
         path = found[0]
     if not path.is_file():
         raise WeightsError(f"weights file {path} does not exist")
