@@ -18,11 +18,12 @@ from vitzoo.weights import write_state_dict
 NAMES = [n for n in list_models() if n.startswith(("qwen3_vit_", "deepseek_vit_"))]
 
 # one small model per kind: (name, vitzoo overrides, timm keywords), the same architecture on both sides
+TABLE = {"pos_embed": {"table_grid": (4, 4)}}  # Qwen's learned table: 4 x 4 for these small models (timm's 48 x 48)
 SMALL = {
-    "qwen3_vit_88m": ({"img_size": 64}, {"pos_embed_grid_size": 4}),
-    "qwen3_vit_88m_merge": ({"img_size": 64, "pool": {"out_features": 32}},
+    "qwen3_vit_88m": ({"img_size": 64, **TABLE}, {"pos_embed_grid_size": 4}),
+    "qwen3_vit_88m_merge": ({"img_size": 64, "pool": {"out_features": 32}, **TABLE},
                             {"pos_embed_grid_size": 4, "out_features": 32}),
-    "qwen3_vit_88m_enc": ({"img_size": 64, "pool": {"out_features": 32}},
+    "qwen3_vit_88m_enc": ({"img_size": 64, "pool": {"out_features": 32}, **TABLE},
                           {"pos_embed_grid_size": 4, "out_features": 32}),
     "deepseek_vit_412m": ({"img_size": 56}, {}),
     "deepseek_vit_412m_align": ({"img_size": 70, "pool": {"out_features": 32}}, {"out_features": 32}),  # 5x5: padded
@@ -35,12 +36,28 @@ def test_family_names() -> None:
     assert len(NAMES) == 12
 
 
+@pytest.mark.parametrize("size", [{}, {"img_size": 448}])
 @pytest.mark.parametrize("name", NAMES)
-def test_keys_and_shapes_match_timm(name: str) -> None:
+def test_keys_and_shapes_match_timm(name: str, size: dict) -> None:
+    """At the default size and another one: Qwen's learned table keeps its 48 x 48 grid whatever the image size."""
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        problem = _structure_problem(_shapes(timm.create_model(name)), _shapes(vitzoo.create_model(name)))
+        theirs, ours = timm.create_model(name, **size), vitzoo.create_model(name, **size)
+        problem = _structure_problem(_shapes(theirs), _shapes(ours))
     assert not problem
+
+
+def test_qwen_table_is_resized_in_forward_at_another_img_size() -> None:
+    """Built for 32 px images (a 2 x 2 grid), the 4 x 4 table loads as timm's, unresized, and forward resizes it
+    as timm's does (bilinear, align_corners), rather than once at load (bicubic)."""
+    torch.manual_seed(0)
+    reference = timm.create_model("qwen3_vit_88m_enc", img_size=32, pos_embed_grid_size=4, out_features=32,
+                                  **TINY).eval()
+    model = vitzoo.create_model("qwen3_vit_88m_enc", img_size=32, pool={"out_features": 32}, **TABLE, **TINY).eval()
+    model.load_state_dict(reference.state_dict(), strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert (model(x) - reference(x)).abs().max() <= 1e-4
 
 
 @pytest.mark.parametrize("name", sorted(SMALL))
@@ -86,7 +103,8 @@ def test_timm_classifier_file_loads(tmp_path) -> None:
     torch.manual_seed(0)
     reference = timm.create_model("qwen3_vit_88m", img_size=64, pos_embed_grid_size=4, **TINY).eval()
     write_state_dict(reference.state_dict(), tmp_path / "model.safetensors")
-    model = vitzoo.create_model("qwen3_vit_88m", pretrained=tmp_path / "model.safetensors", img_size=64, **TINY)
+    model = vitzoo.create_model("qwen3_vit_88m", pretrained=tmp_path / "model.safetensors", img_size=64, **TABLE,
+                                **TINY)
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert (model.eval()(x) - reference(x)).abs().max() <= 1e-4
@@ -106,6 +124,7 @@ def test_checkpoint_prefix_round_trip() -> None:
                              "mlp_ratio": 3.0, "rope_temperature": 100.0}),
     ("deepseek_vit_412m_enc", {"img_size": 56, "out_features": 0, "global_pool": "avg", "norm_eps": 1e-5}),
     ("qwen3_vit_88m", {"img_size": 64, "pos_embed_grid_size": 4, "final_norm": False, "num_classes": 3}),
+    ("qwen3_vit_88m", {"img_size": 32, "pos_embed_grid_size": 4, "num_classes": 3}),  # the table resized in forward
 ])
 def test_from_timm_round_trip(name: str, kwargs: dict) -> None:
     torch.manual_seed(0)
@@ -148,7 +167,7 @@ def test_qwen_vl_release_layout_loads_like_timm(tmp_path) -> None:
     assert timm_read.keys() == reference.state_dict().keys()
     write_state_dict(upstream, tmp_path / "qwen3_vl.safetensors")
 
-    model = vitzoo.create_model("qwen3_vit_88m_enc", **TINY, img_size=64, pool={"out_features": 32}).eval()
+    model = vitzoo.create_model("qwen3_vit_88m_enc", **TINY, **TABLE, img_size=64, pool={"out_features": 32}).eval()
     report = load_pretrained(model, str(tmp_path / "qwen3_vl.safetensors")).adapted
     assert "Qwen3-VL" in report[0] and "deepstack_merger_list" in report[0]
     x = torch.randn(1, 3, 64, 64)

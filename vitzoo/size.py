@@ -35,6 +35,9 @@ def _across_tokens(spec: ViTSpec, slot: str, i: int) -> float | None:
     return options.for_model(spec).params(spec.embed_dim) if isinstance(options, TokenOptions) else None
 
 
+TABLE_GRID = "pos_embed.table_grid"
+
+
 def estimate_params(spec: ViTSpec) -> float:
     """About how many parameters the model of ``spec`` has (float: absurd specs give absurd numbers)."""
     dim, heads = float(spec.embed_dim), spec.num_heads
@@ -43,7 +46,8 @@ def estimate_params(spec: ViTSpec) -> float:
     total = spec.in_chans * float(spec.patch_size) ** 2 * dim + dim  # patch projection
     total += spec.num_prefix_tokens * dim
     if spec.pos_embed.name == "learned":
-        total += (grid + spec.positioned_prefix) * dim
+        table = spec.get(TABLE_GRID)  # a table of its own grid, whatever the image size (Qwen3-VL)
+        total += ((float(table[0]) * float(table[1]) if table else grid) + spec.positioned_prefix) * dim
     hidden = dim * spec.mlp_ratio
 
     def block(i: int) -> float:
@@ -70,7 +74,8 @@ def check_size(spec: ViTSpec, max_params: int | None = MAX_PARAMS) -> None:
     """Refuse a spec estimated above ``max_params`` parameters (None: no limit), naming its sizes."""
     params = estimate_params(spec)
     if max_params is not None and params > max_params:
-        sizes = ", ".join(f"{name}={getattr(spec, name)!r}" for name in SIZE_FIELDS)
+        named = [*SIZE_FIELDS, TABLE_GRID] if spec.pos_embed.name == "learned" and spec.get(TABLE_GRID) else SIZE_FIELDS
+        sizes = ", ".join(f"{name}={spec.get(name)!r}" for name in named)
         raise ValueError(
             f"ViTSpec: about {params:.3g} parameters ({sizes}) is over the limit of {max_params:.3g}; "
             f"check these sizes, or pass max_params=N (None for no limit) to create_model to build it anyway"

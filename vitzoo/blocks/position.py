@@ -50,6 +50,10 @@ class LearnedOptions(PositionOptions):
     resample: Literal["bicubic", "bilinear_corners"] = described(
         "bicubic", "how the table is resized for another grid: bicubic (antialiased, timm's resample_abs_pos_embed) "
                    "| bilinear_corners (bilinear with align_corners, as Qwen3-VL resizes its table)")
+    table_grid: tuple[int, int] | None = described(
+        None, "(h, w) of the stored table, whatever the image size, resized to each image's grid in forward; None: "
+              "img_size / patch_size, resized once when weights of another grid load (Qwen3-VL: 48 x 48)",
+        AT_LEAST_ONE)
 
 
 def same_grid(grid: Grid, other: Grid) -> bool:
@@ -105,7 +109,7 @@ class LearnedPosition(nn.Module):
         self, grid_size: Grid, dim: int, num_prefix: int, *, options: LearnedOptions = LearnedOptions(),
     ) -> None:
         super().__init__()
-        self.grid_size = tuple(grid_size)
+        self.grid_size = tuple(options.table_grid or grid_size)  # the stored table's
         self.dim = dim
         self.num_prefix = num_prefix if options.prefix else 0
         self.bilinear = options.resample == "bilinear_corners"
@@ -116,6 +120,10 @@ class LearnedPosition(nn.Module):
 
     def forward(self, table: torch.Tensor | None, grid: Grid) -> torch.Tensor:
         return resample_table(table, self.grid_size, grid, self.num_prefix, self.bilinear)
+
+    def fitted(self, table: torch.Tensor, old_grid: Grid) -> torch.Tensor:
+        """A checkpoint's table of ``old_grid`` resized to this table's grid, the way forward resizes it."""
+        return resample_table(table, old_grid, self.grid_size, self.num_prefix, self.bilinear)
 
 
 class SinCos2dPosition(nn.Module):

@@ -89,10 +89,9 @@ def spec(model: nn.Module) -> ViTSpec:
             raise refuse(f"blocks.{i}", "attention or MLP unlike blocks.0", "depth")
     if _present(getattr(enc, "norm", None)) and _norm("norm", enc.norm) != kind:
         raise refuse("norm", "a norm unlike the blocks'", "norm_layer")
-    pos = getattr(enc, "pos_embed", None)
-    img_size = tuple(enc.patch_embed.img_size)
-    if pos is not None:  # the learned table is laid out for its own grid: the model's input size follows it
-        img_size = (enc.pos_embed_grid_size * patch,) * 2
+    # Qwen's learned table keeps its own grid whatever the image size, resized in forward as Qwen resizes it
+    position = "none" if getattr(enc, "pos_embed", None) is None else {
+        "name": "learned", "resample": "bilinear_corners", "table_grid": (enc.pos_embed_grid_size,) * 2}
     projector = _projector(enc)
     if classifier:
         if model.global_pool != "avg":
@@ -111,11 +110,11 @@ def spec(model: nn.Module) -> ViTSpec:
     path = blocks[-1].drop_path1.drop_prob if isinstance(blocks[-1].drop_path1, DropPath) else 0.0
     head = getattr(model, "head", None)
     return ViTSpec(
-        img_size=img_size, patch_size=patch, in_chans=enc.in_chans,
+        img_size=tuple(enc.patch_embed.img_size), patch_size=patch, in_chans=enc.in_chans,
         patch_embed={"name": patch_embed, "bias": enc.patch_embed.proj.bias is not None},
         num_classes=head.out_features if isinstance(head, nn.Linear) else 0,
         embed_dim=dim, depth=len(blocks), num_heads=num_heads, mlp_ratio=mlp_ratio_for(hidden, dim),
-        pos_embed="learned" if pos is not None else "none", rope=_rope(enc.rope, dim // num_heads),
+        pos_embed=position, rope=_rope(enc.rope, dim // num_heads),
         attn={"name": "mhsa", **attn}, mlp={"name": mlp, "bias": mlp_bias},
         norm={"name": kind[0], "eps": kind[1]}, pool=pool, class_token=False,
         final_norm="tokens" if _present(getattr(enc, "norm", None)) else "none",

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from timm.layers import resize_rel_pos_bias_table
 
-from vitzoo.blocks.position import resample_table
+from vitzoo.blocks.position import LearnedPosition
 from vitzoo.blocks.projector import PROJECTORS
 from vitzoo.vit import VisionTransformer, stored_name
 from vitzoo.weights.files import StateDict, WeightsError
@@ -49,13 +49,13 @@ def adapt_state_dict(model: VisionTransformer, state_dict: StateDict) -> tuple[S
     its freshly initialised head): what timm's loaders of these models do."""
     spec, own = model.spec, model.state_dict()
     out, report = dict(state_dict), LoadReport()
-    pos = out.get("pos_embed")
-    if pos is not None and "pos_embed" in own and pos.shape != own["pos_embed"].shape:
-        n_prefix = spec.positioned_prefix
-        old = _grid_of(pos.shape[1], n_prefix, spec.grid_size)
-        out["pos_embed"] = resample_table(pos, old, spec.grid_size, n_prefix)
+    pos, position = out.get("pos_embed"), model.position
+    if (pos is not None and "pos_embed" in own and pos.shape != own["pos_embed"].shape
+            and isinstance(position, LearnedPosition)):
+        old, new = _grid_of(pos.shape[1], position.num_prefix, position.grid_size), position.grid_size
+        out["pos_embed"] = position.fitted(pos, old)
         report.adapted.append(f"pos_embed: resampled {tuple(pos.shape)} -> {tuple(out['pos_embed'].shape)}, "
-                              f"grid {old[0]}x{old[1]} -> {spec.grid_size[0]}x{spec.grid_size[1]}")
+                              f"grid {old[0]}x{old[1]} -> {new[0]}x{new[1]}")
     patch_key = stored_name(PATCH_KEY, spec)  # MlpMixer's stem.proj.weight, NaFlexVit's embeds.proj.weight
     kernel = out.get(patch_key)
     if kernel is not None and patch_key in own and kernel.shape != own[patch_key].shape:
