@@ -27,7 +27,7 @@ from torch import nn
 
 from vitzoo.fields import AT_LEAST_ONE, POSITIVE, RATE, check_fields, described, field_types, parse_text
 from vitzoo.migrate import spec_from_saved
-from vitzoo.train.checkpoint import load_checkpoint
+from vitzoo.train.checkpoint import read_trainer_state
 from vitzoo.vit import VisionTransformer
 from vitzoo.weights.files import StateDict, WeightsError, read_state_dict, write_state_dict
 
@@ -315,7 +315,7 @@ def fold_run_checkpoint(state_dict: StateDict, path: str | os.PathLike) -> State
     if not (folder / "trainer.pt").is_file():
         raise WeightsError(f"{path} holds LoRA adapters (lora_A, lora_B) but no trainer.pt beside it that says how "
                            f"they were trained; load the run's merged/ folder, or the checkpoint folder it came from")
-    return folded_adapters(state_dict, load_checkpoint(folder)[1], folder)
+    return folded_adapters(state_dict, read_trainer_state(folder), folder)
 
 
 def load_lora(model: nn.Module, path: str | os.PathLike) -> nn.Module:

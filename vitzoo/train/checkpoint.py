@@ -124,6 +124,15 @@ def _unreadable(path: Path) -> str | None:
 def load_checkpoint(path: str | os.PathLike) -> tuple[dict, dict[str, Any], dict | None]:
     """(weights, trainer state, EMA weights or None) of one checkpoint folder, read safely."""
     path = Path(path)
+    trainer = read_trainer_state(path)
+    ema = read_state_dict(path / "ema.safetensors") if (path / "ema.safetensors").is_file() else None
+    return read_state_dict(path / "model.safetensors"), trainer, ema
+
+
+def read_trainer_state(path: str | os.PathLike) -> dict[str, Any]:
+    """The trainer state (``trainer.pt``: step, optimizer, settings, spec, ...) of one checkpoint folder, read
+    safely, without its weights."""
+    path = Path(path)
     if not (path / "trainer.pt").is_file():
         raise WeightsError(f"{path} is not a training checkpoint (no trainer.pt); pass a run's checkpoint folder, "
                            f"e.g. <out>/checkpoints/step_00000100, or the run folder itself with --resume")
@@ -132,5 +141,4 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict, dict[str, Any], dict
     except Exception as err:  # torch raises UnpicklingError, RuntimeError or EOFError depending on the damage
         raise WeightsError(f"{path / 'trainer.pt'} cannot be read ({error_line(err)}); resume from an older "
                            f"checkpoint of the run, or start it anew") from None
-    ema = read_state_dict(path / "ema.safetensors") if (path / "ema.safetensors").is_file() else None
-    return read_state_dict(path / "model.safetensors"), trainer, ema
+    return trainer
