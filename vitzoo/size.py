@@ -38,6 +38,11 @@ def _across_tokens(spec: ViTSpec, slot: str, i: int) -> float | None:
 TABLE_GRID = "pos_embed.table_grid"
 
 
+def _table_grid(spec: ViTSpec) -> tuple[int, int] | None:
+    """The grid of a learned position table kept whatever the image size (Qwen3-VL), None for one of the image's."""
+    return spec.get(TABLE_GRID) if spec.pos_embed.name == "learned" else None
+
+
 def estimate_params(spec: ViTSpec) -> float:
     """About how many parameters the model of ``spec`` has (float: absurd specs give absurd numbers)."""
     dim, heads = float(spec.embed_dim), spec.num_heads
@@ -46,7 +51,7 @@ def estimate_params(spec: ViTSpec) -> float:
     total = spec.in_chans * float(spec.patch_size) ** 2 * dim + dim  # patch projection
     total += spec.num_prefix_tokens * dim
     if spec.pos_embed.name == "learned":
-        table = spec.get(TABLE_GRID)  # a table of its own grid, whatever the image size (Qwen3-VL)
+        table = _table_grid(spec)
         total += ((float(table[0]) * float(table[1]) if table else grid) + spec.positioned_prefix) * dim
     hidden = dim * spec.mlp_ratio
 
@@ -74,7 +79,7 @@ def check_size(spec: ViTSpec, max_params: int | None = MAX_PARAMS) -> None:
     """Refuse a spec estimated above ``max_params`` parameters (None: no limit), naming its sizes."""
     params = estimate_params(spec)
     if max_params is not None and params > max_params:
-        named = [*SIZE_FIELDS, TABLE_GRID] if spec.pos_embed.name == "learned" and spec.get(TABLE_GRID) else SIZE_FIELDS
+        named = [*SIZE_FIELDS, TABLE_GRID] if _table_grid(spec) else SIZE_FIELDS
         sizes = ", ".join(f"{name}={spec.get(name)!r}" for name in named)
         raise ValueError(
             f"ViTSpec: about {params:.3g} parameters ({sizes}) is over the limit of {max_params:.3g}; "
