@@ -73,6 +73,18 @@ def test_onnx_dynamic_batch_and_size(name, tmp_path):
         assert_close_to_eager(model, lambda x: onnx_run(path, x), shape)
 
 
+@pytest.mark.parametrize("name", ["qwen3_vit_88m_merge", "deepseek_vit_412m_enc"])
+def test_vlm_projectors_export_with_a_dynamic_size(tmp_path, name):
+    """The projectors read the patch grid from forward_features' (b, h, w, dim), so an export takes other sizes:
+    Qwen's merger in steps of its 2x2 cells, DeepSeek's aligner any multiple of the patch (it pads the grid to
+    whole 3x3 cells), non-square included."""
+    model = tiny(name, dynamic_img_size=True)
+    p = model.spec.patch_size * (2 if "merge" in name else 1)
+    path = export(model, tmp_path / "m.pt2", "exported", dynamic_batch=True, dynamic_size=True, img_size=4 * p)
+    loaded = torch.export.load(str(path)).module()
+    assert_close_to_eager(model, loaded, (3, 3, 5 * p, 7 * p))  # torch.export takes a side of one cell as fixed
+
+
 def test_exported_program_round_trips_with_dynamic_shapes(tmp_path):
     model = tiny("vit_tiny_patch16_224", dynamic_img_size=True)
     path = export(model, tmp_path / "model.pt2", "exported", dynamic_batch=True, dynamic_size=True)
@@ -132,9 +144,12 @@ def test_wrong_requests_are_refused_with_what_to_do(tmp_path, capsys, bad_input)
     message = bad_input("vitzoo export", "--dynamic-size on a fixed-size model", capsys.readouterr().err)
     assert "--set dynamic_img_size=true" in message
     assert not (tmp_path / "p.onnx").exists()
-    merged = tiny("qwen3_vit_88m_merge")  # takes any square size eager, but its readout needs the grid's sides
+    pooled = vitzoo.create_model("gemma4_vit_167m_enc", depth=1, img_size=48)  # its readout needs the grid's sides
     with pytest.raises(ValueError, match="finds the patch grid from the number of tokens"):
-        export(merged, tmp_path / "m.pt2", "exported", dynamic_size=True)
+        export(pooled, tmp_path / "m.pt2", "exported", dynamic_size=True)
+    with pytest.raises(ValueError, match=r"multiple of 32 pixels \(patch_size=16, times the cells pool='merger'"):
+        export(tiny("qwen3_vit_88m_merge", dynamic_img_size=True), tmp_path / "m.pt2", "exported", dynamic_size=True,
+               img_size=48)
     with pytest.raises(SystemExit):
         main(["export", "vit_pico_patch4_32", "--format", "tflite"])
     assert "invalid choice: 'tflite'" in capsys.readouterr().err

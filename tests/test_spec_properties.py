@@ -141,6 +141,8 @@ def test_any_value_for_any_create_model_override(field):
         expected = getattr(vitzoo.model_spec(BASE), name)
     if name == "pos_embed" and isinstance(value, str) and value in TIMM_POS_EMBEDS:  # timm's names, as timm's
         expected = TIMM_POS_EMBEDS[value]
+    if name == "final_norm" and isinstance(value, bool):  # timm's keyword: the norm, where the entry puts it, or none
+        expected = "auto" if value else "none"
     check(name, value, lambda: vitzoo.create_model(BASE, **{name: value}), expected)
 
 

@@ -71,7 +71,7 @@ def test_every_registry_entry_builds_and_runs(name):
     with torch.no_grad():
         out = model(torch.randn(1, *model.pretrained_cfg["input_size"]))
     # one vector per image, or tokens (b, n, width) where the readout keeps them (a VLM tower's image tokens)
-    assert out.shape[::out.ndim - 1] == (1, model.num_classes or model.num_features) and torch.isfinite(out).all()
+    assert out.shape[::out.ndim - 1] == (1, model.num_classes or model.head_hidden_size) and torch.isfinite(out).all()
     entry = model_entry(name)
     assert entry.paper and (entry.pretrained_cfg.get("hf_hub_id") or entry.notes)
 

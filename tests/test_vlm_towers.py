@@ -69,16 +69,21 @@ def test_outputs_match_timm(name: str) -> None:
     model = vitzoo.create_model(name, **TINY, **ours_kw).eval()
     model.load_state_dict(reference.state_dict(), strict=True)
     x = torch.randn(2, 3, size, size)
+    assert (model.output_fmt, model.num_features, model.head_hidden_size) == (
+        reference.output_fmt, reference.num_features, reference.head_hidden_size)
     with torch.no_grad():
         ours, theirs = model(x), reference(x)
         assert ours.shape == theirs.shape
         assert (ours - theirs).abs().max() <= 1e-4
-        if not name.endswith(("_merge", "_align")):  # timm counts the projector in those features
-            feats = reference.forward_features(x)
-            assert (model.forward_features(x).reshape(feats.shape) - feats).abs().max() <= 1e-4
-        side = size + 2 * model.spec.patch_size  # another size: the grid readouts and Qwen's table follow it
-        other = torch.randn(1, 3, side, side)
-        assert (model(other) - reference(other)).abs().max() <= 1e-4
+        # timm's layout: the patch grid (b, h, w, dim), or a classifier's projected tokens (_merge, _align)
+        feats, ref_feats = model.forward_features(x), reference.forward_features(x)
+        assert feats.shape == ref_feats.shape and (feats - ref_feats).abs().max() <= 1e-4
+        final, _ = model.forward_intermediates(x, indices=1)
+        assert torch.equal(final, feats)
+        p = model.spec.patch_size * (2 if "qwen" in name else 1)  # Qwen's merger reads whole 2x2 cells
+        for shape in [(1, 3, size + p, size + p), (1, 3, size, size + p)]:  # the grid readouts and Qwen's table follow
+            other = torch.randn(shape)
+            assert (model(other) - reference(other)).abs().max() <= 1e-4
 
 
 def test_entries_in_another_model() -> None:

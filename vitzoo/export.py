@@ -56,7 +56,7 @@ class ExportConfig:
     out: str | None = described(None, "file to write (None: the model's name with .onnx, .pt or .pt2, here)")
     dynamic_batch: bool = described(False, "accept any batch size, not only batch_size")
     dynamic_size: bool = described(False, "accept any image size that is a multiple of the patch size (a model "
-                                   "built with dynamic_img_size=True)")
+                                   "built with dynamic_img_size=True; Qwen's merger: of two patches)")
     batch_size: int = described(2, "images in the example batch that the export traces and the check runs",
                                 AT_LEAST_ONE)
     img_size: int | None = described(None, "export at this image size, the position table resampled once "
@@ -75,21 +75,27 @@ def _example_sizes(model: VisionTransformer, batch_size: int, img_size: tuple[in
     """The input shapes the check runs: the traced one, then one with each dynamic dimension changed."""
     shapes = [(batch_size, model.spec.in_chans, *img_size)]
     if dynamic_batch or dynamic_size:
-        p = model.spec.patch_size
+        p = _size_step(model)
         height, width = img_size
         shapes.append((batch_size + 1 if dynamic_batch else batch_size, model.spec.in_chans,
                        *((height + p, width + 2 * p) if dynamic_size else img_size)))
     return shapes
 
 
+def _size_step(model: VisionTransformer) -> int:
+    """The pixels a dynamic image side moves by: the patch size, times the cell side of a readout that needs
+    whole cells of patches (Qwen's merger: 2)."""
+    return model.spec.patch_size * getattr(model.attn_pool, "grid_multiple", 1)
+
+
 def _dynamic_shapes(model: VisionTransformer, dynamic_batch: bool, dynamic_size: bool) -> dict[str, Any] | None:
     """The dimensions of ``images`` declared dynamic to the exporter: the batch, and the height and width as
-    multiples of the patch size."""
+    multiples of :func:`_size_step`."""
     if not (dynamic_batch or dynamic_size):
         return None
     dims: dict[int, Any] = {0: Dim("batch")} if dynamic_batch else {}
     if dynamic_size:
-        p = model.spec.patch_size
+        p = _size_step(model)
         dims.update({2: p * Dim("rows"), 3: p * Dim("cols")})
     return {"images": dims}
 
@@ -105,9 +111,11 @@ def _check_dynamic_size(model: VisionTransformer, img_size: tuple[int, int], for
         raise ValueError(f"dynamic_size: pool={spec.pool.name!r} finds the patch grid from the number of "
                          f"tokens, which an export with a symbolic image size does not give; export at one size "
                          f"(img_size=...), or run the model eager, which takes any square size")
-    p = spec.patch_size
+    p = _size_step(model)
     if img_size[0] % p or img_size[1] % p:
-        raise ValueError(f"dynamic_size exports at a multiple of patch_size={p}, got {img_size[0]}x{img_size[1]}; "
+        why = f"patch_size={spec.patch_size}" + (f", times the cells pool={spec.pool.name!r} merges"
+                                                 if p != spec.patch_size else "")
+        raise ValueError(f"dynamic_size exports at a multiple of {p} pixels ({why}), got {img_size[0]}x{img_size[1]}; "
                          f"pass an img_size that is one")
 
 

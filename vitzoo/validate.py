@@ -171,15 +171,6 @@ def _head(model: nn.Module, feats: torch.Tensor, x: torch.Tensor) -> torch.Tenso
         return model(x)
 
 
-def _feature_diff(ours: torch.Tensor, theirs: torch.Tensor) -> float | None:
-    """max |ours - theirs| of forward_features, the token layout aside (timm's VLM towers give (b, h, w, d));
-    None when they hold different values (timm counts a VLM projector in its classifiers' features, vitzoo in
-    the readout: the logits compare that path)."""
-    if ours.numel() != theirs.numel():
-        return None
-    return (ours.reshape(theirs.shape) - theirs).abs().max().item()
-
-
 def reduced_depth(spec: ViTSpec, depth: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """(vitzoo overrides, timm keywords) that cut a model to ``depth`` blocks. Per-layer settings (entry names
     included; timm has no keyword for those) keep the first layer of each distinct setting before any other, so
@@ -226,8 +217,10 @@ def _compare(name: str, depth: int | None, result: Validation) -> None:
             hook.remove()
         logits, logits_ref = model.forward_head(feats), _head(reference, feats_ref, x)
     result.depth = len(model.blocks)
-    features = _feature_diff(feats, feats_ref)
-    result.diffs = {**({} if features is None else {"features": features}),
+    same = feats.shape == feats_ref.shape
+    if not same:
+        result.reason = f"forward_features gives {tuple(feats.shape)}, timm's {tuple(feats_ref.shape)}"
+    result.diffs = {**({"features": (feats - feats_ref).abs().max().item()} if same else {}),
                     "logits": (logits - logits_ref).abs().max().item()}
     # timm blocks that keep the grid (SAM's: (b, h, w, dim)) are compared as vitzoo's tokens (b, h * w, dim)
     result.block_diffs = [(o - t.flatten(1, -2)).abs().max().item() if t.ndim == 4 else (o - t).abs().max().item()
@@ -268,7 +261,9 @@ def validate(name: str, depth: int | None = None) -> Validation:
         depth = min(AUTO_DEPTH, result.full_depth)
     _compare(name, depth, result)
     bad = [i for i, d in enumerate(result.block_diffs) if not d <= TOL]
-    if bad:
+    if result.reason:  # the outputs' shapes differ
+        pass
+    elif bad:
         result.reason = f"first differing block: {bad[0]} (max |diff| {result.block_diffs[bad[0]]:.2e})"
     elif not result.worst <= TOL:  # also catches NaN
         result.reason = f"outputs differ after the blocks (max |diff| {result.worst:.2e})"

@@ -147,7 +147,7 @@ class VisionTransformer(nn.Module):
         self._maps = spec.features.name != "tokens"  # forward_features gives a map (b, channels, h, w)
         self.neck = self._build(FEATURE_MAPS, "features", 0, dim) if self._maps else nn.Identity()
         self.attn_pool = self._make_pool()
-        self.fc_norm = norm(self.num_features) if spec.final_norm_at == "pooled" else nn.Identity()
+        self.fc_norm = norm(self.head_hidden_size) if spec.final_norm_at == "pooled" else nn.Identity()
         self.head_drop = nn.Dropout(spec.drop.head)
         self._make_heads()
         self.grad_checkpointing = False
@@ -197,7 +197,7 @@ class VisionTransformer(nn.Module):
     def _make_heads(self) -> None:
         """``head`` (and DeiT's ``head_dist``): a linear classifier, or Identity when num_classes=0; after a feature
         map, timm's ``ClassifierHead`` layout (``head.fc``)."""
-        dim, num_classes = self.num_features, self.spec.num_classes
+        dim, num_classes = self.head_hidden_size, self.spec.num_classes
         self.head = nn.Linear(dim, num_classes) if num_classes else nn.Identity()
         if self._maps and num_classes:
             self.head = nn.Sequential(OrderedDict(fc=self.head))
@@ -247,12 +247,27 @@ class VisionTransformer(nn.Module):
         return self.spec.embed_dim
 
     @property
-    def num_features(self) -> int:
+    def head_hidden_size(self) -> int:
         """Width of what the head reads: the pooled width (:meth:`_pooled_width`), or a projecting readout's output
         width (the VLM towers' mergers)."""
         return getattr(self.attn_pool, "out_dim", self._pooled_width())
 
-    head_hidden_size = num_features
+    @property
+    def num_features(self) -> int:
+        """Channels of what :meth:`forward_features` returns (timm's meaning): the head's width, but the patch
+        tokens' where a VLM encoder tower returns its grid and projects it only in the readout."""
+        grid_out = getattr(self.attn_pool, "output_fmt", None) == "NHWC"
+        return self._pooled_width() if grid_out else self.head_hidden_size
+
+    @property
+    def output_fmt(self) -> str:
+        """The layout of :meth:`forward_features` where timm's model declares one: ``NHWC`` (the VLM towers'
+        patch grid) or ``NLC`` (their projected tokens). Other models have none, as timm's ViTs."""
+        fmt = getattr(self.attn_pool, "output_fmt", None)
+        if fmt is None:
+            raise AttributeError("output_fmt: this model's forward_features gives tokens (b, prefix + h*w, dim), or "
+                                 "(b, channels, h, w) for a feature map, and declares no format, as timm's ViTs")
+        return fmt
 
     @property
     def default_cfg(self) -> dict[str, Any]:
@@ -457,7 +472,9 @@ class VisionTransformer(nn.Module):
         return block(*args)
 
     def forward_features(self, images: torch.Tensor | dict[str, torch.Tensor]) -> torch.Tensor | dict:
-        """Images ``(b, c, H, W)`` -> normalized tokens ``(b, prefix + h*w, dim)``.
+        """Images ``(b, c, H, W)`` -> normalized tokens ``(b, prefix + h*w, dim)``; a map ``(b, channels, h, w)``
+        for ``features`` other than tokens; for the VLM towers what timm's return (:attr:`output_fmt`): the patch
+        grid ``(b, h, w, dim)``, or the projector's tokens where a classifier reads them.
 
         A patch-sequence batch (:mod:`vitzoo.packing`) gives timm's NaFlex answer, a dict: ``patches``, each
         image's tokens ``(images, prefix + P, dim)`` (padded to the longest), and ``patch_valid`` ``(images, P)``.
@@ -465,7 +482,7 @@ class VisionTransformer(nn.Module):
         if is_sequence(images):
             return self._sequence_features(images)
         x, grid = self._embed(images)
-        return self._features(self._encode(x, self._rotation(grid), self._attn_bias(grid)), grid)
+        return self._final(self._encode(x, self._rotation(grid), self._attn_bias(grid)), grid)
 
     def _encode(self, x: torch.Tensor, rotation: Rotation | None, bias: torch.Tensor | None) -> torch.Tensor:
         """Embedded tokens through every block, the prefix tokens joining where the spec says; before the norm."""
@@ -500,6 +517,14 @@ class VisionTransformer(nn.Module):
         if not self._maps:
             return x
         return self.neck(rearrange(x[:, self.num_prefix_tokens:], "b (h w) d -> b d h w", h=grid[0], w=grid[1]))
+
+    def _final(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """What :meth:`forward_features` returns of the last block's tokens: :meth:`_features`, shaped by the
+        readout where it says how (``feature_stage``: the VLM towers' ``(b, h, w, dim)`` grid or projected tokens,
+        as timm's towers return them)."""
+        x = self._features(x, grid)
+        stage = getattr(self.attn_pool, "feature_stage", None)
+        return x if stage is None else stage(x, grid)
 
     def _sequence_features(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self._maps:
@@ -576,7 +601,7 @@ class VisionTransformer(nn.Module):
             states = [rearrange(s, "b (h w) d -> b d h w", h=h) for s in states]
         if return_prefix_tokens and self.num_prefix_tokens:
             states = list(zip(states, prefix, strict=True))
-        return states if intermediates_only else (self._features(self._joined(x, len(self.blocks)), (h, w)), states)
+        return states if intermediates_only else (self._final(self._joined(x, len(self.blocks)), (h, w)), states)
 
     def get_intermediate_layers(
         self, images: torch.Tensor, n: int | Sequence[int] = 1, reshape: bool = False,

@@ -8,6 +8,11 @@ is those tokens ``(b, cells, out_features)`` (timm's ``*_enc`` names); with ``re
 normalized, goes to the classifier (timm's ``*_merge`` / ``*_align`` names). ``out_dim`` tells the model the
 width its head reads. The module is stored under timm's name for it (``state_name``), not ``attn_pool``, and
 ``checkpoint_prefix`` names the rest of the model as timm's classifier wrappers do (``encoder.``).
+
+These readouts also shape ``forward_features`` as timm's towers do (:meth:`_Projector.feature_stage`): the patch
+tokens as a ``(b, h, w, dim)`` grid (``output_fmt`` NHWC), or, where the projector feeds a classifier, the
+projector's tokens (NLC); the readout then reads that. The projectors read the grid from its shape, so any
+image size, square or not, whose grid holds whole cells goes through.
 """
 
 from __future__ import annotations
@@ -21,12 +26,22 @@ from torch import nn
 
 from vitzoo.blocks.norm import NormFactory
 from vitzoo.blocks.options import GridOptions
-from vitzoo.blocks.pooling import POOLS, MlpFactory, PoolOptions, _Readout, masked_mean, token_grid
+from vitzoo.blocks.pooling import POOLS, MlpFactory, PoolOptions, _Readout, masked_mean
 from vitzoo.fields import AT_LEAST_ONE, NON_NEGATIVE, described
 
 torch.fx.wrap("rearrange")
-torch.fx.wrap("token_grid")
 READOUTS = ("none", "avg_norm")
+
+
+@torch.fx.wrap
+def whole_cells(x: torch.Tensor, cell: int) -> torch.Tensor:
+    """The grid ``x`` ``(b, h, w, d)``, refused with the sizes that work when it is not whole ``cell x cell`` cells
+    (a graph node under ``torch.fx``, where the sides are known only when the graph runs)."""
+    rows, cols = x.shape[1], x.shape[2]
+    if rows % cell or cols % cell:
+        raise ValueError(f"pool='merger' merges {cell}x{cell} cells of patches, but the patch grid is {rows}x{cols}; "
+                         f"use images whose sides in patches are multiples of {cell}")
+    return x
 
 
 def parameter_free(norm: nn.Module) -> nn.Module:
@@ -49,6 +64,8 @@ class AvgNormOptions(PoolOptions):
 
     norm: bool = described(True, "the parameter-free norm after the mean (timm's final_norm)")
     checkpoint_prefix: str = _checkpoint_prefix()
+    grid: bool = described(False, "forward_features returns the patch tokens as a (b, h, w, dim) grid (timm's NHWC "
+                           "output of the Qwen3-VL and DeepSeek-V4 towers; Gemma 4's are tokens)")
     std_buffers: bool = described(
         False, "hold the tower's std_bias / std_scale buffers, which only its own readout applies (timm's Gemma 4 "
                "26B/31B classifier stores them unused)")
@@ -57,6 +74,7 @@ class AvgNormOptions(PoolOptions):
 class AvgNormPool(_Readout):
     """Mean of the patch tokens, then a parameter-free norm of the model's kind: the classifier readout timm puts
     on VLM vision towers whose own output is not normalized for classification (Qwen3-VL, DeepSeek-V4, Gemma 4).
+    With ``grid`` the model's forward_features gives the tokens as a ``(b, h, w, dim)`` grid, which it reads.
     Its buffers, if any, are stored at the model's top level."""
 
     state_name = ""
@@ -67,11 +85,19 @@ class AvgNormPool(_Readout):
     ) -> None:
         super().__init__(dim, num_heads, mlp_ratio, norm, mlp, num_prefix, options=options)
         self.norm = parameter_free(norm(dim)) if options.norm else nn.Identity()
+        self.output_fmt = "NHWC" if options.grid else None
         if options.std_buffers:
             self.register_buffer("std_bias", torch.zeros(dim))
             self.register_buffer("std_scale", torch.ones(dim))
 
+    def feature_stage(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """The normed tokens ``(b, h*w, dim)`` as forward_features returns them: a ``(b, h, w, dim)`` grid with
+        ``grid``, else unchanged."""
+        return rearrange(x, "b (h w) d -> b h w d", h=grid[0]) if self.output_fmt else x
+
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        if self.output_fmt and valid is None:  # an image batch's grid; patch sequences come as tokens and valid
+            x = rearrange(x, "b h w d -> b (h w) d")
         return self.norm(masked_mean(*self._read(x, valid)))
 
 
@@ -95,23 +121,32 @@ class ProjectorOptions(GridOptions):
 
 
 class _Projector(nn.Module):
-    """Shared by the projectors: the cell grid, the output width and the optional classifier readout."""
+    """Shared by the projectors: the cell grid, the output width, the optional classifier readout, and what
+    forward_features returns: the grid ``(b, h, w, dim)`` the projector reads (``readout="none"``, timm's encoder
+    towers), or the projector's tokens, which the classifier readout reads (timm's ``_merge`` / ``_align``)."""
 
     state_name = "attn_pool"
-    reads_grid = True  # the patch grid comes from the token count (pooling.token_grid)
 
     def __init__(self, dim: int, norm: NormFactory, options: ProjectorOptions) -> None:
         super().__init__()
         self.grid, self.cell = options.grid, options.cell
         self.out_dim = options.out_features or dim * options.cell**2
         self.readout = parameter_free(norm(self.out_dim)) if options.readout == "avg_norm" else None
+        self.output_fmt = "NHWC" if self.readout is None else "NLC"
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
+        """The patch grid ``(b, h, w, dim)`` -> the projector's tokens ``(b, cells, out_dim)``."""
         raise NotImplementedError
 
+    def feature_stage(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        x = rearrange(x, "b (h w) d -> b h w d", h=grid[0])
+        return x if self.readout is None else self.project(x)
+
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.project(x)
-        return x if self.readout is None else self.readout(masked_mean(x, None))
+        if valid is not None:
+            raise ValueError(f"pool={type(self).__name__} reads the cells of one image grid; feed image batches, not "
+                             f"patch sequences")
+        return self.project(x) if self.readout is None else self.readout(masked_mean(x, None))
 
 
 class PatchMerger(_Projector):
@@ -126,6 +161,7 @@ class PatchMerger(_Projector):
         options: ProjectorOptions = ProjectorOptions(),
     ) -> None:
         super().__init__(dim, norm, options)
+        self.grid_multiple = self.cell  # the patch grid's sides must be whole cells (an export steps sizes by them)
         if any(side % self.cell for side in self.grid):
             raise ValueError(f"pool='merger' merges {self.cell}x{self.cell} cells, but the patch grid {self.grid} is "
                              f"not divisible by the cell; use an image size whose patch grid is a multiple of "
@@ -137,9 +173,8 @@ class PatchMerger(_Projector):
         self.fc2 = nn.Linear(hidden, options.out_features) if options.out_features else nn.Identity()
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
-        grid = token_grid(x, self.grid, self.cell, "pool='merger'")
-        x = rearrange(self.norm(x), "b (h kh w kw) d -> b (h w) (kh kw d)",
-                      h=grid[0] // self.cell, kh=self.cell, kw=self.cell)
+        x = rearrange(self.norm(whole_cells(x, self.cell)), "b (h kh) (w kw) d -> b (h w) (kh kw d)", kh=self.cell,
+                      kw=self.cell)
         return self.fc2(self.act(self.fc1(x)))
 
 
@@ -160,10 +195,9 @@ class PatchAligner(_Projector):
         self.fc2 = nn.Linear(self.out_dim, self.out_dim)
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
-        grid = token_grid(x, self.grid, 1, "pool='aligner'")
-        pad_h, pad_w = -grid[0] % self.cell, -grid[1] % self.cell
-        x = F.pad(rearrange(x, "b (h w) d -> b d h w", h=grid[0]), (0, pad_w, 0, pad_h))
-        x = rearrange(x, "b d (h kh) (w kw) -> b (h w) (d kh kw)", kh=self.cell, kw=self.cell)
+        pad_h, pad_w = -x.shape[1] % self.cell, -x.shape[2] % self.cell
+        x = F.pad(rearrange(x, "b h w d -> b d h w"), (0, pad_w, 0, pad_h))
+        x = rearrange(F.unfold(x, self.cell, stride=self.cell), "b f cells -> b cells f")  # f = (d kh kw)
         return self.fc2(self.act(self.fc1(x)))
 
 

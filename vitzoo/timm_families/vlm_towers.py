@@ -98,10 +98,10 @@ def spec(model: nn.Module) -> ViTSpec:
             raise refuse("global_pool", repr(model.global_pool), "global_pool")
         prefix = {"checkpoint_prefix": "encoder."}
         if projector is None and not _present(model.norm):  # final_norm=False: the plain mean
-            pool: dict[str, Any] = {"name": "avg_norm", "norm": False, **prefix}
+            pool: dict[str, Any] = {"name": "avg_norm", "norm": False, "grid": True, **prefix}
         else:
             _free_norm("norm", model.norm, kind)
-            pool = {"name": "avg_norm", **prefix} if projector is None else {
+            pool = {"name": "avg_norm", "grid": True, **prefix} if projector is None else {
                 "name": projector[0], **projector[1], "readout": "avg_norm", **prefix}
     elif projector is not None:
         pool = {"name": projector[0], **projector[1], "readout": "none"}
