@@ -69,8 +69,9 @@ def test_outputs_match_timm(name: str) -> None:
     model = vitzoo.create_model(name, **TINY, **ours_kw).eval()
     model.load_state_dict(reference.state_dict(), strict=True)
     x = torch.randn(2, 3, size, size)
-    assert (model.output_fmt, model.num_features, model.head_hidden_size) == (
-        reference.output_fmt, reference.num_features, reference.head_hidden_size)
+    assert (model.num_features, model.head_hidden_size) == (reference.num_features, reference.head_hidden_size)
+    # timm's NLC (projected tokens) is left undeclared: timm's own test of default configs refuses it
+    assert getattr(model, "output_fmt", "NLC") == reference.output_fmt
     with torch.no_grad():
         ours, theirs = model(x), reference(x)
         assert ours.shape == theirs.shape

@@ -261,8 +261,9 @@ class VisionTransformer(nn.Module):
 
     @property
     def output_fmt(self) -> str:
-        """The layout of :meth:`forward_features` where timm's model declares one: ``NHWC`` (the VLM towers'
-        patch grid) or ``NLC`` (their projected tokens). Other models have none, as timm's ViTs."""
+        """``NHWC`` where :meth:`forward_features` gives the patch grid ``(b, h, w, dim)`` (the Qwen3-VL and
+        DeepSeek-V4 towers, as timm's). Token outputs declare none, as timm's ViTs (timm's VLM towers declare
+        ``NLC`` for theirs, which its own test of default configs then refuses)."""
         fmt = getattr(self.attn_pool, "output_fmt", None)
         if fmt is None:
             raise AttributeError("output_fmt: this model's forward_features gives tokens (b, prefix + h*w, dim), or "

@@ -230,7 +230,6 @@ class CellMeanPool(nn.Module):
 
     state_name = ""
     reads_grid = True  # the patch grid comes from the token count (pooling.token_grid)
-    output_fmt = "NLC"  # forward_features gives the tokens, as timm's Gemma 4 encoder tower declares
 
     def __init__(
         self, dim: int, num_heads: int, mlp_ratio: float, norm: NormFactory, mlp: MlpFactory, num_prefix: int, *,

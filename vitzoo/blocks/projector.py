@@ -11,7 +11,7 @@ width its head reads. The module is stored under timm's name for it (``state_nam
 
 These readouts also shape ``forward_features`` as timm's towers do (:meth:`_Projector.feature_stage`): the patch
 tokens as a ``(b, h, w, dim)`` grid (``output_fmt`` NHWC), or, where the projector feeds a classifier, the
-projector's tokens (NLC); the readout then reads that. The projectors read the grid from its shape, so any
+projector's tokens; the readout then reads that. The projectors read the grid from its shape, so any
 image size, square or not, whose grid holds whole cells goes through.
 """
 
@@ -132,7 +132,9 @@ class _Projector(nn.Module):
         self.grid, self.cell = options.grid, options.cell
         self.out_dim = options.out_features or dim * options.cell**2
         self.readout = parameter_free(norm(self.out_dim)) if options.readout == "avg_norm" else None
-        self.output_fmt = "NHWC" if self.readout is None else "NLC"
+        # timm declares NLC for the projected tokens, and its own test_model_default_cfgs then fails on those
+        # names (it supports 2-D outputs only); vitzoo declares no format there, as for other token outputs
+        self.output_fmt = "NHWC" if self.readout is None else None
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """The patch grid ``(b, h, w, dim)`` -> the projector's tokens ``(b, cells, out_dim)``."""
