@@ -102,6 +102,9 @@ def test_entries_in_another_model() -> None:
         vitzoo.create_model("vit_tiny_patch16_224", pool="merger", **small)
     with pytest.raises(ValueError, match="divisible by the cell"):
         vitzoo.create_model("vit_tiny_patch16_224", class_token=False, pool="merger", depth=1, img_size=112)
+    with pytest.raises(ValueError, match=r"pool='merger' reads 2x2 cells, but the patch grid \(4, 3\)"):  # at 64x48
+        vitzoo.create_model("vit_tiny_patch16_224", class_token=False, num_classes=10, dynamic_img_size=True, **small,
+                            pool={"name": "merger", "out_features": 48})(torch.randn(1, 3, 64, 48))
 
 
 def test_timm_classifier_file_loads(tmp_path) -> None:

@@ -99,10 +99,15 @@ def token_grid(x: torch.Tensor, grid: tuple[int, int], cell: int, reader: str) -
         if rows * cols != count:
             raise ValueError(f"{reader} finds the patch grid from the number of tokens: {grid} at img_size, square "
                              f"at other sizes, but got {count} tokens; feed square images or images of img_size")
-    if rows % cell or cols % cell:
-        raise ValueError(f"{reader} reads {cell}x{cell} cells, but the patch grid {(rows, cols)} is not divisible by "
-                         f"the cell; use images whose side in patches is a multiple of {cell}")
+    require_cells((rows, cols), cell, reader)
     return rows, cols
+
+
+def require_cells(grid: tuple[int, int], cell: int, reader: str) -> None:
+    """Refuse an image's patch ``grid`` that is not whole ``cell x cell`` cells, for the readouts that read cells."""
+    if grid[0] % cell or grid[1] % cell:
+        raise ValueError(f"{reader} reads {cell}x{cell} cells, but the patch grid {tuple(grid)} is not divisible by "
+                         f"the cell; use images whose side in patches is a multiple of {cell}")
 
 
 def masked_mean(x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:

@@ -26,7 +26,7 @@ from torch import nn
 
 from vitzoo.blocks.norm import NormFactory
 from vitzoo.blocks.options import GridOptions
-from vitzoo.blocks.pooling import POOLS, MlpFactory, PoolOptions, _Readout, masked_mean
+from vitzoo.blocks.pooling import POOLS, MlpFactory, PoolOptions, _Readout, masked_mean, require_cells
 from vitzoo.fields import AT_LEAST_ONE, NON_NEGATIVE, described
 
 torch.fx.wrap("rearrange")
@@ -34,13 +34,10 @@ READOUTS = ("none", "avg_norm")
 
 
 @torch.fx.wrap
-def whole_cells(x: torch.Tensor, cell: int) -> torch.Tensor:
-    """The grid ``x`` ``(b, h, w, d)``, refused with the sizes that work when it is not whole ``cell x cell`` cells
-    (a graph node under ``torch.fx``, where the sides are known only when the graph runs)."""
-    rows, cols = x.shape[1], x.shape[2]
-    if rows % cell or cols % cell:
-        raise ValueError(f"pool='merger' merges {cell}x{cell} cells of patches, but the patch grid is {rows}x{cols}; "
-                         f"use images whose sides in patches are multiples of {cell}")
+def whole_cells(x: torch.Tensor, cell: int, reader: str) -> torch.Tensor:
+    """The grid ``x`` ``(b, h, w, d)``, refused (:func:`~vitzoo.blocks.pooling.require_cells`) when it is not whole
+    ``cell x cell`` cells; a graph node under ``torch.fx``, where the sides are known only when the graph runs."""
+    require_cells((x.shape[1], x.shape[2]), cell, reader)
     return x
 
 
@@ -146,7 +143,7 @@ class _Projector(nn.Module):
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         if valid is not None:
-            raise ValueError(f"pool={type(self).__name__} reads the cells of one image grid; feed image batches, not "
+            raise ValueError(f"pool='{self.state_name}' reads the cells of one image grid; feed image batches, not "
                              f"patch sequences")
         return self.project(x) if self.readout is None else self.readout(masked_mean(x, None))
 
@@ -175,8 +172,8 @@ class PatchMerger(_Projector):
         self.fc2 = nn.Linear(hidden, options.out_features) if options.out_features else nn.Identity()
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
-        x = rearrange(self.norm(whole_cells(x, self.cell)), "b (h kh) (w kw) d -> b (h w) (kh kw d)", kh=self.cell,
-                      kw=self.cell)
+        x = rearrange(self.norm(whole_cells(x, self.cell, "pool='merger'")), "b (h kh) (w kw) d -> b (h w) (kh kw d)",
+                      kh=self.cell, kw=self.cell)
         return self.fc2(self.act(self.fc1(x)))
 
 
