@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import functools
+import platform
+import subprocess
+import sys
 
 import pytest
 import timm
@@ -100,6 +103,29 @@ def test_tensor_peak_counts_allocations_while_they_live():
         torch.ones(mib)  # 3 MiB live again, freed at once
 
     assert peak_tensor_bytes(step, torch.device("cpu")) == 3 * 2**20
+
+
+_HELD_BLOCK = """
+import ctypes, torch
+from vitzoo.memory import reuse_freed_host_memory
+class MallInfo(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo
+def mapped_while_held():
+    block = torch.empty(48 << 20, dtype=torch.uint8)
+    return libc.mallinfo2().hblkhd  # bytes in blocks malloc mapped on their own
+print(mapped_while_held() >= 48 << 20, reuse_freed_host_memory(), mapped_while_held() < 48 << 20)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="a setting of glibc's malloc")
+def test_cpu_training_serves_large_blocks_from_the_heap():
+    """A 48 MiB tensor (a large activation) is mapped afresh by default, from the heap after the setting
+    that CPU training makes (in a fresh process: the setting is the whole process's)."""
+    found = subprocess.run([sys.executable, "-c", _HELD_BLOCK], capture_output=True, text=True, check=True)
+    assert found.stdout.split() == ["True", "True", "True"]
 
 
 def test_standard_vit_compiles_to_one_graph():

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from vitzoo.fields import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, RATE, check_fields, described
+from vitzoo.memory import reuse_freed_host_memory
 from vitzoo.packing import is_sequence
 from vitzoo.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from vitzoo.train.data import Normalized, Resized, data_config
@@ -452,8 +453,12 @@ def fit(
     accepted changes and the validation rows so far, ``on_eval`` each new validation row. ``objective``: what
     a step minimises (default: cross-entropy to the labels; :mod:`vitzoo.train.objective`). Training batches of uint8
     pixels (``build_datasets(train_pixels=True)``) are normalised on the device with the model's mean and std.
+    On the CPU, the process's malloc keeps large freed blocks for the next step
+    (:func:`vitzoo.memory.reuse_freed_host_memory`).
     """
     world = world or World(device=config.device)
+    if torch.device(world.device).type == "cpu":
+        reuse_freed_host_memory()
     torch.manual_seed(config.seed)
     model.to(world.device).train()
     folder = Path(run_dir) / "checkpoints" if run_dir is not None else None
