@@ -5,6 +5,8 @@
 For each seed: ``--mae-steps`` of masked-autoencoder pretraining on the training images (labels unused),
 then ``--finetune-steps`` of fine-tuning from the pretrained encoder; against ``--mae-steps +
 --finetune-steps`` of training from a random initialisation (the same seed, batch, warm-up and schedule).
+With ``--labels-per-class N`` both arms learn from N labelled images of each class (the same ones for a seed),
+while MAE still sees every training image: the semi-supervised setting that self-supervised pretraining is for.
 The pretrained encoder is fine-tuned at ``--finetune-lr``, optionally with layer-wise decay
 (``--layer-decay``, the paper's recipe with a higher rate); the random initialisation trains at ``--lr``.
 Both report the validation accuracy after their last step (never the best along the way). Prints a
@@ -34,7 +36,7 @@ def fine_tune(args: argparse.Namespace, seed: int, steps: int, out: Path, pretra
     train = TrainConfig(steps=steps, batch_size=args.batch_size, lr=lr, layer_decay=decay, warmup_steps=args.warmup,
                         seed=seed)
     config = FinetuneConfig(model=args.model, pretrained=pretrained, eval_every=steps, checkpoint_every=steps,
-                            out=str(out), overwrite=True, train=train)
+                            out=str(out), overwrite=True, labels_per_class=args.labels_per_class, train=train)
     return finetune(config, progress=False)["val_acc"]
 
 
@@ -48,6 +50,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3, help="the rate from a random initialisation")
     parser.add_argument("--finetune-lr", type=float, default=1e-3, help="the rate of fine-tuning the MAE encoder")
     parser.add_argument("--layer-decay", type=float, default=None, help="layer-wise lr decay of that fine-tuning")
+    parser.add_argument("--labels-per-class", type=int, default=None,
+                        help="both arms train on this many labelled images of each class (MAE sees every image)")
     parser.add_argument("--warmup", type=int, default=30, help="warm-up steps of both arms' training on labels")
     parser.add_argument("--mae-lr", type=float, default=1.5e-3)
     parser.add_argument("--mask-ratio", type=float, default=0.75)
@@ -77,7 +81,8 @@ def main() -> None:
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
         return f"{100 * statistics.mean(values):.1f} ± {100 * spread:.1f}"
 
-    print(f"\n{args.model} on digits (32 px), val accuracy % after {total} steps of batch {args.batch_size}, "
+    labels = f", {args.labels_per_class} labelled images per class" if args.labels_per_class else ""
+    print(f"\n{args.model} on digits (32 px){labels}, val accuracy % after {total} steps of batch {args.batch_size}, "
           f"mean ± std over seeds {', '.join(map(str, args.seeds))}\n")
     print("| start | steps | val acc | per seed |")
     print("|---|---|---|---|")

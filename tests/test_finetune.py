@@ -19,7 +19,7 @@ from PIL import Image
 import vitzoo
 from vitzoo.train import TrainConfig, fit
 from vitzoo.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from vitzoo.train.data import build_datasets, num_classes
+from vitzoo.train.data import build_datasets, dataset_labels, labelled_subset, num_classes
 from vitzoo.train.distributed import weights_digest
 from vitzoo.train.finetune import FinetuneConfig, finetune
 from vitzoo.train.mix import mix_batch
@@ -172,6 +172,28 @@ def test_image_folder_without_split_is_split_per_class(tmp_path):
     train, val = build_datasets(str(tmp_path), cfg, val_fraction=0.4)
     assert (len(train), len(val), num_classes(train)) == (6, 4, 2)
     assert train[0][0].shape == (3, 16, 16)
+
+
+def test_labels_per_class_trains_on_that_many_images_of_each_class(tmp_path, bad_input):
+    """A few-label run draws the same images for the same seed, every class alike, the validation split untouched."""
+    cfg = vitzoo.create_model("vit_pico_patch4_32", img_size=16).pretrained_cfg
+    train, val = build_datasets("digits", cfg)
+    subset = labelled_subset(train, 3, seed=0)
+    labels = dataset_labels(subset)
+    assert labels.bincount().tolist() == [3] * 10 and set(subset.indices) <= set(range(len(train)))
+    assert subset.indices == labelled_subset(train, 3, seed=0).indices != labelled_subset(train, 3, seed=1).indices
+    assert torch.equal(labels, torch.stack([train[i][1] for i in subset.indices]))
+    with pytest.raises(ValueError, match="fewer than labels_per_class=500; ask for at most") as many:
+        labelled_subset(train, 500, seed=0)
+    bad_input("--labels-per-class", "500 (digits' classes hold about 144)", str(many.value))
+    fake, _ = build_datasets("torchvision:FakeData", cfg)
+    with pytest.raises(ValueError, match="FakeData has none") as unlabelled:
+        labelled_subset(fake, 2, seed=0)
+    bad_input("--labels-per-class", "2 with --data torchvision:FakeData", str(unlabelled.value))
+    config = FinetuneConfig(model="vit_pico_patch4_32", img_size=16, out=str(tmp_path), labels_per_class=2,
+                            overrides=dict(depth=1, embed_dim=32), train=TrainConfig(steps=1, batch_size=8))
+    summary = finetune(config, progress=False)
+    assert summary["train_images"] == 20 and len(val) == 359
 
 
 def test_bad_input_says_what_is_wrong(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Iterator
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -137,19 +138,52 @@ def digits(cfg: dict[str, Any], val_fraction: float = 0.2, seed: int = 0) -> tup
     return Subset(full, train_idx), Subset(full, val_idx)
 
 
+def _shuffled_classes(labels: torch.Tensor, seed: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """(label, that class's indices in an order fixed by ``seed``), class by class in label order."""
+    generator = torch.Generator().manual_seed(seed)
+    for label in labels.unique().tolist():
+        members = (labels == label).nonzero().flatten()
+        yield label, members[torch.randperm(len(members), generator=generator)]
+
+
 def stratified_split(labels: torch.Tensor, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Sorted (train, val) indices holding ``val_fraction`` of every class in val, fixed by ``seed``."""
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    generator = torch.Generator().manual_seed(seed)
     val_idx, train_idx = [], []
-    for label in labels.unique().tolist():
-        members = (labels == label).nonzero().flatten()
-        members = members[torch.randperm(len(members), generator=generator)]
+    for _, members in _shuffled_classes(labels, seed):
         n_val = round(len(members) * val_fraction)
         val_idx += members[:n_val].tolist()
         train_idx += members[n_val:].tolist()
     return sorted(train_idx), sorted(val_idx)
+
+
+def dataset_labels(dataset: Dataset) -> torch.Tensor | None:
+    """Every sample's label, where the dataset holds them apart from the images (digits, an ImageFolder,
+    torchvision's datasets with ``targets``, subsets of these); None where only reading each sample would tell."""
+    if isinstance(dataset, Subset):
+        labels = dataset_labels(dataset.dataset)
+        return None if labels is None else labels[list(dataset.indices)]
+    if isinstance(dataset, TensorDataset):
+        return dataset.tensors[1]
+    targets = getattr(dataset, "targets", None)
+    return None if targets is None else torch.as_tensor(targets)
+
+
+def labelled_subset(dataset: Dataset, per_class: int, seed: int) -> Subset:
+    """``per_class`` training samples of every class, drawn with ``seed``: fine-tuning with few labels, as in
+    semi-supervised and few-shot studies (the samples left out are not used)."""
+    labels = dataset_labels(dataset)
+    if labels is None:
+        raise ValueError(f"labels_per_class needs the labels of the training data apart from its images (digits, an "
+                         f"ImageFolder, a torchvision dataset with targets); {type(dataset).__name__} has none")
+    chosen = []
+    for label, members in _shuffled_classes(labels, seed):
+        if len(members) < per_class:
+            raise ValueError(f"class {label} has {len(members)} training samples, fewer than labels_per_class="
+                             f"{per_class}; ask for at most {len(members)}")
+        chosen += members[:per_class].tolist()
+    return Subset(dataset, sorted(chosen))
 
 
 def read_image(path: str) -> Image.Image:

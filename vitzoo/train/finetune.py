@@ -40,7 +40,14 @@ from vitzoo.errors import run_command
 from vitzoo.fields import AT_LEAST_ONE, POSITIVE, Range, check_fields, described
 from vitzoo.lora import LoraOptions, apply_lora, merged_state_dict, parse_lora, save_lora, trainable_parameters
 from vitzoo.registry import create_model
-from vitzoo.train.data import add_data_arguments, build_datasets, check_images, data_options, num_classes
+from vitzoo.train.data import (
+    add_data_arguments,
+    build_datasets,
+    check_images,
+    data_options,
+    labelled_subset,
+    num_classes,
+)
 from vitzoo.train.distill import DistillConfig, add_distill_arguments, build_distillation, distill_config_from_args
 from vitzoo.train.distributed import World, close_world, full_state_dict, gather_strings, init_world, weights_digest
 from vitzoo.train.loop import TrainConfig, TrainResult, fit, steps_per_epoch
@@ -69,6 +76,8 @@ class FinetuneConfig:
     download: bool = described(False, "let torchvision download the dataset (internet)")
     val_fraction: float = described(0.2, "held out per class when the data has no val split",
                                     Range(0, 1, open_low=True))
+    labels_per_class: int | None = described(None, "train on this many labelled images of each class, drawn with the "
+                                             "seed (few-label studies); None: all", AT_LEAST_ONE)
     pretrained: bool | str = described(False, "True: the hub weights; a path: a file or save_pretrained folder")
     num_classes: int | None = described(None, "checked against the data (None: the data's classes)", AT_LEAST_ONE)
     img_size: int | None = described(None, "train at this size, the position embedding resampled (None: the "
@@ -227,6 +236,8 @@ def _train(config: FinetuneConfig, world: World, progress: bool) -> dict[str, An
                                           config.val_fraction, config.train.seed, native=config.train.naflex,
                                           train_pixels=not config.train.naflex,
                                           options=config.data_options, expected_classes=config.num_classes)
+    if config.labels_per_class:
+        train_data = labelled_subset(train_data, config.labels_per_class, config.train.seed)
     classes = num_classes(train_data)
     distillation = build_distillation(config.distillation, cfg, classes, world.device, config.data)
     torch.manual_seed(config.train.seed)
@@ -284,7 +295,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     :class:`FinetuneConfig` and :class:`TrainConfig`, and the few that only the command line has."""
     add_options(p, FinetuneConfig, ["model"])
     add_data_arguments(p, FinetuneConfig)
-    add_options(p, FinetuneConfig, ["val_fraction"])
+    add_options(p, FinetuneConfig, ["val_fraction", "labels_per_class"])
     add_pretrained_option(p, "start from")
     add_options(p, FinetuneConfig, ["num_classes", "img_size"])
     add_set_option(p, "override a spec field or block option, e.g. --set mlp=swiglu --set attn.qk_norm=true "
