@@ -54,6 +54,8 @@ RECIPE_NOTES = [
     "trainer process) and persistent workers; vitzoo: uint8 batches too, normalised by its loop on the device, one "
     "loader for the whole run, each sample's augmentation seeded by (seed, epoch, index) for exact resume",
     "timm's AdamW is torch's for-loop implementation (its default on CPU), vitzoo's the fused one",
+    "on the CPU vitzoo's trainer has glibc keep freed blocks of up to 1 GiB in its heap (mallopt); timm's leaves "
+    "malloc as it is (MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ in the environment give both the setting)",
     "warm-up: timm from --warmup-lr 0 per update, vitzoo from lr/warmup_steps; label smoothing: timm's "
     "LabelSmoothingCrossEntropy, vitzoo's F.cross_entropy(label_smoothing=)",
     "timm writes a checkpoint after each epoch and has no validation (--val-split ''); vitzoo evaluates on val/ "
