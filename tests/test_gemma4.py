@@ -107,6 +107,7 @@ def test_rotation_matches_timm() -> None:
     ("gemma4_vit_570m", {"standardize": True, "use_clipped_linears": True, "drop_path_rate": 0.1}),
     ("gemma4_vit_570m_enc", {"pooling_kernel_size": 2}),
     ("gemma4_vit_167m_enc", {"global_pool": "avg", "standardize": False}),
+    ("gemma4_vit_167m", {"num_classes": 5, "global_pool": ""}),  # each token normed and classified
 ])
 def test_from_timm_round_trip(name: str, kwargs: dict) -> None:
     torch.manual_seed(0)

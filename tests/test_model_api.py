@@ -28,6 +28,9 @@ def test_reset_classifier_changes_head_and_spec():
     assert "attn_pool.latent" in model.state_dict()
     rebuilt = vitzoo.VisionTransformer(model.spec)
     assert rebuilt.state_dict().keys() == model.state_dict().keys()
+    pool = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("attn_pool.")}
+    model.reset_classifier(7)  # a new head only: the attention pool (pretrained, say) keeps its weights, as in timm
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in pool.items()) and model.head.out_features == 7
 
 
 def test_distilled_reset_classifier_resets_both_heads():

@@ -8,6 +8,7 @@ import warnings
 import pytest
 import timm
 import torch
+from timm.layers import RmsNorm
 
 import vitzoo
 from vitzoo.registry import list_models
@@ -134,6 +135,8 @@ def test_checkpoint_prefix_round_trip() -> None:
     ("deepseek_vit_412m_enc", {"img_size": 56, "out_features": 0, "global_pool": "avg", "norm_eps": 1e-5}),
     ("qwen3_vit_88m", {"img_size": 64, "pos_embed_grid_size": 4, "final_norm": False, "num_classes": 3}),
     ("qwen3_vit_88m", {"img_size": 32, "pos_embed_grid_size": 4, "num_classes": 3}),  # the table resized in forward
+    ("qwen3_vit_88m_merge", {"img_size": 64, "pos_embed_grid_size": 4, "out_features": 24, "global_pool": ""}),
+    ("deepseek_vit_412m", {"img_size": 56, "global_pool": "", "num_classes": 3}),
 ])
 def test_from_timm_round_trip(name: str, kwargs: dict) -> None:
     torch.manual_seed(0)
@@ -147,9 +150,33 @@ def test_from_timm_round_trip(name: str, kwargs: dict) -> None:
 
 
 def test_from_timm_refuses_what_it_cannot_express() -> None:
-    reference = timm.create_model("qwen3_vit_88m", **TINY, img_size=64, pos_embed_grid_size=4, global_pool="")
-    with pytest.raises(ValueError, match="global_pool"):
+    reference = timm.create_model("qwen3_vit_88m", **TINY, img_size=64, pos_embed_grid_size=4)
+    reference.encoder.blocks[1].norm1 = RmsNorm(TINY["embed_dim"])
+    with pytest.raises(ValueError, match="blocks.1.norm1"):
         from_timm(reference)
+
+
+@pytest.mark.parametrize("name", ["qwen3_vit_88m", "qwen3_vit_88m_merge", "deepseek_vit_412m_align"])
+def test_reset_classifier_is_timms(name: str) -> None:
+    """timm's global_pool on these classifiers: '' norms each token, 'avg' their mean; the projector and its
+    weights stay, forward_features keeps its layout, and the spec rebuilds the model."""
+    ours_kw, theirs_kw = SMALL[name]
+    torch.manual_seed(0)
+    size = ours_kw["img_size"]
+    reference = timm.create_model(name, img_size=size, **TINY, **theirs_kw).eval()
+    model = vitzoo.create_model(name, **TINY, **ours_kw).eval()
+    model.load_state_dict(reference.state_dict(), strict=True)
+    x = torch.randn(2, 3, size, size)
+    for global_pool, classes in [("", 0), ("", 3), ("avg", 5)]:
+        reference.reset_classifier(classes, global_pool)
+        model.reset_classifier(classes, global_pool)
+        model.head.load_state_dict(reference.head.state_dict())
+        with torch.no_grad():
+            ours, theirs = model(x), reference(x)
+            assert ours.shape == theirs.shape and (ours - theirs).abs().max() <= 1e-4
+            assert model.forward_features(x).shape == reference.forward_features(x).shape
+    rebuilt = vitzoo.VisionTransformer(vitzoo.ViTSpec.from_dict(model.spec.to_dict()))
+    rebuilt.load_state_dict(reference.state_dict(), strict=True)
 
 
 def test_qwen_vl_release_layout_loads_like_timm(tmp_path) -> None:

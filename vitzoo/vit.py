@@ -309,21 +309,39 @@ class VisionTransformer(nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """New head for ``num_classes`` (0 removes it); optionally a new pooling by name (timm's ``''``: none).
+        """New head for ``num_classes`` (0 removes it); optionally another pooling by name (timm's ``''``: none).
 
-        As in timm, ``pretrained_cfg`` keeps describing the weights the model was built with.
+        As in timm, the pooling keeps its weights (an attention pool's, a projector's) unless another one replaces
+        it, and ``pretrained_cfg`` keeps describing the weights the model was built with. On the classifiers of
+        the VLM towers ``global_pool`` is timm's there, an option of their readout: ``'avg'`` (the mean of the
+        tokens, normed) or ``''`` (each token normed), the projector staying.
         """
+        options = getattr(self.attn_pool, "global_pools", {}).get(global_pool)
+        if options is None:
+            options = "none" if global_pool == "" else global_pool
+        self._replace_head(num_classes, options)
+
+    def _replace_head(self, num_classes: int, pool: str | dict[str, Any] | None) -> None:
+        """A new head; with ``pool`` another pooling entry (a name: built and initialised afresh) or other options
+        of the current one (a table: its weights carry over)."""
         ref = next(self.parameters())
         changes: dict[str, Any] = {"num_classes": num_classes}
-        pool = "none" if global_pool == "" else global_pool
-        if pool is not None and pool != self.spec.pool.name:
+        if isinstance(pool, dict):
+            changes["pool"] = pool
+        elif pool is not None and pool != self.spec.pool.name:
             changes.update(pool=pool, final_norm=self.spec.final_norm_at)  # the final norm stays where it is
         self.spec = self.spec.replace(**changes)
+        fresh = []
         if "pool" in changes:
+            kept = self.attn_pool.state_dict() if isinstance(pool, dict) and self.attn_pool is not None else None
             self.attn_pool = self._make_pool()
-            self._init_linear(self.attn_pool)
+            if kept is None:
+                fresh.append(self.attn_pool)
+            else:
+                self.attn_pool.load_state_dict(kept)
+                self.attn_pool.to(device=ref.device, dtype=ref.dtype).train(self.training)
         self._make_heads()
-        for module in (self.head, self.head_dist, self.attn_pool):
+        for module in (self.head, self.head_dist, *fresh):
             if module is not None:
                 self._init_linear(module)
                 module.to(device=ref.device, dtype=ref.dtype).train(self.training)
@@ -351,7 +369,7 @@ class VisionTransformer(nn.Module):
         if changes:
             self.spec = self.spec.replace(**changes)
         if prune_head or narrowed:  # a head sized for the neck's channels cannot read the blocks' width
-            self.reset_classifier(0, None if self.spec.dist_token else "")  # DeiT's pooling reads its two tokens
+            self._replace_head(0, None if self.spec.dist_token else "none")  # DeiT's pooling reads its two tokens
             if not isinstance(self.fc_norm, nn.Identity):
                 self.fc_norm = nn.Identity()
                 self.spec = self.spec.replace(final_norm="none")

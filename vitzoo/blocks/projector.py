@@ -5,7 +5,8 @@ towers (mean of the tokens, then a norm without parameters).
 A projector concatenates the tokens of each ``k x k`` cell of the patch grid (a pixel unshuffle) and maps them
 with a two-layer MLP to the language model's width ``out_features``. With ``readout="none"`` the model's output
 is those tokens ``(b, cells, out_features)`` (timm's ``*_enc`` names); with ``readout="avg_norm"`` their mean,
-normalized, goes to the classifier (timm's ``*_merge`` / ``*_align`` names). ``out_dim`` tells the model the
+normalized, goes to the classifier (timm's ``*_merge`` / ``*_align`` names), with ``readout="norm"`` each token
+normalized (those classifiers with timm's ``global_pool=''``). ``out_dim`` tells the model the
 width its head reads. The module is stored under timm's name for it (``state_name``), not ``attn_pool``, and
 ``checkpoint_prefix`` names the rest of the model as timm's classifier wrappers do (``encoder.``).
 
@@ -30,7 +31,7 @@ from vitzoo.blocks.pooling import POOLS, MlpFactory, PoolOptions, _Readout, mask
 from vitzoo.fields import AT_LEAST_ONE, NON_NEGATIVE, described
 
 torch.fx.wrap("rearrange")
-READOUTS = ("none", "avg_norm")
+READOUTS = ("none", "avg_norm", "norm")
 
 
 @torch.fx.wrap
@@ -60,6 +61,8 @@ class AvgNormOptions(PoolOptions):
     """Options of the classifier readout of the VLM towers."""
 
     norm: bool = described(True, "the parameter-free norm after the mean (timm's final_norm)")
+    mean: bool = described(True, "average the tokens, then norm them (timm's global_pool='avg'); False: each token "
+                           "normed, (b, tokens, dim) out (timm's global_pool='')")
     checkpoint_prefix: str = _checkpoint_prefix()
     grid: bool = described(False, "forward_features returns the patch tokens as a (b, h, w, dim) grid (timm's NHWC "
                            "output of the Qwen3-VL and DeepSeek-V4 towers; Gemma 4's are tokens)")
@@ -68,13 +71,18 @@ class AvgNormOptions(PoolOptions):
                "26B/31B classifier stores them unused)")
 
 
+TIMM_GLOBAL_POOLS = {"avg": True, "": False, "none": False}  # timm's global_pool of these classifiers: a mean or not
+
+
 class AvgNormPool(_Readout):
     """Mean of the patch tokens, then a parameter-free norm of the model's kind: the classifier readout timm puts
-    on VLM vision towers whose own output is not normalized for classification (Qwen3-VL, DeepSeek-V4, Gemma 4).
+    on VLM vision towers whose own output is not normalized for classification (Qwen3-VL, DeepSeek-V4, Gemma 4);
+    without ``mean``, each token normalized (timm's ``global_pool=''`` there).
     With ``grid`` the model's forward_features gives the tokens as a ``(b, h, w, dim)`` grid, which it reads.
     Its buffers, if any, are stored at the model's top level."""
 
     state_name = ""
+    global_pools = {name: {"mean": mean} for name, mean in TIMM_GLOBAL_POOLS.items()}  # see reset_classifier
 
     def __init__(
         self, dim: int, num_heads: int, mlp_ratio: float, norm: NormFactory, mlp: MlpFactory, num_prefix: int, *,
@@ -82,6 +90,7 @@ class AvgNormPool(_Readout):
     ) -> None:
         super().__init__(dim, num_heads, mlp_ratio, norm, mlp, num_prefix, options=options)
         self.norm = parameter_free(norm(dim)) if options.norm else nn.Identity()
+        self.mean = options.mean
         self.output_fmt = "NHWC" if options.grid else None
         if options.std_buffers:
             self.register_buffer("std_bias", torch.zeros(dim))
@@ -95,7 +104,7 @@ class AvgNormPool(_Readout):
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         if self.output_fmt and valid is None:  # an image batch's grid; patch sequences come as tokens and valid
             x = rearrange(x, "b h w d -> b (h w) d")
-        return self.norm(masked_mean(*self._read(x, valid)))
+        return self.norm(masked_mean(*self._read(x, valid)) if self.mean else self._read(x, valid)[0])
 
 
 @dataclass(frozen=True)
@@ -107,7 +116,8 @@ class ProjectorOptions(GridOptions):
     out_features: int = described(0, "output width, the language model's; 0: k*k*dim (the merger: no fc2)",
                                   NON_NEGATIVE)
     readout: str = described("avg_norm", "after projecting: avg_norm (mean, parameter-free norm, for a classifier "
-                             "head) | none (the tokens are the output: a VLM's image tokens)")
+                             "head) | norm (each token normed: timm's global_pool='') | none (the tokens are the "
+                             "output: a VLM's image tokens)")
     checkpoint_prefix: str = _checkpoint_prefix()
 
     def check(self, spec) -> None:
@@ -128,7 +138,11 @@ class _Projector(nn.Module):
         super().__init__()
         self.grid, self.cell = options.grid, options.cell
         self.out_dim = options.out_features or dim * options.cell**2
-        self.readout = parameter_free(norm(self.out_dim)) if options.readout == "avg_norm" else None
+        self.readout = parameter_free(norm(self.out_dim)) if options.readout != "none" else None
+        self.mean = options.readout == "avg_norm"
+        # a classifier's timm global_pool is the readout here (reset_classifier); an encoder tower has none
+        self.global_pools = {} if self.readout is None else {
+            name: {"readout": "avg_norm" if mean else "norm"} for name, mean in TIMM_GLOBAL_POOLS.items()}
         # timm declares NLC for the projected tokens, and its own test_model_default_cfgs then fails on those
         # names (it supports 2-D outputs only); vitzoo declares no format there, as for other token outputs
         self.output_fmt = "NHWC" if self.readout is None else None
@@ -145,7 +159,9 @@ class _Projector(nn.Module):
         if valid is not None:
             raise ValueError(f"pool='{self.state_name}' reads the cells of one image grid; feed image batches, not "
                              f"patch sequences")
-        return self.project(x) if self.readout is None else self.readout(masked_mean(x, None))
+        if self.readout is None:
+            return self.project(x)
+        return self.readout(masked_mean(x, None) if self.mean else x)
 
 
 class PatchMerger(_Projector):

@@ -11,6 +11,7 @@ from timm.layers import DropPath, RmsNorm
 from timm.models.gemma4_vit import Gemma4VitClassifier, Gemma4VitEncoder
 from torch import nn
 
+from vitzoo.blocks.projector import TIMM_GLOBAL_POOLS
 from vitzoo.spec import Dropouts, ViTSpec
 from vitzoo.timm_compat import _activation, _norm_kind, _present, mlp_ratio_for, refuse
 
@@ -39,12 +40,12 @@ def _block(i: int, block: nn.Module, dim: int) -> tuple[Any, ...]:
 def _pool(model: nn.Module, enc: nn.Module, classifier: bool) -> dict[str, Any]:
     standardized = enc.std_bias is not None
     if classifier:
-        if model.global_pool != "avg":
+        if model.global_pool not in TIMM_GLOBAL_POOLS:
             raise refuse("global_pool", repr(model.global_pool), "global_pool")
         if model.encoder_pool not in ("", "none"):
             raise refuse("encoder_pool", repr(model.encoder_pool), "encoder_pool")
         return {"name": "avg_norm", "norm": _present(model.norm), "std_buffers": standardized,
-                "checkpoint_prefix": "encoder."}
+                "mean": TIMM_GLOBAL_POOLS[model.global_pool], "checkpoint_prefix": "encoder."}
     if enc.global_pool == "soft":
         return {"name": "cell_mean", "cell": enc.pooling_kernel_size, "standardize": standardized}
     if standardized:  # timm keeps the buffers but applies them in its soft readout only

@@ -14,6 +14,7 @@ from timm.models.deepseek_vit import DeepseekVitClassifier, DeepseekVitEncoder
 from timm.models.qwen3_vit import Qwen3VitClassifier, Qwen3VitEncoder
 from torch import nn
 
+from vitzoo.blocks.projector import TIMM_GLOBAL_POOLS
 from vitzoo.spec import Dropouts, ViTSpec
 from vitzoo.timm_compat import _activation, _mlp, _norm_kind, _patch_embed, _present, mlp_ratio_for, refuse
 
@@ -94,15 +95,15 @@ def spec(model: nn.Module) -> ViTSpec:
         "name": "learned", "resample": "bilinear_corners", "table_grid": (enc.pos_embed_grid_size,) * 2}
     projector = _projector(enc)
     if classifier:
-        if model.global_pool != "avg":
+        if model.global_pool not in TIMM_GLOBAL_POOLS:
             raise refuse("global_pool", repr(model.global_pool), "global_pool")
-        prefix = {"checkpoint_prefix": "encoder."}
+        mean, prefix = TIMM_GLOBAL_POOLS[model.global_pool], {"checkpoint_prefix": "encoder."}
         if projector is None and not _present(model.norm):  # final_norm=False: the plain mean
-            pool: dict[str, Any] = {"name": "avg_norm", "norm": False, "grid": True, **prefix}
+            pool: dict[str, Any] = {"name": "avg_norm", "norm": False, "grid": True, "mean": mean, **prefix}
         else:
             _free_norm("norm", model.norm, kind)
-            pool = {"name": "avg_norm", "grid": True, **prefix} if projector is None else {
-                "name": projector[0], **projector[1], "readout": "avg_norm", **prefix}
+            pool = {"name": "avg_norm", "grid": True, "mean": mean, **prefix} if projector is None else {
+                "name": projector[0], **projector[1], "readout": "avg_norm" if mean else "norm", **prefix}
     elif projector is not None:
         pool = {"name": projector[0], **projector[1], "readout": "none"}
     else:
