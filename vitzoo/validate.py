@@ -261,12 +261,11 @@ def validate(name: str, depth: int | None = None) -> Validation:
         depth = min(AUTO_DEPTH, result.full_depth)
     _compare(name, depth, result)
     bad = [i for i, d in enumerate(result.block_diffs) if not d <= TOL]
-    if result.reason:  # the outputs' shapes differ
-        pass
-    elif bad:
-        result.reason = f"first differing block: {bad[0]} (max |diff| {result.block_diffs[bad[0]]:.2e})"
-    elif not result.worst <= TOL:  # also catches NaN
-        result.reason = f"outputs differ after the blocks (max |diff| {result.worst:.2e})"
+    if not result.reason:  # a difference of the outputs' shapes, found by _compare, says more than the values
+        if bad:
+            result.reason = f"first differing block: {bad[0]} (max |diff| {result.block_diffs[bad[0]]:.2e})"
+        elif not result.worst <= TOL:  # also catches NaN
+            result.reason = f"outputs differ after the blocks (max |diff| {result.worst:.2e})"
     result.ok = not result.reason
     return result
 
