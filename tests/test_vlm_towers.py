@@ -61,15 +61,20 @@ def test_qwen_table_is_resized_in_forward_at_another_img_size() -> None:
         assert (model(x) - reference(x)).abs().max() <= 1e-4
 
 
-@pytest.mark.parametrize("name", sorted(SMALL))
-def test_outputs_match_timm(name: str) -> None:
+def _twins(name: str) -> tuple[torch.nn.Module, vitzoo.VisionTransformer, torch.Tensor]:
+    """timm's small model of ``name`` (:data:`SMALL`), vitzoo's holding its weights, and a batch of two images."""
     ours_kw, theirs_kw = SMALL[name]
     torch.manual_seed(0)
     size = ours_kw["img_size"]
     reference = timm.create_model(name, img_size=size, **TINY, **theirs_kw).eval()
     model = vitzoo.create_model(name, **TINY, **ours_kw).eval()
     model.load_state_dict(reference.state_dict(), strict=True)
-    x = torch.randn(2, 3, size, size)
+    return reference, model, torch.randn(2, 3, size, size)
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_outputs_match_timm(name: str) -> None:
+    reference, model, x = _twins(name)
     assert (model.num_features, model.head_hidden_size) == (reference.num_features, reference.head_hidden_size)
     # timm's NLC (projected tokens) is left undeclared: timm's own test of default configs refuses it
     assert getattr(model, "output_fmt", "NLC") == reference.output_fmt
@@ -83,6 +88,7 @@ def test_outputs_match_timm(name: str) -> None:
         final, _ = model.forward_intermediates(x, indices=1)
         assert torch.equal(final, feats)
         p = model.spec.patch_size * (2 if "qwen" in name else 1)  # Qwen's merger reads whole 2x2 cells
+        size = x.shape[-1]
         for shape in [(1, 3, size + p, size + p), (1, 3, size, size + p)]:  # the grid readouts and Qwen's table follow
             other = torch.randn(shape)
             assert (model(other) - reference(other)).abs().max() <= 1e-4
@@ -160,13 +166,7 @@ def test_from_timm_refuses_what_it_cannot_express() -> None:
 def test_reset_classifier_is_timms(name: str) -> None:
     """timm's global_pool on these classifiers: '' norms each token, 'avg' their mean; the projector and its
     weights stay, forward_features keeps its layout, and the spec rebuilds the model."""
-    ours_kw, theirs_kw = SMALL[name]
-    torch.manual_seed(0)
-    size = ours_kw["img_size"]
-    reference = timm.create_model(name, img_size=size, **TINY, **theirs_kw).eval()
-    model = vitzoo.create_model(name, **TINY, **ours_kw).eval()
-    model.load_state_dict(reference.state_dict(), strict=True)
-    x = torch.randn(2, 3, size, size)
+    reference, model, x = _twins(name)
     for global_pool, classes in [("", 0), ("", 3), ("avg", 5)]:
         reference.reset_classifier(classes, global_pool)
         model.reset_classifier(classes, global_pool)
