@@ -81,6 +81,23 @@ def test_reset_classifier_keeps_pretrained_cfg_and_takes_timms_empty_pool():
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 5, 192)
 
 
+@pytest.mark.parametrize("name,kwargs", [
+    ("vit_tiny_patch16_224", {}), ("vit_tiny_patch16_224", {"global_pool": ""}),
+    ("vit_tiny_patch16_224", {"global_pool": "avg"}), ("vit_base_patch16_siglip_224", {}),
+    ("qwen3_vit_88m", {}), ("qwen3_vit_88m_merge", {}), ("qwen3_vit_88m_enc", {}),
+    ("deepseek_vit_412m_align", {}), ("deepseek_vit_412m_enc", {}), ("gemma4_vit_167m_enc", {}),
+])
+def test_global_pool_is_timms_name(name: str, kwargs: dict) -> None:
+    """``model.global_pool`` as timm's model of the name reads it, also after ``reset_classifier(0, '')``."""
+    with torch.device("meta"):
+        reference, model = timm.create_model(name, **kwargs), vitzoo.create_model(name, **kwargs)
+    assert model.global_pool == reference.global_pool
+    if hasattr(reference, "reset_classifier") and reference.global_pool in ("avg", "token"):
+        reference.reset_classifier(0, "")
+        model.reset_classifier(0, "")
+        assert model.global_pool == reference.global_pool == ""
+
+
 def test_timm_keywords_map_onto_the_spec():
     model = vitzoo.create_model("vit_tiny_patch16_224", depth=1, act_layer="quick_gelu", norm_layer="rmsnorm",
                                 pos_embed="learn", weight_init="", scriptable=True, exportable=True)

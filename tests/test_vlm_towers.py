@@ -167,6 +167,7 @@ def test_reset_classifier_is_timms(name: str) -> None:
     """timm's global_pool on these classifiers: '' norms each token, 'avg' their mean; the projector and its
     weights stay, forward_features keeps its layout, and the spec rebuilds the model."""
     reference, model, x = _twins(name)
+    projector = set(model.attn_pool.parameters())
     for global_pool, classes in [("", 0), ("", 3), ("avg", 5)]:
         reference.reset_classifier(classes, global_pool)
         model.reset_classifier(classes, global_pool)
@@ -175,6 +176,7 @@ def test_reset_classifier_is_timms(name: str) -> None:
             ours, theirs = model(x), reference(x)
             assert ours.shape == theirs.shape and (ours - theirs).abs().max() <= 1e-4
             assert model.forward_features(x).shape == reference.forward_features(x).shape
+    assert set(model.attn_pool.parameters()) == projector  # the same tensors: an optimizer's hold on them stays
     rebuilt = vitzoo.VisionTransformer(vitzoo.ViTSpec.from_dict(model.spec.to_dict()))
     rebuilt.load_state_dict(reference.state_dict(), strict=True)
 

@@ -291,7 +291,12 @@ class VisionTransformer(nn.Module):
 
     @property
     def global_pool(self) -> str:
-        return self.spec.pool.name
+        """timm's name of the pooling: the pool entry's (``''`` for none), or where timm's class names it otherwise,
+        that name (the VLM towers' ``'avg'`` / ``''``, ``'merge'``, ``'align'``, ``'soft'``)."""
+        named = getattr(self.attn_pool, "timm_global_pool", None)
+        if named is not None:
+            return named
+        return "" if self.spec.pool.name == "none" else self.spec.pool.name
 
     def no_weight_decay(self) -> set[str]:
         """Parameters that weight decay should skip: the position table and prefix tokens."""
@@ -333,13 +338,14 @@ class VisionTransformer(nn.Module):
         self.spec = self.spec.replace(**changes)
         fresh = []
         if "pool" in changes:
-            kept = self.attn_pool.state_dict() if isinstance(pool, dict) and self.attn_pool is not None else None
+            current = self.attn_pool if isinstance(pool, dict) else None
+            kept = None if current is None else current.state_dict(keep_vars=True)
             self.attn_pool = self._make_pool()
             if kept is None:
                 fresh.append(self.attn_pool)
-            else:
-                self.attn_pool.load_state_dict(kept)
-                self.attn_pool.to(device=ref.device, dtype=ref.dtype).train(self.training)
+            else:  # the parameters themselves move over (on any device, meta too; an optimizer's hold stays valid)
+                self.attn_pool.load_state_dict(kept, assign=True)
+                self.attn_pool.train(self.training)
         self._make_heads()
         for module in (self.head, self.head_dist, *fresh):
             if module is not None:

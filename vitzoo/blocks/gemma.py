@@ -229,6 +229,7 @@ class CellMeanPool(nn.Module):
     Its buffers are stored at the model's top level (``std_bias``, ``std_scale``)."""
 
     state_name = ""
+    timm_global_pool = "soft"  # the model's global_pool, as timm's Gemma 4 encoder names this readout
     reads_grid = True  # the patch grid comes from the token count (pooling.token_grid)
 
     def __init__(

@@ -101,6 +101,11 @@ class AvgNormPool(_Readout):
         ``grid``, else unchanged."""
         return rearrange(x, "b (h w) d -> b h w d", h=grid[0]) if self.output_fmt else x
 
+    @property
+    def timm_global_pool(self) -> str:
+        """The model's global_pool, timm's name: ``'avg'``, or ``''`` for tokens."""
+        return "avg" if self.mean else ""
+
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         if self.output_fmt and valid is None:  # an image batch's grid; patch sequences come as tokens and valid
             x = rearrange(x, "b h w d -> b (h w) d")
@@ -147,6 +152,14 @@ class _Projector(nn.Module):
         # names (it supports 2-D outputs only); vitzoo declares no format there, as for other token outputs
         self.output_fmt = "NHWC" if self.readout is None else None
 
+    @property
+    def timm_global_pool(self) -> str:
+        """The model's global_pool, timm's name: the classifier's ``'avg'`` or ``''``, or the encoder tower's own
+        name for its projector (``'merge'``, ``'align'``)."""
+        if self.readout is None:
+            return self.timm_encoder_pool
+        return "avg" if self.mean else ""
+
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """The patch grid ``(b, h, w, dim)`` -> the projector's tokens ``(b, cells, out_dim)``."""
         raise NotImplementedError
@@ -170,6 +183,7 @@ class PatchMerger(_Projector):
     timm's ``Qwen3VitPatchMerger``). ``out_features=0`` leaves out fc2."""
 
     state_name = "merger"
+    timm_encoder_pool = "merge"
 
     def __init__(
         self, dim: int, num_heads: int, mlp_ratio: float, norm: NormFactory, mlp: MlpFactory, num_prefix: int, *,
@@ -199,6 +213,7 @@ class PatchAligner(_Projector):
     width, GELU, fc2 (DeepSeek-V4 vision; timm's ``DeepseekVitAligner``)."""
 
     state_name = "aligner"
+    timm_encoder_pool = "align"
 
     def __init__(
         self, dim: int, num_heads: int, mlp_ratio: float, norm: NormFactory, mlp: MlpFactory, num_prefix: int, *,
