@@ -181,6 +181,25 @@ def test_reset_classifier_is_timms(name: str) -> None:
     rebuilt.load_state_dict(reference.state_dict(), strict=True)
 
 
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_pruned_head_is_timms(name: str) -> None:
+    """prune_intermediate_layers(prune_head=True) as timm's towers do it: the projector goes, a classifier keeps its
+    mean and norm over the patch grid, an encoder tower gives the grid (timm's forward returns it as (b, h, w, d),
+    vitzoo's forward as tokens: the same values)."""
+    reference, model, x = _twins(name)
+    kept = reference.prune_intermediate_layers(1, prune_head=True)
+    assert model.prune_intermediate_layers(1, prune_head=True) == kept
+    assert (model.global_pool, model.num_features) == (reference.global_pool, reference.num_features)
+    with torch.no_grad():
+        feats, ref_feats = model.forward_features(x), reference.forward_features(x)
+        assert feats.shape == ref_feats.shape and (feats - ref_feats).abs().max() <= 1e-4
+        ours, theirs = model(x), reference(x)
+        theirs = theirs.flatten(1, 2) if theirs.ndim == 4 else theirs  # an encoder tower's (b, h, w, d)
+        assert ours.shape == theirs.shape and (ours - theirs).abs().max() <= 1e-4
+    rebuilt = vitzoo.VisionTransformer(vitzoo.ViTSpec.from_dict(model.spec.to_dict()))
+    rebuilt.load_state_dict(model.state_dict(), strict=True)
+
+
 def test_qwen_vl_release_layout_loads_like_timm(tmp_path) -> None:
     """The vision tower of a transformers Qwen3-VL checkpoint (``model.visual.*``: Conv3d patch embedding over 2
     frames, ``pos_embed.weight``, ``linear_fc1/2``, DeepStack projectors, the language model beside it): timm's

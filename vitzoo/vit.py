@@ -327,18 +327,19 @@ class VisionTransformer(nn.Module):
         self._replace_head(num_classes, options)
 
     def _replace_head(self, num_classes: int, pool: str | dict[str, Any] | None) -> None:
-        """A new head; with ``pool`` another pooling entry (a name: built and initialised afresh) or other options
-        of the current one (a table: its weights carry over)."""
+        """A new head; with ``pool`` another pooling entry (a name, or a table with its name: built and initialised
+        afresh) or other options of the current one (a table without name: its weights carry over)."""
         ref = next(self.parameters())
         changes: dict[str, Any] = {"num_classes": num_classes}
-        if isinstance(pool, dict):
+        carry = isinstance(pool, dict) and "name" not in pool  # other options of the current entry
+        if carry:
             changes["pool"] = pool
         elif pool is not None and pool != self.spec.pool.name:
             changes.update(pool=pool, final_norm=self.spec.final_norm_at)  # the final norm stays where it is
         self.spec = self.spec.replace(**changes)
         fresh = []
         if "pool" in changes:
-            current = self.attn_pool if isinstance(pool, dict) else None
+            current = self.attn_pool if carry else None
             kept = None if current is None else current.state_dict(keep_vars=True)
             self.attn_pool = self._make_pool()
             if kept is None:
@@ -375,7 +376,8 @@ class VisionTransformer(nn.Module):
         if changes:
             self.spec = self.spec.replace(**changes)
         if prune_head or narrowed:  # a head sized for the neck's channels cannot read the blocks' width
-            self._replace_head(0, None if self.spec.dist_token else "none")  # DeiT's pooling reads its two tokens
+            # DeiT's pooling reads its two tokens; the VLM towers' readouts say what they become (as timm's towers)
+            self._replace_head(0, None if self.spec.dist_token else getattr(self.attn_pool, "pruned_pool", "none"))
             if not isinstance(self.fc_norm, nn.Identity):
                 self.fc_norm = nn.Identity()
                 self.spec = self.spec.replace(final_norm="none")

@@ -230,6 +230,7 @@ class CellMeanPool(nn.Module):
 
     state_name = ""
     timm_global_pool = "soft"  # the model's global_pool, as timm's Gemma 4 encoder names this readout
+    pruned_pool = None  # prune_intermediate_layers(prune_head=True) keeps it, as timm's encoder does
     reads_grid = True  # the patch grid comes from the token count (pooling.token_grid)
 
     def __init__(

@@ -19,6 +19,7 @@ image size, square or not, whose grid holds whole cells goes through.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -83,6 +84,7 @@ class AvgNormPool(_Readout):
 
     state_name = ""
     global_pools = {name: {"mean": mean} for name, mean in TIMM_GLOBAL_POOLS.items()}  # see reset_classifier
+    pruned_pool = None  # prune_intermediate_layers(prune_head=True) keeps it, as timm's towers keep their pooling
 
     def __init__(
         self, dim: int, num_heads: int, mlp_ratio: float, norm: NormFactory, mlp: MlpFactory, num_prefix: int, *,
@@ -141,7 +143,7 @@ class _Projector(nn.Module):
 
     def __init__(self, dim: int, norm: NormFactory, options: ProjectorOptions) -> None:
         super().__init__()
-        self.grid, self.cell = options.grid, options.cell
+        self.grid, self.cell, self.checkpoint_prefix = options.grid, options.cell, options.checkpoint_prefix
         self.out_dim = options.out_features or dim * options.cell**2
         self.readout = parameter_free(norm(self.out_dim)) if options.readout != "none" else None
         self.mean = options.readout == "avg_norm"
@@ -159,6 +161,15 @@ class _Projector(nn.Module):
         if self.readout is None:
             return self.timm_encoder_pool
         return "avg" if self.mean else ""
+
+    @property
+    def pruned_pool(self) -> dict[str, Any]:
+        """What ``prune_intermediate_layers(prune_head=True)`` makes of this readout, as timm's towers prune theirs:
+        the projector goes; a classifier keeps its mean (or not) and norm over the patch grid, an encoder tower
+        gives the grid."""
+        if self.readout is None:
+            return {"name": "avg_norm", "grid": True, "mean": False, "norm": False}
+        return {"name": "avg_norm", "grid": True, "mean": self.mean, "checkpoint_prefix": self.checkpoint_prefix}
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """The patch grid ``(b, h, w, dim)`` -> the projector's tokens ``(b, cells, out_dim)``."""
