@@ -111,7 +111,8 @@ class AvgNormPool(_Readout):
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         if self.output_fmt and valid is None:  # an image batch's grid; patch sequences come as tokens and valid
             x = rearrange(x, "b h w d -> b (h w) d")
-        return self.norm(masked_mean(*self._read(x, valid)) if self.mean else self._read(x, valid)[0])
+        x, valid = self._read(x, valid)
+        return self.norm(masked_mean(x, valid) if self.mean else x)
 
 
 @dataclass(frozen=True)
