@@ -61,13 +61,14 @@ def test_qwen_table_is_resized_in_forward_at_another_img_size() -> None:
         assert (model(x) - reference(x)).abs().max() <= 1e-4
 
 
-def _twins(name: str) -> tuple[torch.nn.Module, vitzoo.VisionTransformer, torch.Tensor]:
-    """timm's small model of ``name`` (:data:`SMALL`), vitzoo's holding its weights, and a batch of two images."""
+def _twins(name: str, **both: object) -> tuple[torch.nn.Module, vitzoo.VisionTransformer, torch.Tensor]:
+    """timm's small model of ``name`` (:data:`SMALL`), vitzoo's holding its weights, and a batch of two images;
+    ``both``: timm keywords given to both."""
     ours_kw, theirs_kw = SMALL[name]
     torch.manual_seed(0)
     size = ours_kw["img_size"]
-    reference = timm.create_model(name, img_size=size, **TINY, **theirs_kw).eval()
-    model = vitzoo.create_model(name, **TINY, **ours_kw).eval()
+    reference = timm.create_model(name, img_size=size, **TINY, **theirs_kw, **both).eval()
+    model = vitzoo.create_model(name, **TINY, **ours_kw, **both).eval()
     model.load_state_dict(reference.state_dict(), strict=True)
     return reference, model, torch.randn(2, 3, size, size)
 
@@ -181,11 +182,25 @@ def test_reset_classifier_is_timms(name: str) -> None:
     rebuilt.load_state_dict(reference.state_dict(), strict=True)
 
 
+@pytest.mark.parametrize("global_pool", ["", "avg"])
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_global_pool_keyword_is_timms(name: str, global_pool: str) -> None:
+    """create_model(global_pool=...) builds what timm's does: on a classifier '' norms each token and 'avg' their
+    mean, the projector staying; an encoder tower goes without its projector, giving its (b, h, w, dim) grid or
+    the grid's plain mean. from_timm reads timm's model back to the same outputs."""
+    reference, model, x = _twins(name, global_pool=global_pool)
+    assert model.global_pool == reference.global_pool == global_pool
+    with torch.no_grad():
+        theirs = reference(x)
+        for ours in (model(x), from_timm(reference)(x)):
+            assert ours.shape == theirs.shape and (ours - theirs).abs().max() <= 1e-4
+        assert model.forward_features(x).shape == reference.forward_features(x).shape
+
+
 @pytest.mark.parametrize("name", sorted(SMALL))
 def test_pruned_head_is_timms(name: str) -> None:
     """prune_intermediate_layers(prune_head=True) as timm's towers do it: the projector goes, a classifier keeps its
-    mean and norm over the patch grid, an encoder tower gives the grid (timm's forward returns it as (b, h, w, d),
-    vitzoo's forward as tokens: the same values)."""
+    mean and norm over the patch grid, an encoder tower gives the grid (b, h, w, dim)."""
     reference, model, x = _twins(name)
     kept = reference.prune_intermediate_layers(1, prune_head=True)
     assert model.prune_intermediate_layers(1, prune_head=True) == kept
@@ -194,7 +209,6 @@ def test_pruned_head_is_timms(name: str) -> None:
         feats, ref_feats = model.forward_features(x), reference.forward_features(x)
         assert feats.shape == ref_feats.shape and (feats - ref_feats).abs().max() <= 1e-4
         ours, theirs = model(x), reference(x)
-        theirs = theirs.flatten(1, 2) if theirs.ndim == 4 else theirs  # an encoder tower's (b, h, w, d)
         assert ours.shape == theirs.shape and (ours - theirs).abs().max() <= 1e-4
     rebuilt = vitzoo.VisionTransformer(vitzoo.ViTSpec.from_dict(model.spec.to_dict()))
     rebuilt.load_state_dict(model.state_dict(), strict=True)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vitzoo.blocks.pooling import global_pool_change
 from vitzoo.errors import did_you_mean
 from vitzoo.features import FEATURE_KEYWORDS, FeatureGetter, features_model
 from vitzoo.migrate import timm_keywords
@@ -239,18 +240,21 @@ def _create(
     entry = model_entry(name)
     cfg = {"architecture": name, **entry.pretrained_cfg, **(tagged_cfg(name, tag) if tag else {})}
     cfg.update(pretrained_cfg_overlay or {})
+    global_pool = overrides.pop("global_pool", None)  # timm's name, read as the model's pooling reads it (below)
     changes = timm_keywords(overrides, entry.spec.mlp.name_at(entry.spec.depth - 1))
     if num_classes is not None or cfg.get("num_classes", entry.spec.num_classes) != entry.spec.num_classes:
         changes["num_classes"] = cfg["num_classes"] if num_classes is None else num_classes
     if img_size is not None:
         changes["img_size"] = img_size
     checkpoint = read_checkpoint(cfg, pretrained) if pretrained else None
-    asked = set_paths(changes)
+    asked = set_paths(changes) | ({"pool"} if global_pool is not None else set())
     implied = {key: value for key, value in (checkpoint.hints() if checkpoint else {}).items()
                if key not in asked and key.partition(".")[0] not in asked and entry.spec.get(key) != value}
     for key, value in implied.items():
         logger.info("%s: %s=%r, as the checkpoint implies", name, key, value)
     spec = entry.spec.replace(**changes, **implied) if changes or implied else entry.spec
+    if global_pool is not None:
+        spec = spec.replace(pool=global_pool_change(*spec.layer("pool"), global_pool))
     model = VisionTransformer(spec, pretrained_cfg=cfg, max_params=max_params)
     if checkpoint:
         for line in load_pretrained(model, checkpoint, partial=bool(overrides)).adapted:

@@ -20,7 +20,7 @@ from vitzoo.blocks.join import JOINS
 from vitzoo.blocks.mlp import MLPS
 from vitzoo.blocks.norm import NORMS, NormFactory
 from vitzoo.blocks.patch import PATCH_EMBEDS, HybridPatchEmbed
-from vitzoo.blocks.pooling import POOLS
+from vitzoo.blocks.pooling import POOLS, global_pool_change
 from vitzoo.blocks.position import POSITIONS
 from vitzoo.blocks.rope import ROPES, Rotation
 from vitzoo.blocks.table import BlockTable
@@ -321,10 +321,8 @@ class VisionTransformer(nn.Module):
         the VLM towers ``global_pool`` is timm's there, an option of their readout: ``'avg'`` (the mean of the
         tokens, normed) or ``''`` (each token normed), the projector staying.
         """
-        options = getattr(self.attn_pool, "global_pools", {}).get(global_pool)
-        if options is None:
-            options = "none" if global_pool == "" else global_pool
-        self._replace_head(num_classes, options)
+        pool = None if global_pool is None else global_pool_change(*self.spec.layer("pool"), global_pool)
+        self._replace_head(num_classes, pool)
 
     def _replace_head(self, num_classes: int, pool: str | dict[str, Any] | None) -> None:
         """A new head; with ``pool`` another pooling entry (a name, or a table with its name: built and initialised

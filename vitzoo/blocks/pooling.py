@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -203,3 +204,15 @@ for _name, _pool in (("avg", AvgPool), ("max", MaxPool), ("avgmax", AvgMaxPool),
     POOLS.register(_name, _pool, options=PoolOptions)
 POOLS.register("map", AttentionPool, options=AttentionPoolOptions)
 POOLS.alias("gap", "avg")  # global average pooling, as papers and big_vision call it
+
+
+def global_pool_change(name: str, options: BlockOptions | None, global_pool: str) -> str | dict[str, Any]:
+    """The pool change that timm's ``global_pool`` name makes on a model whose pooling is the entry ``name`` with
+    ``options`` (``create_model(global_pool=...)``, ``reset_classifier``): what the entry declares for timm's names
+    (``timm_global_pools``: on the VLM towers ``''`` and ``'avg'`` are options of the readout, or drop the
+    projector), else the entry of that name, ``''`` being none."""
+    declared = getattr(POOLS.get(name), "timm_global_pools", None)
+    change = None if declared is None else declared(options).get(global_pool)
+    if change is not None:
+        return change
+    return "none" if global_pool == "" else global_pool

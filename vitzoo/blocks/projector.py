@@ -67,24 +67,38 @@ class AvgNormOptions(PoolOptions):
     checkpoint_prefix: str = _checkpoint_prefix()
     grid: bool = described(False, "forward_features returns the patch tokens as a (b, h, w, dim) grid (timm's NHWC "
                            "output of the Qwen3-VL and DeepSeek-V4 towers; Gemma 4's are tokens)")
+    flatten: bool = described(True, "without mean, the tokens come out as (b, h*w, dim) (timm's classifiers' "
+                              "global_pool=''); False: as the grid forward_features gives (its encoder towers')")
     std_buffers: bool = described(
         False, "hold the tower's std_bias / std_scale buffers, which only its own readout applies (timm's Gemma 4 "
                "26B/31B classifier stores them unused)")
 
 
-TIMM_GLOBAL_POOLS = {"avg": True, "": False, "none": False}  # timm's global_pool of these classifiers: a mean or not
+TIMM_GLOBAL_POOLS = {"avg": True, "": False, "none": False}  # timm's global_pool of these towers: a mean or not
+
+
+def encoder_readout(mean: bool) -> dict[str, Any]:
+    """The pool entry of a Qwen3-VL / DeepSeek-V4 encoder tower without its projector (timm's ``global_pool``
+    ``'avg'``: the plain mean of the grid; ``''``: the grid itself, ``(b, h, w, dim)``), forward_features still
+    giving the grid."""
+    return {"name": "avg_norm", "grid": True, "mean": mean, "norm": False, "flatten": False}
 
 
 class AvgNormPool(_Readout):
     """Mean of the patch tokens, then a parameter-free norm of the model's kind: the classifier readout timm puts
     on VLM vision towers whose own output is not normalized for classification (Qwen3-VL, DeepSeek-V4, Gemma 4);
     without ``mean``, each token normalized (timm's ``global_pool=''`` there).
-    With ``grid`` the model's forward_features gives the tokens as a ``(b, h, w, dim)`` grid, which it reads.
+    With ``grid`` the model's forward_features gives the tokens as a ``(b, h, w, dim)`` grid, which it reads, and
+    without ``mean`` nor ``flatten`` returns as it is (timm's encoder towers without their projector).
     Its buffers, if any, are stored at the model's top level."""
 
     state_name = ""
-    global_pools = {name: {"mean": mean} for name, mean in TIMM_GLOBAL_POOLS.items()}  # see reset_classifier
     pruned_pool = None  # prune_intermediate_layers(prune_head=True) keeps it, as timm's towers keep their pooling
+
+    @staticmethod
+    def timm_global_pools(options: AvgNormOptions) -> dict[str, dict[str, Any]]:
+        """timm's ``global_pool`` names here: a mean or not (see :func:`vitzoo.blocks.pooling.global_pool_change`)."""
+        return {name: {"mean": mean} for name, mean in TIMM_GLOBAL_POOLS.items()}
 
     def __init__(
         self, dim: int, num_heads: int, mlp_ratio: float, norm: NormFactory, mlp: MlpFactory, num_prefix: int, *,
@@ -92,7 +106,7 @@ class AvgNormPool(_Readout):
     ) -> None:
         super().__init__(dim, num_heads, mlp_ratio, norm, mlp, num_prefix, options=options)
         self.norm = parameter_free(norm(dim)) if options.norm else nn.Identity()
-        self.mean = options.mean
+        self.mean, self.flatten = options.mean, options.flatten
         self.output_fmt = "NHWC" if options.grid else None
         if options.std_buffers:
             self.register_buffer("std_bias", torch.zeros(dim))
@@ -110,6 +124,8 @@ class AvgNormPool(_Readout):
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         if self.output_fmt and valid is None:  # an image batch's grid; patch sequences come as tokens and valid
+            if not (self.mean or self.flatten):  # timm's encoder towers give their grid as it is
+                return self.norm(x)
             x = rearrange(x, "b h w d -> b (h w) d")
         x, valid = self._read(x, valid)
         return self.norm(masked_mean(x, valid) if self.mean else x)
@@ -148,12 +164,19 @@ class _Projector(nn.Module):
         self.out_dim = options.out_features or dim * options.cell**2
         self.readout = parameter_free(norm(self.out_dim)) if options.readout != "none" else None
         self.mean = options.readout == "avg_norm"
-        # a classifier's timm global_pool is the readout here (reset_classifier); an encoder tower has none
-        self.global_pools = {} if self.readout is None else {
-            name: {"readout": "avg_norm" if mean else "norm"} for name, mean in TIMM_GLOBAL_POOLS.items()}
         # timm declares NLC for the projected tokens, and its own test_model_default_cfgs then fails on those
         # names (it supports 2-D outputs only); vitzoo declares no format there, as for other token outputs
         self.output_fmt = "NHWC" if self.readout is None else None
+
+    @classmethod
+    def timm_global_pools(cls, options: ProjectorOptions) -> dict[str, dict[str, Any]]:
+        """timm's ``global_pool`` names here (see :func:`vitzoo.blocks.pooling.global_pool_change`): on a classifier
+        the readout after the projector; on an encoder tower its own name keeps the projector, and ``'avg'`` / ``''``
+        go without it, as timm's tower builds them (:func:`encoder_readout`)."""
+        if options.readout == "none":
+            without = {name: encoder_readout(mean) for name, mean in TIMM_GLOBAL_POOLS.items()}
+            return {cls.timm_encoder_pool: {}, **without}
+        return {name: {"readout": "avg_norm" if mean else "norm"} for name, mean in TIMM_GLOBAL_POOLS.items()}
 
     @property
     def timm_global_pool(self) -> str:
@@ -169,7 +192,7 @@ class _Projector(nn.Module):
         the projector goes; a classifier keeps its mean (or not) and norm over the patch grid, an encoder tower
         gives the grid."""
         if self.readout is None:
-            return {"name": "avg_norm", "grid": True, "mean": False, "norm": False}
+            return encoder_readout(mean=False)
         return {"name": "avg_norm", "grid": True, "mean": self.mean, "checkpoint_prefix": self.checkpoint_prefix}
 
     def project(self, x: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ from timm.models.deepseek_vit import DeepseekVitClassifier, DeepseekVitEncoder
 from timm.models.qwen3_vit import Qwen3VitClassifier, Qwen3VitEncoder
 from torch import nn
 
-from vitzoo.blocks.projector import TIMM_GLOBAL_POOLS
+from vitzoo.blocks.projector import TIMM_GLOBAL_POOLS, encoder_readout
 from vitzoo.spec import Dropouts, ViTSpec
 from vitzoo.timm_compat import _activation, _mlp, _norm_kind, _patch_embed, _present, mlp_ratio_for, refuse
 
@@ -106,8 +106,10 @@ def spec(model: nn.Module) -> ViTSpec:
                 "name": projector[0], **projector[1], "readout": "avg_norm" if mean else "norm", **prefix}
     elif projector is not None:
         pool = {"name": projector[0], **projector[1], "readout": "none"}
+    elif enc.global_pool in TIMM_GLOBAL_POOLS:
+        pool = encoder_readout(TIMM_GLOBAL_POOLS[enc.global_pool])
     else:
-        pool = {"name": {"avg": "avg", "": "none"}[enc.global_pool]}
+        raise refuse("global_pool", repr(enc.global_pool), "global_pool")
     path = blocks[-1].drop_path1.drop_prob if isinstance(blocks[-1].drop_path1, DropPath) else 0.0
     head = getattr(model, "head", None)
     return ViTSpec(
