@@ -33,11 +33,15 @@ def reuse_freed_host_memory(limit: int = 1 << 30) -> bool:
     no rise in the end-to-end run). The setting is the whole process's and stays; loader workers forked later
     inherit it. Returns False, changing nothing, where the C library is not glibc.
     """
+    return bool(_glibc("mallopt", _M_MMAP_THRESHOLD, limit)) and bool(_glibc("mallopt", _M_TRIM_THRESHOLD, limit))
+
+
+def _glibc(function: str, *args: int) -> int | None:
+    """glibc's ``function(*args)``; None where the C library is not glibc (no libc.so.6, or no such function)."""
     try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
+        return getattr(ctypes.CDLL("libc.so.6"), function)(*args)
     except (OSError, AttributeError):
-        return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, limit)) and bool(mallopt(_M_TRIM_THRESHOLD, limit))
+        return None
 
 
 def peak_tensor_bytes(step: Callable[[], None], device: torch.device) -> int:
@@ -77,12 +81,12 @@ def _proc_status_kib(field: str) -> int:
 
 def peak_rss_bytes(step: Callable[[], None]) -> int | None:
     """The rise of the process's peak resident set while ``step`` runs, over the resident set before it
-    (Linux ``VmHWM``, reset through ``/proc/self/clear_refs``, after ``gc`` and ``malloc_trim`` hand
+    (Linux ``VmHWM``, reset through ``/proc/self/clear_refs``, after ``gc`` and glibc's ``malloc_trim`` hand
     freed heap pages back so that memory the step re-uses counts). None where the OS has no such counters.
     """
     gc.collect()
+    _glibc("malloc_trim", 0)
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
         with open("/proc/self/clear_refs", "w") as refs:
             refs.write("5")  # reset the peak-RSS counter
         base = _proc_status_kib("VmRSS")
