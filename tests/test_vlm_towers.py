@@ -184,15 +184,20 @@ def test_reset_classifier_is_timms(name: str) -> None:
 
 @pytest.mark.parametrize("global_pool", ["", "avg"])
 @pytest.mark.parametrize("name", sorted(SMALL))
-def test_global_pool_keyword_is_timms(name: str, global_pool: str) -> None:
+def test_global_pool_keyword_is_timms(name: str, global_pool: str, tmp_path) -> None:
     """create_model(global_pool=...) builds what timm's does: on a classifier '' norms each token and 'avg' their
     mean, the projector staying; an encoder tower goes without its projector, giving its (b, h, w, dim) grid or
-    the grid's plain mean. from_timm reads timm's model back to the same outputs."""
+    the grid's plain mean. from_timm reads timm's model back, and a save_pretrained folder of the tower built as
+    registered takes the keyword too: the same outputs."""
     reference, model, x = _twins(name, global_pool=global_pool)
     assert model.global_pool == reference.global_pool == global_pool
+    ours_kw, _ = SMALL[name]
+    vitzoo.save_pretrained(vitzoo.create_model(name, **TINY, **ours_kw), tmp_path)
+    saved = vitzoo.create_model(str(tmp_path), global_pool=global_pool).eval()
+    saved.load_state_dict(model.state_dict(), strict=True)
     with torch.no_grad():
         theirs = reference(x)
-        for ours in (model(x), from_timm(reference)(x)):
+        for ours in (model(x), from_timm(reference)(x), saved(x)):
             assert ours.shape == theirs.shape and (ours - theirs).abs().max() <= 1e-4
         assert model.forward_features(x).shape == reference.forward_features(x).shape
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vitzoo.blocks.pooling import global_pool_change
+from vitzoo.blocks.pooling import with_global_pool
 from vitzoo.errors import did_you_mean
 from vitzoo.features import FEATURE_KEYWORDS, FeatureGetter, features_model
 from vitzoo.migrate import timm_keywords
@@ -230,17 +230,18 @@ def _create(
     pretrained_cfg_overlay: dict[str, Any] | None, max_params: int | None, overrides: dict[str, Any],
 ) -> VisionTransformer:
     """The model :func:`create_model` builds before any feature wrapper or later checkpoint."""
+    global_pool = overrides.pop("global_pool", None)  # timm's name, read as the model's pooling reads it
     if is_folder_path(name):  # its config.json holds the spec and its weights come along
         if pretrained not in (False, True) or pretrained_cfg_overlay:
             raise ValueError(f"{name} is a save_pretrained folder, which brings its own weights and config; "
                              "pass pretrained=PATH and pretrained_cfg_overlay with a registry name instead")
         sizes = {k: v for k, v in (("num_classes", num_classes), ("img_size", img_size)) if v is not None}
-        return from_pretrained(name, max_params=max_params, **sizes, **timm_keywords(overrides))
+        return from_pretrained(name, max_params=max_params, global_pool=global_pool, **sizes,
+                               **timm_keywords(overrides))
     name, _, tag = name.partition(".")
     entry = model_entry(name)
     cfg = {"architecture": name, **entry.pretrained_cfg, **(tagged_cfg(name, tag) if tag else {})}
     cfg.update(pretrained_cfg_overlay or {})
-    global_pool = overrides.pop("global_pool", None)  # timm's name, read as the model's pooling reads it (below)
     changes = timm_keywords(overrides, entry.spec.mlp.name_at(entry.spec.depth - 1))
     if num_classes is not None or cfg.get("num_classes", entry.spec.num_classes) != entry.spec.num_classes:
         changes["num_classes"] = cfg["num_classes"] if num_classes is None else num_classes
@@ -253,9 +254,7 @@ def _create(
     for key, value in implied.items():
         logger.info("%s: %s=%r, as the checkpoint implies", name, key, value)
     spec = entry.spec.replace(**changes, **implied) if changes or implied else entry.spec
-    if global_pool is not None:
-        spec = spec.replace(pool=global_pool_change(*spec.layer("pool"), global_pool))
-    model = VisionTransformer(spec, pretrained_cfg=cfg, max_params=max_params)
+    model = VisionTransformer(with_global_pool(spec, global_pool), pretrained_cfg=cfg, max_params=max_params)
     if checkpoint:
         for line in load_pretrained(model, checkpoint, partial=bool(overrides)).adapted:
             logger.info("%s: %s", name, line)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,9 @@ from vitzoo.blocks.norm import NormFactory
 from vitzoo.blocks.options import BlockOptions
 from vitzoo.blocks.table import BlockTable, like_module
 from vitzoo.fields import AT_LEAST_ONE, POSITIVE, described
+
+if TYPE_CHECKING:
+    from vitzoo.spec import ViTSpec
 
 # torch.fx symbolic tracing keeps the einops calls as graph nodes: einops needs real tensors and shapes
 torch.fx.wrap("rearrange")
@@ -216,3 +219,11 @@ def global_pool_change(name: str, options: BlockOptions | None, global_pool: str
     if change is not None:
         return change
     return "none" if global_pool == "" else global_pool
+
+
+def with_global_pool(spec: ViTSpec, global_pool: str | None) -> ViTSpec:
+    """``spec`` with timm's ``global_pool`` name applied as its pooling reads it (:func:`global_pool_change`);
+    None: unchanged."""
+    if global_pool is None:
+        return spec
+    return spec.replace(pool=global_pool_change(*spec.layer("pool"), global_pool))

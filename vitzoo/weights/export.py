@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from vitzoo.blocks.pooling import with_global_pool
 from vitzoo.migrate import spec_from_saved
 from vitzoo.size import MAX_PARAMS
 from vitzoo.spec import ViTSpec
@@ -73,22 +74,25 @@ def is_folder_path(name: str | os.PathLike) -> bool:
 
 
 def from_pretrained(
-    folder: str | os.PathLike, *, max_params: int | None = MAX_PARAMS, **overrides: Any,
+    folder: str | os.PathLike, *, max_params: int | None = MAX_PARAMS, global_pool: str | None = None,
+    **overrides: Any,
 ) -> VisionTransformer:
     """The model a :func:`save_pretrained` folder describes, with its weights.
 
     Without ``overrides`` the weights load strictly. With ``num_classes`` or ``img_size`` they are
-    adapted (a new head, a resampled position table); with other spec fields the tensors that still
-    fit load and the rest stay freshly initialised, as in ``create_model``. Each adaptation is logged.
+    adapted (a new head, a resampled position table); with other spec fields, or timm's ``global_pool``
+    (read as the model's pooling reads it), the tensors that still fit load and the rest stay freshly
+    initialised, as in ``create_model``. Each adaptation is logged.
     """
     folder = Path(folder)
     if not is_pretrained_folder(folder):
         raise WeightsError(f"{folder} is not a save_pretrained folder (it needs {CONFIG} and {WEIGHTS}); "
                            f"for a bare weights file use create_model(name, pretrained=PATH)")
     spec, cfg = read_config(folder)
-    model = VisionTransformer(spec.replace(**overrides) if overrides else spec, cfg, max_params=max_params)
+    spec = with_global_pool(spec.replace(**overrides) if overrides else spec, global_pool)
+    model = VisionTransformer(spec, cfg, max_params=max_params)
     state_dict = read_state_dict(folder / WEIGHTS)
-    if set(overrides) - {"num_classes", "img_size"}:
+    if global_pool is not None or set(overrides) - {"num_classes", "img_size"}:
         report = load_weights_partial(model, state_dict)
     else:
         report = load_weights(model, state_dict, adapt=bool(overrides))
