@@ -256,6 +256,6 @@ def _create(
     spec = entry.spec.replace(**changes, **implied) if changes or implied else entry.spec
     model = VisionTransformer(with_global_pool(spec, global_pool), pretrained_cfg=cfg, max_params=max_params)
     if checkpoint:
-        for line in load_pretrained(model, checkpoint, partial=bool(overrides)).adapted:
+        for line in load_pretrained(model, checkpoint, partial=bool(overrides) or global_pool is not None).adapted:
             logger.info("%s: %s", name, line)
     return model
