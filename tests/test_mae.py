@@ -6,6 +6,9 @@ The runs use a one-block 32 px pico encoder with a one-block 32-wide decoder on 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -145,3 +148,23 @@ def test_a_killed_pretraining_resumes_bit_identically(pretrained, tmp_path, bad_
     assert resumed.keys() == straight.keys() and all(torch.equal(resumed[k], straight[k]) for k in straight)
     encoders = [read_state_dict(encoder_folder(r) / "model.safetensors") for r in (run, pretrained)]
     assert all(torch.equal(encoders[0][k], encoders[1][k]) for k in encoders[1])
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_torchrun_pretrains_an_encoder_whose_readout_mae_never_runs(tmp_path, strategy):
+    """Two gloo processes on an encoder with an attention pool, which MAE leaves untrained (frozen: DDP would
+    otherwise wait for its gradients); under FSDP the encoder folder is written from the gathered weights. The
+    ranks end identical and the encoder loads strictly."""
+    out = tmp_path / strategy
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "vitzoo",
+           "pretrain", "vit_pico_patch4_32", "--set", "depth=1", "--set", "pool=map", "--decoder-dim", "32",
+           "--decoder-depth", "1", "--decoder-heads", "2", "--steps", "2", "--batch-size", "8", "--strategy",
+           strategy, "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["ranks_identical"]
+    initial = vitzoo.create_model("vit_pico_patch4_32", num_classes=0, depth=1, pool="map")
+    encoder = read_state_dict(encoder_folder(out) / "model.safetensors")
+    initial.load_state_dict(encoder, strict=True)

@@ -32,6 +32,9 @@ from vitzoo.vit import VisionTransformer
 
 Grid = tuple[int, int]
 EVAL_SEED = 0  # the masks of every evaluation batch are drawn from it
+# the encoder's parts after its tokens, which MAE never runs (an attention pool, a projector, the pooled norm, a
+# feature map's neck, heads): fine-tuning trains them
+READOUT = ("neck", "attn_pool", "fc_norm", "head", "head_dist")
 
 
 @dataclass(frozen=True)
@@ -167,6 +170,10 @@ class MaskedAutoencoder(nn.Module):
         super().__init__()
         spec = encoder.spec
         self.encoder, self.options = encoder, options
+        for name in READOUT:  # frozen: DDP would wait for their gradients; they are saved as initialised
+            part = getattr(encoder, name, None)
+            if part is not None:
+                part.requires_grad_(False)
         self.decoder = MaeDecoder(spec.embed_dim, spec.grid_size, spec.num_prefix_tokens,
                                   spec.patch_size**2 * spec.in_chans, options)
 

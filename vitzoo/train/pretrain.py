@@ -125,9 +125,8 @@ def _pretrain(config: PretrainConfig, world: World, cfg: dict[str, Any], progres
         "weights_digest": digests[0], "ranks_identical": len(set(digests)) == 1,
     }
     if log:
-        encoder.load_state_dict({k.removeprefix("encoder."): v for k, v in weights.items()
-                                 if k.startswith("encoder.")})  # unsharded under FSDP
-        save_pretrained(encoder, encoder_folder(out))
+        save_pretrained(encoder, encoder_folder(out), {k.removeprefix("encoder."): v for k, v in weights.items()
+                                                       if k.startswith("encoder.")})  # full under FSDP too
         log.finish(result, summary)
         print(json.dumps(summary), flush=True)  # the result on stdout; progress and logs are on stderr
     close_world(world)
