@@ -159,6 +159,8 @@ class MaskedAutoencoder(nn.Module):
     The training loop reads a model's ``spec``, ``pretrained_cfg``, ``blocks`` and ``no_weight_decay``: they are the
     encoder's (the decoder's mask token and position table also skip weight decay). The state_dict holds the
     encoder under ``encoder.`` and the decoder under ``decoder.``; :attr:`encoder` alone is the pretrained model.
+    The encoder's readout (:data:`READOUT`) is frozen here, ``requires_grad`` False: set it back to fine-tune the
+    same encoder object in this process (a model loaded from the encoder folder trains all of it).
     """
 
     def __init__(self, encoder: VisionTransformer, options: MaeOptions = MaeOptions()) -> None:
