@@ -173,6 +173,12 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     Path(path).write_text("\n".join(lines) + "\n")
 
 
+def process_env() -> dict[str, str]:
+    """The environment of a child process a test starts (torchrun, ``python -m vitzoo.train``): one thread, and
+    this checkout importable."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+
+
 def killed_copy(run: Path, to: Path, step: int, outputs: tuple[str, ...] = (), half_written_row: bool = False) -> Path:
     """A copy of the run folder ``run`` as a kill just after its step-``step`` checkpoint leaves it: later checkpoints
     gone, no summary.json nor the end-of-run ``outputs`` (files or folders), and with ``half_written_row`` the last

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import torch
 from PIL import Image
 
 import vitzoo
+from tests.conftest import process_env
 from vitzoo.train import TrainConfig, fit
 from vitzoo.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from vitzoo.train.data import build_datasets, dataset_labels, labelled_subset, num_classes
@@ -35,10 +35,6 @@ def _train_cli(out: Path, *extra: str) -> list[str]:
             "--ema-decay", "0.9", "--seed", "3", "--out", str(out), *extra]
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
-
-
 def _final_weights(out: Path) -> dict[str, torch.Tensor]:
     return read_state_dict(latest_checkpoint(out / "checkpoints") / "model.safetensors")
 
@@ -47,7 +43,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     """SIGKILL after the first checkpoint (mid-epoch: 44 steps per epoch, checkpoints every 5), resume,
     and end bit-identical to a run that was never interrupted, EMA and dropout included."""
     steps = ["--steps", "150", "--checkpoint-every", "5", "--eval-every", "50"]
-    killed = subprocess.Popen(_train_cli(tmp_path / "killed", *steps), env=_env(),
+    killed = subprocess.Popen(_train_cli(tmp_path / "killed", *steps), env=process_env(),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     pointer = tmp_path / "killed" / "checkpoints" / "latest"
     deadline = time.time() + 120
@@ -57,8 +53,9 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     assert killed.wait() == -signal.SIGKILL, "the run finished before it could be killed"
     stopped_at = load_checkpoint(latest_checkpoint(tmp_path / "killed" / "checkpoints"))[1]["step"]
     assert 0 < stopped_at < 150 and stopped_at % 44
-    subprocess.run(_train_cli(tmp_path / "killed", *steps, "--resume"), env=_env(), check=True, capture_output=True)
-    subprocess.run(_train_cli(tmp_path / "straight", *steps), env=_env(), check=True, capture_output=True)
+    subprocess.run(_train_cli(tmp_path / "killed", *steps, "--resume"), env=process_env(), check=True,
+                   capture_output=True)
+    subprocess.run(_train_cli(tmp_path / "straight", *steps), env=process_env(), check=True, capture_output=True)
     resumed, straight = _final_weights(tmp_path / "killed"), _final_weights(tmp_path / "straight")
     assert resumed.keys() == straight.keys()
     assert all(torch.equal(resumed[k], straight[k]) for k in straight)
@@ -83,7 +80,7 @@ def test_torchrun_two_cpu_processes_end_identical_and_resume(tmp_path, strategy)
            "vitzoo.train", "vit_tiny_patch16_224", *TINY, "--batch-size", "16", "--steps", "6",
            "--checkpoint-every", "3", "--eval-every", "3", "--ema-decay", "0.9", "--strategy", strategy,
            "--out", str(out)]
-    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, env=process_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     straight = json.loads((out / "summary.json").read_text())
     assert straight["processes"] == 2 and straight["ranks_identical"] and straight["steps"] == 6
@@ -91,7 +88,7 @@ def test_torchrun_two_cpu_processes_end_identical_and_resume(tmp_path, strategy)
     straight_ema = weights_digest(read_state_dict(out / "checkpoints" / "step_00000006" / "ema.safetensors"))
 
     (out / "checkpoints" / "latest").write_text("step_00000003")
-    done = subprocess.run([*cmd, "--resume"], env=_env(), capture_output=True, text=True, timeout=300)
+    done = subprocess.run([*cmd, "--resume"], env=process_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     resumed = json.loads((out / "summary.json").read_text())
     assert resumed["ranks_identical"] and resumed["weights_digest"] == straight["weights_digest"]

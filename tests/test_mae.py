@@ -6,7 +6,6 @@ The runs use a one-block 32 px pico encoder with a one-block 32-wide decoder on 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -17,7 +16,7 @@ import torch
 from einops import repeat
 
 import vitzoo
-from tests.conftest import killed_copy
+from tests.conftest import killed_copy, process_env
 from vitzoo import cli
 from vitzoo.train.checkpoint import latest_checkpoint, load_checkpoint
 from vitzoo.train.finetune import FinetuneConfig, build_model
@@ -160,8 +159,7 @@ def test_torchrun_pretrains_an_encoder_whose_readout_mae_never_runs(tmp_path, st
            "pretrain", "vit_pico_patch4_32", "--set", "depth=1", "--set", "pool=map", "--decoder-dim", "32",
            "--decoder-depth", "1", "--decoder-heads", "2", "--steps", "2", "--batch-size", "8", "--strategy",
            strategy, "--out", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, env=process_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["ranks_identical"]

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 import vitzoo
+from tests.conftest import process_env
 from vitzoo.ablate import main as ablate_main
 from vitzoo.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from vitzoo.train.finetune import main as finetune_main
@@ -30,8 +31,7 @@ def _finetune(out: Path, *extra: str) -> subprocess.CompletedProcess:
     """A real ``python -m vitzoo.train`` process on digits (4 steps, a checkpoint every 2 unless told)."""
     command = [sys.executable, "-m", "vitzoo.train", *TINY, "--steps", "4", "--eval-every", "2", "--out", str(out),
                *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(command, env=process_env(), capture_output=True, text=True, timeout=120)
 
 
 def _files(folder: Path) -> dict[Path, bytes]:

@@ -6,7 +6,6 @@ Each case runs real ``python -m vitzoo.train`` processes on a one-block 16 px pi
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import killed_copy
+from tests.conftest import killed_copy, process_env
 from vitzoo.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from vitzoo.weights import read_state_dict
 
@@ -23,8 +22,7 @@ PICO = ["vit_pico_patch4_32", "--set", "depth=1", "--img-size", "16", "--batch-s
 
 
 def _train(out: Path, *options: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
-    return subprocess.run([sys.executable, "-m", "vitzoo.train", *PICO, "--out", str(out), *options], env=env,
+    return subprocess.run([sys.executable, "-m", "vitzoo.train", *PICO, "--out", str(out), *options], env=process_env(),
                           capture_output=True, text=True, timeout=120)
 
 
